@@ -1,0 +1,500 @@
+"""The memory module of Kaiser et al., "Learning to Remember Rare Events" (ICLR 2017).
+
+This is the one implementation of the memory's semantics (docs: the project's
+memory-module spec): the query pool, recent slot, positive and negative
+neighbours, prediction, softmax weights, the incorrect flag, and the update
+(merge into the positive slot, or write into an old slot chosen by noisy age).
+The gRPC server and the embedded client both call it; nothing else
+re-implements any of it.
+
+Conventions: keys are float32 unit rows, values int64 labels (>= 0), EMPTY (-1)
+marks a slot never written, which matches no label; slot id -1 means "none".
+Ties are broken towards the lower slot index everywhere, so a memory with
+age_noise 0 is fully determined by its inputs, and a seeded one by its seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from lifelong_memory.server.errors import InvalidArgument
+from lifelong_memory.server.index import build_index
+
+EMPTY = -1
+NO_SLOT = -1
+UNIT_NORM_TOLERANCE = 1e-3
+SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BACKENDS = ("torch", "faiss")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    key_dim: int = 128
+    memory_size: int = 8192
+    choose_k: int = 256
+    alpha: float = 0.1
+    age_noise: float = 8.0
+    correct_in_top: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    search_dtype: str = "float32"
+    backend: str = "torch"
+    shards: int = 1
+
+    def validated(self) -> MemoryConfig:
+        """This config with choose_k capped at memory_size; InvalidArgument names a bad field."""
+
+        def check(ok: bool, field: str, message: str) -> None:
+            if not ok:
+                raise InvalidArgument(f"config.{field}", message)
+
+        check(1 <= self.key_dim <= 65536, "key_dim", f"must be in [1, 65536], got {self.key_dim}")
+        check(1 <= self.memory_size <= 2**31, "memory_size", f"must be in [1, 2^31], got {self.memory_size}")
+        check(self.choose_k >= 1, "choose_k", f"must be >= 1, got {self.choose_k}")
+        check(math.isfinite(self.alpha) and self.alpha > 0, "alpha", f"must be finite and > 0, got {self.alpha}")
+        check(
+            math.isfinite(self.age_noise) and self.age_noise >= 0,
+            "age_noise",
+            f"must be finite and >= 0, got {self.age_noise}",
+        )
+        choose_k = min(self.choose_k, self.memory_size)
+        check(
+            1 <= self.correct_in_top <= choose_k,
+            "correct_in_top",
+            f"must be in [1, choose_k={choose_k}], got {self.correct_in_top}",
+        )
+        check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2^63), got {self.seed}")
+        check(self.search_dtype in SEARCH_DTYPES, "search_dtype", f"must be one of {sorted(SEARCH_DTYPES)}")
+        check(self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
+        check(1 <= self.shards <= self.memory_size, "shards", f"must be in [1, memory_size], got {self.shards}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise InvalidArgument("config.device", f"not a torch device: {self.device!r}") from exc
+        check(device.type in ("cpu", "cuda"), "device", f"must be cpu or cuda:N, got {self.device!r}")
+        if device.type == "cuda":
+            check(torch.cuda.is_available(), "device", f"{self.device} requested but CUDA is not available")
+            check(self.backend == "torch", "backend", "the faiss backend runs on the CPU; use torch on CUDA")
+        check(
+            self.backend == "torch" or self.search_dtype == "float32",
+            "search_dtype",
+            "bfloat16 search needs the torch backend",
+        )
+        return dataclasses.replace(self, choose_k=choose_k, seed=int(self.seed))
+
+    @property
+    def softmax_temperature(self) -> float:
+        return softmax_temperature(self.choose_k, self.alpha)
+
+
+def softmax_temperature(k: int, alpha: float) -> float:
+    """t = max(1, ln(0.2 k) / alpha): 39.36 for k = 256, alpha = 0.1."""
+    return max(1.0, math.log(0.2 * k) / alpha)
+
+
+@dataclass
+class QueryTicket:
+    """What a query relied on, for a later two-phase update (see Memory.update)."""
+
+    relied_slots: torch.Tensor  # int64 [B, correct_in_top + 1]: first pool slots, then positive
+    relied_generations: torch.Tensor  # int64 [B, correct_in_top + 1]
+    k: int
+    use_recent: bool
+
+
+@dataclass
+class QueryResult:
+    """A query's answer. Optional parts are None unless requested (see FIELDS)."""
+
+    commit_sequence: int
+    predictions: torch.Tensor  # int64 [B], EMPTY where the nearest slot is empty
+    written_slots: torch.Tensor  # int64 [B], NO_SLOT without update
+    incorrect: torch.Tensor | None = None  # bool [B]
+    ticket: QueryTicket | None = None
+    neighbor_slots: torch.Tensor | None = None  # int64 [B, k], nearest first
+    neighbor_similarities: torch.Tensor | None = None  # float32 [B, k]
+    neighbor_values: torch.Tensor | None = None  # int64 [B, k]
+    neighbor_keys: torch.Tensor | None = None  # float32 [B, k, D]
+    weights: torch.Tensor | None = None  # float32 [B, k]
+    positive_slots: torch.Tensor | None = None  # int64 [B]
+    positive_similarities: torch.Tensor | None = None  # float32 [B]
+    negative_slots: torch.Tensor | None = None  # int64 [B]
+    negative_similarities: torch.Tensor | None = None  # float32 [B]
+    positive_keys: torch.Tensor | None = None  # float32 [B, D]
+    negative_keys: torch.Tensor | None = None  # float32 [B, D]
+
+
+# Optional result parts, by the name clients ask for them with.
+FIELDS = {
+    "neighbors": ("neighbor_slots", "neighbor_similarities", "neighbor_values"),
+    "neighbor_keys": ("neighbor_keys",),
+    "weights": ("weights",),
+    "positive_negative": ("positive_slots", "positive_similarities", "negative_slots", "negative_similarities"),
+    "positive_negative_keys": ("positive_keys", "negative_keys"),
+}
+ALL_FIELDS = frozenset(FIELDS) - {"neighbor_keys"}
+
+
+@dataclass
+class UpdateResult:
+    commit_sequence: int
+    written_slots: torch.Tensor  # int64 [B]
+    incorrect: torch.Tensor  # bool [B]: the row wrote an old slot (else it merged)
+    revalidated_rows: int
+
+
+@dataclass
+class _Read:
+    """Everything one query reads, before any update of its step."""
+
+    slots: torch.Tensor  # [B, k] canonical order
+    similarities: torch.Tensor  # [B, k]
+    values: torch.Tensor  # [B, k]
+    positive_slots: torch.Tensor | None = None
+    positive_similarities: torch.Tensor | None = None
+    negative_slots: torch.Tensor | None = None
+    negative_similarities: torch.Tensor | None = None
+    incorrect: torch.Tensor | None = None
+
+
+class Memory:
+    """One memory: keys, values, ages, recent slots and the index over the keys.
+
+    Thread-safe: each call holds the memory's lock, so writes commit in one
+    order, reads see only committed state and a fused query + update is atomic.
+    """
+
+    def __init__(self, config: MemoryConfig):
+        self.config = config.validated()
+        cfg = self.config
+        self.device = torch.device(cfg.device)
+        size, dim = cfg.memory_size, cfg.key_dim
+        self.keys = torch.zeros(size, dim, dtype=torch.float32, device=self.device)
+        self.values = torch.full((size,), EMPTY, dtype=torch.int64, device=self.device)
+        self.ages = torch.zeros(size, dtype=torch.float32, device=self.device)
+        # Commit sequence of each slot's last write, merge or clear: how a
+        # two-phase update tells that a slot changed under it.
+        self.generations = torch.zeros(size, dtype=torch.int64, device=self.device)
+        self.recent: dict[int, int] = {}
+        self.commit_sequence = 0
+        self.empty_slots = size
+        self.counters = {"queries": 0, "writes": 0, "merges": 0}
+        self._rng = torch.Generator(device=self.device)
+        self._rng.manual_seed(cfg.seed)
+        self._lock = threading.Lock()
+        self.index = build_index(self.keys, cfg.backend, SEARCH_DTYPES[cfg.search_dtype], cfg.shards)
+
+    # ----------------------------------------------------------------- public
+
+    def query(
+        self,
+        queries,
+        labels=None,
+        *,
+        k: int | None = None,
+        use_recent: bool = True,
+        update: bool = False,
+        fields=ALL_FIELDS,
+    ) -> QueryResult:
+        """Search the memory; with ``update`` apply the memory update in the same step."""
+        q = self._check_queries(queries)
+        y = self._check_labels(labels, len(q), required=update)
+        k = self._check_k(k)
+        fields = self._check_fields(fields, labelled=y is not None)
+        if update:
+            self._check_update_batch(len(q))
+        with self._lock:
+            read = self._read(q, y, k, use_recent)
+            result = self._result(q, read, fields, k, use_recent)
+            self.counters["queries"] += len(q)
+            if update:
+                result.written_slots = self._apply(q, y, read.incorrect, read.positive_slots)
+                result.commit_sequence = self.commit_sequence
+            return result
+
+    def update(self, queries, labels, ticket: QueryTicket) -> UpdateResult:
+        """Two-phase update: apply labels to the result of an earlier query.
+
+        Rows whose relied-on slots (first pool entries, positive slot) were
+        rewritten since, by this or another trainer, are queried again against
+        the memory as it is now, so no row ever merges into a stranger.
+        """
+        q = self._check_queries(queries)
+        y = self._check_labels(labels, len(q), required=True)
+        relied, generations = self._check_ticket(ticket, len(q))
+        self._check_update_batch(len(q))
+        c = self.config.correct_in_top
+        with self._lock:
+            current = torch.where(relied >= 0, self.generations[relied.clamp(min=0)], -1)
+            stale = (current != generations).any(dim=1)
+            top = relied[:, :c]
+            incorrect = ~((self.values[top.clamp(min=0)] == y[:, None]) & (top >= 0)).any(dim=1)
+            positive = relied[:, c].clone()
+            holds_label = (positive >= 0) & (self.values[positive.clamp(min=0)] == y)
+            forged = ~stale & ~incorrect & ~holds_label
+            if bool(forged.any()):
+                row = int(forged.nonzero()[0])
+                raise InvalidArgument("ticket.relied_slots", f"row {row}: the positive slot does not hold the label")
+            revalidated = int(stale.sum())
+            if revalidated:
+                fresh = self._read(q[stale], y[stale], ticket.k, ticket.use_recent)
+                incorrect[stale] = fresh.incorrect
+                positive[stale] = fresh.positive_slots
+            written = self._apply(q, y, incorrect, positive)
+            return UpdateResult(self.commit_sequence, written, incorrect, revalidated)
+
+    def read_slots(self, slots) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(commit_sequence, keys, values, ages, generations) of the given slot ids."""
+        slots = torch.as_tensor(slots, dtype=torch.int64).to(self.device)
+        if slots.dim() != 1:
+            raise InvalidArgument("slots", f"must be one-dimensional, got shape {list(slots.shape)}")
+        if len(slots) and (int(slots.min()) < 0 or int(slots.max()) >= self.config.memory_size):
+            raise InvalidArgument("slots", f"slot ids must be in [0, {self.config.memory_size})")
+        with self._lock:
+            return (
+                self.commit_sequence,
+                self.keys[slots].clone(),
+                self.values[slots].clone(),
+                self.ages[slots].clone(),
+                self.generations[slots].clone(),
+            )
+
+    def clear(self) -> None:
+        """Forget everything; the age-noise generator restarts from the seed."""
+        with self._lock:
+            self.keys.zero_()
+            self.values.fill_(EMPTY)
+            self.ages.zero_()
+            self.recent.clear()
+            self.empty_slots = self.config.memory_size
+            self.commit_sequence += 1
+            self.generations.fill_(self.commit_sequence)
+            self._rng.manual_seed(self.config.seed)
+            everything = torch.arange(self.config.memory_size, device=self.device)
+            self.index.update(everything, self.keys)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "filled_slots": self.config.memory_size - self.empty_slots,
+                "commit_sequence": self.commit_sequence,
+                **self.counters,
+            }
+
+    # ------------------------------------------------------------- validation
+
+    def _check_queries(self, queries) -> torch.Tensor:
+        q = torch.as_tensor(queries)
+        if q.dtype != torch.float32:
+            raise InvalidArgument("queries", f"must be float32, got {q.dtype}")
+        if q.dim() != 2 or q.shape[1] != self.config.key_dim:
+            raise InvalidArgument("queries", f"must have shape [B, {self.config.key_dim}], got {list(q.shape)}")
+        if len(q) == 0:
+            raise InvalidArgument("queries", "the batch is empty")
+        q = q.to(self.device).contiguous()
+        finite = torch.isfinite(q).all(dim=1)
+        if not bool(finite.all()):
+            raise InvalidArgument("queries", f"row {int((~finite).nonzero()[0])} is not finite")
+        off = (q.norm(dim=1) - 1).abs() > UNIT_NORM_TOLERANCE
+        if bool(off.any()):
+            row = int(off.nonzero()[0])
+            raise InvalidArgument(
+                "queries",
+                f"row {row} has norm {float(q[row].norm()):.6g}; rows must be unit length "
+                f"(within {UNIT_NORM_TOLERANCE})",
+            )
+        return q
+
+    def _check_labels(self, labels, batch: int, *, required: bool) -> torch.Tensor | None:
+        if labels is None:
+            if required:
+                raise InvalidArgument("labels", "required to update the memory")
+            return None
+        y = torch.as_tensor(labels)
+        if y.dtype != torch.int64:
+            raise InvalidArgument("labels", f"must be int64, got {y.dtype}")
+        if y.shape != (batch,):
+            raise InvalidArgument("labels", f"must have shape [{batch}] to match queries, got {list(y.shape)}")
+        if bool((y < 0).any()):
+            raise InvalidArgument("labels", "must be non-negative")
+        return y.to(self.device)
+
+    def _check_k(self, k: int | None) -> int:
+        if k is None or k == 0:
+            return self.config.choose_k
+        if not self.config.correct_in_top <= k <= self.config.memory_size:
+            raise InvalidArgument(
+                "k", f"must be in [correct_in_top={self.config.correct_in_top}, {self.config.memory_size}], got {k}"
+            )
+        return int(k)
+
+    @staticmethod
+    def _check_fields(fields, *, labelled: bool) -> frozenset[str]:
+        fields = frozenset(fields)
+        unknown = fields - set(FIELDS)
+        if unknown:
+            raise InvalidArgument("fields", f"unknown {sorted(unknown)}; known: {sorted(FIELDS)}")
+        if not labelled:
+            fields -= {"positive_negative", "positive_negative_keys"}
+        return fields
+
+    def _check_update_batch(self, batch: int) -> None:
+        if batch > self.config.memory_size:
+            raise InvalidArgument(
+                "queries", f"an update of {batch} rows needs distinct slots; memory_size is {self.config.memory_size}"
+            )
+
+    def _check_ticket(self, ticket: QueryTicket | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if ticket is None:
+            raise InvalidArgument("ticket", "required: pass the result of the query being updated")
+        width = self.config.correct_in_top + 1
+        checked = []
+        for name in ("relied_slots", "relied_generations"):
+            t = torch.as_tensor(getattr(ticket, name))
+            if t.dtype != torch.int64 or t.shape != (batch, width):
+                raise InvalidArgument(
+                    f"ticket.{name}", f"must be int64 of shape [{batch}, {width}], got {t.dtype} {list(t.shape)}"
+                )
+            checked.append(t.to(self.device))
+        slots = checked[0]
+        if bool(((slots < NO_SLOT) | (slots >= self.config.memory_size)).any()):
+            raise InvalidArgument("ticket.relied_slots", f"slot ids must be -1 or in [0, {self.config.memory_size})")
+        self._check_k(ticket.k)
+        return slots, checked[1]
+
+    # -------------------------------------------------------------- semantics
+
+    def _search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k slots in canonical order: similarity descending, ties to the lower slot."""
+        similarities, slots = self.index.search(q, k)
+        if self.empty_slots:
+            # Empty slots all score exactly 0; the index may return any of them.
+            # The tie rule wants the lowest-numbered ones.
+            zero_empty = (similarities == 0) & (self.values[slots] == EMPTY)
+            if bool(zero_empty.any()):
+                lowest_empty = torch.nonzero(self.values == EMPTY).flatten()[:k]
+                rank = (zero_empty.cumsum(dim=1) - 1).clamp(min=0)
+                slots = torch.where(zero_empty, lowest_empty[rank], slots)
+        by_slot = torch.argsort(slots, dim=1, stable=True)
+        slots, similarities = slots.gather(1, by_slot), similarities.gather(1, by_slot)
+        by_similarity = torch.argsort(similarities, dim=1, descending=True, stable=True)
+        return slots.gather(1, by_similarity), similarities.gather(1, by_similarity)
+
+    def _read(self, q: torch.Tensor, y: torch.Tensor | None, k: int, use_recent: bool) -> _Read:
+        slots, similarities = self._search(q, k)
+        read = _Read(slots, similarities, self.values[slots])
+        if y is None:
+            return read
+        pool_slots, pool_similarities, pool_values = slots, similarities, read.values
+        valid = torch.ones_like(slots, dtype=torch.bool)
+        if use_recent:
+            recent = torch.tensor([self.recent.get(label, NO_SLOT) for label in y.tolist()], device=self.device)
+            has_recent = recent >= 0
+            recent_keys = self.keys[recent.clamp(min=0)]
+            recent_similarities = (q * recent_keys).sum(dim=1)
+            pool_slots = torch.cat([slots, recent[:, None]], dim=1)
+            pool_similarities = torch.cat([similarities, recent_similarities[:, None]], dim=1)
+            pool_values = torch.cat([read.values, self.values[recent.clamp(min=0)][:, None]], dim=1)
+            valid = torch.cat([valid, has_recent[:, None]], dim=1)
+        hint = (pool_values == y[:, None]) & valid
+        read.positive_slots, read.positive_similarities = _best(pool_slots, pool_similarities, hint)
+        read.negative_slots, read.negative_similarities = _best(pool_slots, pool_similarities, ~hint & valid)
+        read.incorrect = ~hint[:, : self.config.correct_in_top].any(dim=1)
+        return read
+
+    def _result(self, q: torch.Tensor, read: _Read, fields: frozenset[str], k: int, use_recent: bool) -> QueryResult:
+        batch = len(q)
+        result = QueryResult(
+            commit_sequence=self.commit_sequence,
+            predictions=read.values[:, 0].clone(),
+            written_slots=torch.full((batch,), NO_SLOT, dtype=torch.int64, device=self.device),
+            incorrect=read.incorrect,
+        )
+        if read.incorrect is not None:
+            relied = torch.cat([read.slots[:, : self.config.correct_in_top], read.positive_slots[:, None]], dim=1)
+            relied_generations = torch.where(relied >= 0, self.generations[relied.clamp(min=0)], -1)
+            result.ticket = QueryTicket(relied, relied_generations, k, use_recent)
+        if "neighbors" in fields:
+            result.neighbor_slots = read.slots
+            result.neighbor_similarities = read.similarities
+            result.neighbor_values = read.values
+        if "neighbor_keys" in fields:
+            result.neighbor_keys = self.keys[read.slots]
+        if "weights" in fields:
+            result.weights = torch.softmax(read.similarities * softmax_temperature(k, self.config.alpha), dim=1)
+        if "positive_negative" in fields:
+            result.positive_slots = read.positive_slots
+            result.positive_similarities = read.positive_similarities
+            result.negative_slots = read.negative_slots
+            result.negative_similarities = read.negative_similarities
+        if "positive_negative_keys" in fields:
+            result.positive_keys = self._keys_or_zeros(read.positive_slots)
+            result.negative_keys = self._keys_or_zeros(read.negative_slots)
+        return result
+
+    def _keys_or_zeros(self, slots: torch.Tensor) -> torch.Tensor:
+        return torch.where((slots >= 0)[:, None], self.keys[slots.clamp(min=0)], 0.0)
+
+    def _oldest(self, count: int, exclude: torch.Tensor) -> torch.Tensor:
+        """The ``count`` slots with the largest age + noise, in decreasing order, ties to the lower slot."""
+        score = self.ages.clone()
+        noise = self.config.age_noise
+        if noise > 0:
+            score += torch.rand(score.shape, generator=self._rng, device=self.device) * (2 * noise) - noise
+        score[exclude] = -math.inf
+        threshold = torch.topk(score, count).values[-1]
+        above = torch.nonzero(score > threshold).flatten()
+        tied = torch.nonzero(score == threshold).flatten()[: count - len(above)]
+        chosen = torch.cat([above, tied])  # ascending slot within each part
+        chosen = chosen[torch.argsort(chosen, stable=True)]
+        return chosen[torch.argsort(score[chosen], descending=True, stable=True)]
+
+    def _apply(
+        self, q: torch.Tensor, y: torch.Tensor, incorrect: torch.Tensor, positive_slots: torch.Tensor
+    ) -> torch.Tensor:
+        """The memory update for one batch; returns the slot each row wrote or merged into."""
+        merging = ~incorrect
+        oldest = self._oldest(len(q), exclude=positive_slots[merging])
+        slots = torch.where(incorrect, oldest, positive_slots)
+        merged_keys = _l2_normalize(q + self.keys[positive_slots.clamp(min=0)])
+        new_keys = torch.where(incorrect[:, None], q, merged_keys)
+        # Rows apply in batch order: where two rows touch one slot, the later wins.
+        order = torch.argsort(slots, stable=True)
+        sorted_slots = slots[order]
+        last = torch.ones_like(sorted_slots, dtype=torch.bool)
+        last[:-1] = sorted_slots[1:] != sorted_slots[:-1]
+        rows, targets = order[last], sorted_slots[last]
+
+        self.empty_slots -= int((self.values[targets] == EMPTY).sum())
+        self.keys[targets] = new_keys[rows]
+        self.values[targets] = y[rows]
+        self.ages += 1
+        self.ages[targets] = 0
+        self.commit_sequence += 1
+        self.generations[targets] = self.commit_sequence
+        self.recent.update(zip(y.tolist(), slots.tolist()))
+        self.index.update(targets, self.keys[targets])
+        written = int(incorrect.sum())
+        self.counters["writes"] += written
+        self.counters["merges"] += len(q) - written
+        return slots
+
+
+def _best(slots: torch.Tensor, similarities: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the masked pool entry of highest similarity: (slot or -1, similarity or 0)."""
+    masked = torch.where(mask, similarities, -math.inf)
+    best = masked.argmax(dim=1, keepdim=True)
+    found = mask.any(dim=1)
+    slot = torch.where(found, slots.gather(1, best).squeeze(1), NO_SLOT)
+    similarity = torch.where(found, similarities.gather(1, best).squeeze(1), 0.0)
+    return slot, similarity
+
+
+def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """TensorFlow's l2_normalize: x * rsqrt(max(sum(x^2), 1e-12))."""
+    return x * torch.rsqrt(torch.clamp((x * x).sum(dim=-1, keepdim=True), min=1e-12))
