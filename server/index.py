@@ -108,7 +108,7 @@ def build_index(keys: torch.Tensor, backend: str, search_dtype: torch.dtype, sha
     size = len(keys)
     bounds = [size * i // shards for i in range(shards + 1)]
     parts: list[Index] = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
         if backend == "torch":
             parts.append(TorchFlatIndex(keys[start:stop], start, search_dtype))
         else:

@@ -477,7 +477,7 @@ class Memory:
         self.ages[targets] = 0
         self.commit_sequence += 1
         self.generations[targets] = self.commit_sequence
-        self.recent.update(zip(y.tolist(), slots.tolist()))
+        self.recent.update(zip(y.tolist(), slots.tolist(), strict=True))
         self.index.update(targets, self.keys[targets])
         written = int(incorrect.sum())
         self.counters["writes"] += written
