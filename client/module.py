@@ -1,0 +1,92 @@
+"""The memory as a torch module: drop it after any backbone.
+
+The trainable query projection lives here, in the trainer's model; the memory
+(embedded or remote) holds keys, values and ages. The loss is computed locally
+from the neighbour keys the memory returns, so its gradient flows into the
+projection and the backbone, wherever the memory runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lifelong_memory.client.store import MemoryClient, Store
+from lifelong_memory.server.memory import QueryResult, softmax_temperature
+
+
+@dataclass
+class MemoryOutput:
+    predictions: torch.Tensor  # int64 [B]: value of the nearest slot (-1 if empty), read before the update
+    loss: torch.Tensor | None  # scalar memory loss (with labels), differentiable in the input
+    query: torch.Tensor  # float32 [B, D]: the normalised query sent to the memory
+    result: QueryResult  # everything the memory returned
+    neighbor_values: torch.Tensor | None = None  # int64 [B, k] (return_neighbors)
+    neighbor_weights: torch.Tensor | None = None  # float32 [B, k] softmax weights, differentiable
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """TensorFlow's l2_normalize, as the reference: x * rsqrt(max(sum(x^2), 1e-12))."""
+    return x * torch.rsqrt(torch.clamp((x * x).sum(dim=-1, keepdim=True), min=1e-12))
+
+
+class MemoryModule(nn.Module):
+    """Query projection + memory lookup + memory loss.
+
+    ``memory`` is a MemoryClient, or a Store plus ``name`` (and MemoryConfig
+    fields in ``create``) to create or reuse a memory of that name.
+    """
+
+    def __init__(
+        self,
+        memory: MemoryClient | Store,
+        key_dim: int,
+        input_dim: int | None = None,
+        *,
+        name: str | None = None,
+        use_recent: bool = True,
+        return_neighbors: bool = False,
+        **create,
+    ):
+        super().__init__()
+        if isinstance(memory, Store):
+            if name is None:
+                raise ValueError("give name= with a Store")
+            existing = {info.name for info in memory.list_memories()}
+            memory = memory.memory(name) if name in existing else memory.create_memory(name, key_dim=key_dim, **create)
+        elif create or name is not None:
+            raise ValueError("name= and memory config go with a Store, not a MemoryClient")
+        if memory.config.key_dim != key_dim:
+            raise ValueError(f"memory {memory.name!r} has key_dim {memory.config.key_dim}, not {key_dim}")
+        self.memory = memory
+        self.alpha = memory.config.alpha
+        self.use_recent = use_recent
+        self.return_neighbors = return_neighbors
+        self.query_proj = nn.Parameter(torch.empty(input_dim or key_dim, key_dim))
+        nn.init.trunc_normal_(self.query_proj, std=0.01, a=-0.02, b=0.02)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, update: bool | None = None) -> MemoryOutput:
+        """Look ``x`` [B, input_dim] up; with labels also the loss, and (by default) the memory update."""
+        update = labels is not None if update is None else update
+        query = l2_normalize(x @ self.query_proj)
+        fields = set()
+        if labels is not None:
+            fields.add("positive_negative_keys")
+        if self.return_neighbors:
+            fields |= {"neighbors", "neighbor_keys"}
+        result = self.memory.query(query.detach(), labels, update=update, use_recent=self.use_recent, fields=fields)
+        device = query.device
+        output = MemoryOutput(result.predictions.to(device), None, query, result)
+        if labels is not None:
+            positive = (query * result.positive_keys.to(device)).sum(dim=1)
+            negative = (query * result.negative_keys.to(device)).sum(dim=1)
+            output.loss = (torch.relu(negative - positive + self.alpha) - self.alpha).mean()
+        if self.return_neighbors:
+            keys = result.neighbor_keys.to(device)
+            similarities = torch.einsum("bd,bkd->bk", query, keys)
+            temperature = softmax_temperature(keys.shape[1], self.alpha)
+            output.neighbor_values = result.neighbor_values.to(device)
+            output.neighbor_weights = torch.softmax(similarities * temperature, dim=1)
+        return output

@@ -1,0 +1,387 @@
+"""One typed client for a memory store, embedded in this process or remote over gRPC.
+
+    store = connect("local")                    # embedded: same process, same semantics
+    store = connect("grpc://127.0.0.1:50051")   # remote
+
+Both give a ``Store`` whose ``MemoryClient`` handles return the same
+``QueryResult``; only the transport behind them differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import torch
+
+from lifelong_memory.server import wire
+from lifelong_memory.server.errors import ERRORS_BY_CODE, InvalidArgument, MemoryServiceError
+from lifelong_memory.server.memory import ALL_FIELDS, MemoryConfig, QueryResult, QueryTicket, UpdateResult
+from lifelong_memory.server.registry import MemoryRegistry
+from lifelong_memory.server.service import DEFAULT_MAX_MESSAGE_BYTES
+from lifelong_memory.v1 import memory_pb2 as pb
+from lifelong_memory.v1 import memory_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    name: str
+    config: MemoryConfig
+    stats: dict[str, int]
+
+
+class Transport(Protocol):
+    def create(self, name: str, config: dict) -> MemoryInfo: ...
+    def get(self, name: str) -> MemoryInfo: ...
+    def list(self) -> list[MemoryInfo]: ...
+    def delete(self, name: str) -> None: ...
+    def clear(self, name: str) -> MemoryInfo: ...
+    def query(self, name: str, queries, labels, k, use_recent, update, fields) -> QueryResult: ...
+    def update(self, name: str, queries, labels, ticket: QueryTicket) -> UpdateResult: ...
+    def read_slots(self, name: str, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def stream(self, name: str): ...
+    def close(self) -> None: ...
+
+
+class Store:
+    """Administration of named memories, whichever transport is behind."""
+
+    def __init__(self, transport: Transport):
+        self._transport = transport
+
+    def create_memory(self, name: str, **config) -> MemoryClient:
+        """Create a memory; ``config`` takes MemoryConfig's fields (key_dim, memory_size, choose_k, ...)."""
+        info = self._transport.create(name, config)
+        return MemoryClient(self._transport, info)
+
+    def memory(self, name: str) -> MemoryClient:
+        """A handle to an existing memory (NotFound otherwise)."""
+        return MemoryClient(self._transport, self._transport.get(name))
+
+    def list_memories(self) -> list[MemoryInfo]:
+        return self._transport.list()
+
+    def delete_memory(self, name: str) -> None:
+        self._transport.delete(name)
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class MemoryClient:
+    """One named memory: query, update, inspect."""
+
+    def __init__(self, transport: Transport, info: MemoryInfo):
+        self._transport = transport
+        self.name = info.name
+        self.config = info.config
+
+    def query(
+        self,
+        queries,
+        labels=None,
+        *,
+        k: int | None = None,
+        use_recent: bool = True,
+        update: bool = False,
+        fields: Iterable[str] = ALL_FIELDS,
+    ) -> QueryResult:
+        """Nearest neighbours of unit-length ``queries`` [B, D]; with ``update`` (and labels) also
+        apply the memory update atomically. ``fields`` picks the optional result parts: neighbors,
+        neighbor_keys, weights, positive_negative, positive_negative_keys."""
+        return self._transport.query(
+            self.name, _as_queries(queries), _as_labels(labels), k or 0, use_recent, update, frozenset(fields)
+        )
+
+    def update(self, queries, labels, result: QueryResult) -> UpdateResult:
+        """Two-phase update: apply ``labels`` to ``result``, an earlier query of these ``queries``."""
+        if result.ticket is None:
+            raise InvalidArgument("result", "has no ticket: query with labels first")
+        return self._transport.update(self.name, _as_queries(queries), _as_labels(labels), result.ticket)
+
+    def stream(self):
+        """A bidirectional stream for training loops: ``with mem.stream() as s: s.query(...)``."""
+        return self._transport.stream(self.name)
+
+    def slots(self, slots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, ages) of the given slot ids (a sequence, tensor or range)."""
+        return self._transport.read_slots(self.name, torch.as_tensor(list(slots), dtype=torch.int64))
+
+    def clear(self) -> None:
+        self._transport.clear(self.name)
+
+    def info(self) -> MemoryInfo:
+        return self._transport.get(self.name)
+
+
+def connect(url: str = "local", *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retries: int = 5) -> Store:
+    """``"local"`` for an embedded store, ``"grpc://host:port"`` for a server."""
+    if url == "local":
+        return Store(LocalTransport(MemoryRegistry()))
+    if url.startswith("grpc://"):
+        return Store(GrpcTransport(url.removeprefix("grpc://"), max_message_bytes, retries))
+    raise ValueError(f"url must be 'local' or 'grpc://host:port', got {url!r}")
+
+
+def _as_queries(queries) -> torch.Tensor:
+    q = torch.as_tensor(queries) if not isinstance(queries, torch.Tensor) else queries.detach()
+    return q.float() if q.is_floating_point() and q.dtype != torch.float32 else q
+
+
+def _as_labels(labels) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    y = torch.as_tensor(labels) if not isinstance(labels, torch.Tensor) else labels.detach()
+    return y.long() if not y.is_floating_point() and y.dtype != torch.int64 else y
+
+
+def _info(name: str, memory) -> MemoryInfo:
+    return MemoryInfo(name, memory.config, memory.stats())
+
+
+# --------------------------------------------------------------------- local
+
+
+class LocalTransport:
+    """The memory in this process: calls the memory core directly."""
+
+    def __init__(self, registry: MemoryRegistry):
+        self.registry = registry
+
+    def create(self, name, config):
+        return _info(name, self.registry.create(name, **config))
+
+    def get(self, name):
+        return _info(name, self.registry.get(name))
+
+    def list(self):
+        return [_info(name, memory) for name, memory in self.registry.list()]
+
+    def delete(self, name):
+        self.registry.delete(name)
+
+    def clear(self, name):
+        memory = self.registry.get(name)
+        memory.clear()
+        return _info(name, memory)
+
+    def query(self, name, queries, labels, k, use_recent, update, fields):
+        memory = self.registry.get(name)
+        return memory.query(queries, labels, k=k, use_recent=use_recent, update=update, fields=fields)
+
+    def update(self, name, queries, labels, ticket):
+        return self.registry.get(name).update(queries, labels, ticket)
+
+    def read_slots(self, name, slots):
+        _, keys, values, ages, _ = self.registry.get(name).read_slots(slots)
+        return keys, values, ages
+
+    def stream(self, name):
+        return _LocalStream(self, name)
+
+    def close(self):
+        pass
+
+
+class _LocalStream:
+    def __init__(self, transport: LocalTransport, name: str):
+        self._transport, self._name = transport, name
+
+    def query(self, queries, labels=None, *, k=None, use_recent=True, update=False, fields=ALL_FIELDS):
+        return self._transport.query(
+            self._name, _as_queries(queries), _as_labels(labels), k or 0, use_recent, update, frozenset(fields)
+        )
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------- gRPC
+
+
+def _raise_from(error: grpc.RpcError):
+    """Raise the library's own error for a gRPC status, so local and remote fail alike."""
+    code, message = error.code(), error.details() or ""
+    cls = ERRORS_BY_CODE.get(code.name)
+    if cls is InvalidArgument:
+        field, _, rest = message.partition(": ")
+        raise InvalidArgument(field, rest) from None
+    if cls is None:
+        exc = MemoryServiceError(f"{code.name}: {message}")
+        exc.code = code.name
+        raise exc from None
+    raise cls(message) from None
+
+
+class GrpcTransport:
+    """A MemoryService server, reached over one channel."""
+
+    def __init__(self, target: str, max_message_bytes: int, retries: int):
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = pb_grpc.MemoryServiceStub(self.channel)
+        self.retries = retries
+
+    def _call(self, method, request, *, idempotent: bool):
+        """One RPC; idempotent ones retry on UNAVAILABLE with jittered exponential backoff."""
+        attempts = self.retries + 1 if idempotent else 1
+        attempt = 0
+        while True:
+            try:
+                return method(request)
+            except grpc.RpcError as error:
+                attempt += 1
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= attempts:
+                    _raise_from(error)
+                time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+
+    @staticmethod
+    def _info(message: pb.MemoryInfo) -> MemoryInfo:
+        config = MemoryConfig(**wire.config_from_proto(message.config))
+        stats = {f.name: getattr(message.stats, f.name) for f in message.stats.DESCRIPTOR.fields}
+        return MemoryInfo(message.name, config, stats)
+
+    def create(self, name, config):
+        message = pb.CreateMemoryRequest(name=name, config=_config_message(config))
+        return self._info(self._call(self.stub.CreateMemory, message, idempotent=False))
+
+    def get(self, name):
+        return self._info(self._call(self.stub.GetMemory, pb.GetMemoryRequest(name=name), idempotent=True))
+
+    def list(self):
+        response = self._call(self.stub.ListMemories, pb.ListMemoriesRequest(), idempotent=True)
+        return [self._info(m) for m in response.memories]
+
+    def delete(self, name):
+        self._call(self.stub.DeleteMemory, pb.DeleteMemoryRequest(name=name), idempotent=False)
+
+    def clear(self, name):
+        return self._info(self._call(self.stub.ClearMemory, pb.ClearMemoryRequest(name=name), idempotent=False))
+
+    def query(self, name, queries, labels, k, use_recent, update, fields):
+        request = query_request(name, queries, labels, k, use_recent, update, fields)
+        return wire.result_from_proto(self._call(self.stub.Query, request, idempotent=not update))
+
+    def update(self, name, queries, labels, ticket):
+        request = pb.UpdateRequest(
+            memory=name,
+            queries=_encode(queries, "queries"),
+            labels=_encode(labels, "labels"),
+            ticket=wire.ticket_to_proto(ticket),
+        )
+        response = self._call(self.stub.Update, request, idempotent=False)
+        return UpdateResult(
+            response.commit_sequence,
+            wire.decode_array(response.written_slots, "written_slots", pb.INT64, 1),
+            wire.decode_array(response.incorrect, "incorrect", pb.BOOL, 1),
+            response.revalidated_rows,
+        )
+
+    def read_slots(self, name, slots):
+        request = pb.ReadSlotsRequest(memory=name, slots=wire.encode_array(slots))
+        response = self._call(self.stub.ReadSlots, request, idempotent=True)
+        return (
+            wire.decode_array(response.keys, "keys", pb.FLOAT32, 2),
+            wire.decode_array(response.values, "values", pb.INT64, 1),
+            wire.decode_array(response.ages, "ages", pb.FLOAT32, 1),
+        )
+
+    def stream(self, name):
+        return _GrpcStream(self.stub, name)
+
+    def close(self):
+        self.channel.close()
+
+
+def query_request(name, queries, labels, k, use_recent, update, fields) -> pb.QueryRequest:
+    unknown = set(fields) - set(wire.RESULT_FIELD_IDS)
+    if unknown:
+        raise InvalidArgument("fields", f"unknown {sorted(unknown)}; known: {sorted(wire.RESULT_FIELD_IDS)}")
+    request = pb.QueryRequest(
+        memory=name,
+        queries=_encode(queries, "queries"),
+        k=k,
+        use_recent=use_recent,
+        update=update,
+        fields=sorted(wire.RESULT_FIELD_IDS[f] for f in fields),
+    )
+    if labels is not None:
+        request.labels.CopyFrom(_encode(labels, "labels"))
+    return request
+
+
+def _encode(x: torch.Tensor, field: str) -> pb.Array:
+    try:
+        return wire.encode_array(x)
+    except TypeError as exc:
+        raise InvalidArgument(field, str(exc)) from None
+
+
+def _config_message(config: dict) -> pb.MemoryConfig:
+    unknown = set(config) - {f.name for f in dataclasses.fields(MemoryConfig)}
+    if unknown:
+        raise InvalidArgument("config", f"unknown fields {sorted(unknown)}")
+    message = pb.MemoryConfig()
+    plain = ("key_dim", "memory_size", "choose_k", "correct_in_top", "seed", "shards", "alpha", "device", "age_noise")
+    for name in plain:
+        if name in config:
+            setattr(message, name, config[name])
+    for name, numbers in (("backend", wire.BACKENDS), ("search_dtype", wire.SEARCH_DTYPES)):
+        if name in config:
+            by_name = {v: k for k, v in numbers.items()}
+            if config[name] not in by_name:
+                raise InvalidArgument(f"config.{name}", f"must be one of {sorted(by_name)}, got {config[name]!r}")
+            setattr(message, name, by_name[config[name]])
+    return message
+
+
+class _GrpcStream:
+    """Request/response pairs over one QueryStream call: one round trip per query, no per-call setup."""
+
+    _CLOSE = object()
+
+    def __init__(self, stub, name: str):
+        self._name = name
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._responses = stub.QueryStream(iter(self._requests.get, self._CLOSE))
+
+    def query(self, queries, labels=None, *, k=None, use_recent=True, update=False, fields=ALL_FIELDS):
+        request = query_request(
+            self._name, _as_queries(queries), _as_labels(labels), k or 0, use_recent, update, frozenset(fields)
+        )
+        self._requests.put(request)
+        try:
+            return wire.result_from_proto(next(self._responses))
+        except grpc.RpcError as error:
+            _raise_from(error)
+
+    def close(self):
+        self._requests.put(self._CLOSE)
+        self._responses.cancel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
