@@ -8,6 +8,7 @@ are also pinned without any transport in between.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import uuid
 
@@ -47,9 +48,7 @@ class ClientDriver:
         self.memory = store.create_memory(f"equiv-{uuid.uuid4().hex[:12]}", memory_size=memory_size, **config)
 
     def query(self, q, y=None, *, update=False, use_recent=True):
-        # Only pass use_recent when it differs from the default, so the common path uses the plainest call.
-        extra = {} if use_recent else {"use_recent": False}
-        return self.memory.query(q, labels=y, update=update, **extra)
+        return self.memory.query(q, labels=y, update=update, use_recent=use_recent)
 
     def state(self):
         return self.memory.slots(range(self.memory_size))
@@ -57,16 +56,8 @@ class ClientDriver:
 
 @pytest.fixture
 def client_driver(store):
-    created = []
-
-    def make(**config):
-        driver = ClientDriver(store, **config)
-        created.append(driver.memory)
-        return driver
-
-    yield make
-    for memory in created:
-        store.delete_memory(memory.name if hasattr(memory, "name") else memory)
+    """Makes memories through `store` (conftest.py), which deletes them after the test."""
+    return functools.partial(ClientDriver, store)
 
 
 # ----------------------------------------------------------------------------- data
@@ -208,7 +199,7 @@ def run_unlabelled(driver, ref):
     assert_read_agrees(got, want, "unlabelled")
     assert (want.predictions != EMPTY).any()  # the memory held something to predict from
     assert (as_np(got.written_slots) == NONE).all()
-    for name, old, new in zip(("keys", "values", "ages"), before, (as_np(x) for x in driver.state())):
+    for name, old, new in zip(("keys", "values", "ages"), before, (as_np(x) for x in driver.state()), strict=True):
         np.testing.assert_array_equal(new, old, err_msg=f"unlabelled query changed {name}")
     assert_state_agrees(driver, ref, "after unlabelled")
 
