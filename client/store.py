@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Protocol
 
 import grpc
@@ -177,15 +178,16 @@ class LocalTransport:
         memory.clear()
         return _info(name, memory)
 
+    # Query, Update and ReadSlots name their memory in a field called "memory".
     def query(self, name, queries, labels, k, use_recent, update, fields):
-        memory = self.registry.get(name)
+        memory = self.registry.get(name, "memory")
         return memory.query(queries, labels, k=k, use_recent=use_recent, update=update, fields=fields)
 
     def update(self, name, queries, labels, ticket):
-        return self.registry.get(name).update(queries, labels, ticket)
+        return self.registry.get(name, "memory").update(queries, labels, ticket)
 
     def read_slots(self, name, slots):
-        _, keys, values, ages, _ = self.registry.get(name).read_slots(slots)
+        _, keys, values, ages, _ = self.registry.get(name, "memory").read_slots(slots)
         return keys, values, ages
 
     def stream(self, name):
@@ -318,6 +320,8 @@ def query_request(name, queries, labels, k, use_recent, update, fields) -> pb.Qu
     unknown = set(fields) - set(wire.RESULT_FIELD_IDS)
     if unknown:
         raise InvalidArgument("fields", f"unknown {sorted(unknown)}; known: {sorted(wire.RESULT_FIELD_IDS)}")
+    if not isinstance(k, Integral):
+        raise InvalidArgument("k", f"must be an integer, got {k!r}")
     request = pb.QueryRequest(
         memory=name,
         queries=_encode(queries, "queries"),
@@ -346,7 +350,10 @@ def _config_message(config: dict) -> pb.MemoryConfig:
     plain = ("key_dim", "memory_size", "choose_k", "correct_in_top", "seed", "shards", "alpha", "device", "age_noise")
     for name in plain:
         if name in config:
-            setattr(message, name, config[name])
+            try:
+                setattr(message, name, config[name])
+            except (TypeError, ValueError) as exc:  # wrong type, or out of the field's range
+                raise InvalidArgument(f"config.{name}", f"got {config[name]!r}: {exc}") from None
     for name, numbers in (("backend", wire.BACKENDS), ("search_dtype", wire.SEARCH_DTYPES)):
         if name in config:
             by_name = {v: k for k, v in numbers.items()}

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import threading
 from dataclasses import dataclass
 
 import torch
 
-from lifelong_memory.server.errors import InvalidArgument
+from lifelong_memory.server.errors import InvalidArgument, ResourceExhausted
 from lifelong_memory.server.index import build_index
 
 EMPTY = -1
@@ -53,6 +54,10 @@ class MemoryConfig:
             if not ok:
                 raise InvalidArgument(f"config.{field}", message)
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = {"int": numbers.Integral, "float": numbers.Real, "str": str}[f.type]
+            check(isinstance(value, kind), f.name, f"must be {f.type}, got {value!r}")
         check(1 <= self.key_dim <= 65536, "key_dim", f"must be in [1, 65536], got {self.key_dim}")
         check(1 <= self.memory_size <= 2**31, "memory_size", f"must be in [1, 2^31], got {self.memory_size}")
         check(self.choose_k >= 1, "choose_k", f"must be >= 1, got {self.choose_k}")
@@ -174,12 +179,15 @@ class Memory:
         cfg = self.config
         self.device = torch.device(cfg.device)
         size, dim = cfg.memory_size, cfg.key_dim
-        self.keys = torch.zeros(size, dim, dtype=torch.float32, device=self.device)
-        self.values = torch.full((size,), EMPTY, dtype=torch.int64, device=self.device)
-        self.ages = torch.zeros(size, dtype=torch.float32, device=self.device)
-        # Commit sequence of each slot's last write, merge or clear: how a
-        # two-phase update tells that a slot changed under it.
-        self.generations = torch.zeros(size, dtype=torch.int64, device=self.device)
+        try:  # a failed allocation is RuntimeError on the CPU (torch.OutOfMemoryError, one too, on CUDA)
+            self.keys = torch.zeros(size, dim, dtype=torch.float32, device=self.device)
+            self.values = torch.full((size,), EMPTY, dtype=torch.int64, device=self.device)
+            self.ages = torch.zeros(size, dtype=torch.float32, device=self.device)
+            # Commit sequence of each slot's last write, merge or clear: how a
+            # two-phase update tells that a slot changed under it.
+            self.generations = torch.zeros(size, dtype=torch.int64, device=self.device)
+        except (RuntimeError, MemoryError) as exc:
+            raise ResourceExhausted(f"cannot allocate {size} slots of dimension {dim} on {cfg.device}: {exc}") from None
         self.recent: dict[int, int] = {}
         self.commit_sequence = 0
         self.empty_slots = size
@@ -226,7 +234,7 @@ class Memory:
         """
         q = self._check_queries(queries)
         y = self._check_labels(labels, len(q), required=True)
-        relied, generations = self._check_ticket(ticket, len(q))
+        relied, generations, k = self._check_ticket(ticket, len(q))
         self._check_update_batch(len(q))
         c = self.config.correct_in_top
         with self._lock:
@@ -242,7 +250,7 @@ class Memory:
                 raise InvalidArgument("ticket.relied_slots", f"row {row}: the positive slot does not hold the label")
             revalidated = int(stale.sum())
             if revalidated:
-                fresh = self._read(q[stale], y[stale], ticket.k, ticket.use_recent)
+                fresh = self._read(q[stale], y[stale], k, ticket.use_recent)
                 incorrect[stale] = fresh.incorrect
                 positive[stale] = fresh.positive_slots
             written = self._apply(q, y, incorrect, positive)
@@ -324,12 +332,14 @@ class Memory:
             raise InvalidArgument("labels", "must be non-negative")
         return y.to(self.device)
 
-    def _check_k(self, k: int | None) -> int:
-        if k is None or k == 0:
+    def _check_k(self, k: int | None, field: str = "k") -> int:
+        if k is None or (isinstance(k, numbers.Integral) and k == 0):
             return self.config.choose_k
+        if not isinstance(k, numbers.Integral):
+            raise InvalidArgument(field, f"must be an integer, got {k!r}")
         if not self.config.correct_in_top <= k <= self.config.memory_size:
             raise InvalidArgument(
-                "k", f"must be in [correct_in_top={self.config.correct_in_top}, {self.config.memory_size}], got {k}"
+                field, f"must be in [correct_in_top={self.config.correct_in_top}, {self.config.memory_size}], got {k}"
             )
         return int(k)
 
@@ -349,7 +359,7 @@ class Memory:
                 "queries", f"an update of {batch} rows needs distinct slots; memory_size is {self.config.memory_size}"
             )
 
-    def _check_ticket(self, ticket: QueryTicket | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_ticket(self, ticket: QueryTicket | None, batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         if ticket is None:
             raise InvalidArgument("ticket", "required: pass the result of the query being updated")
         width = self.config.correct_in_top + 1
@@ -364,8 +374,8 @@ class Memory:
         slots = checked[0]
         if bool(((slots < NO_SLOT) | (slots >= self.config.memory_size)).any()):
             raise InvalidArgument("ticket.relied_slots", f"slot ids must be -1 or in [0, {self.config.memory_size})")
-        self._check_k(ticket.k)
-        return slots, checked[1]
+        k = self._check_k(ticket.k, "ticket.k")
+        return slots, checked[1], k
 
     # -------------------------------------------------------------- semantics
 

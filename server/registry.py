@@ -46,8 +46,9 @@ class MemoryRegistry:
             self._memories[name] = memory
             return memory
 
-    def get(self, name: str) -> Memory:
-        check_name(name)
+    def get(self, name: str, field: str = "name") -> Memory:
+        """The memory called ``name``; ``field`` is the request field that named it, for errors."""
+        check_name(name, field)
         with self._lock:
             memory = self._memories.get(name)
         if memory is None:
@@ -65,6 +66,6 @@ class MemoryRegistry:
                 raise NotFound(f"memory {name!r} not found")
 
 
-def check_name(name: str) -> None:
+def check_name(name: str, field: str = "name") -> None:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidArgument("name", f"must match {NAME_PATTERN.pattern}, got {name!r}")
+        raise InvalidArgument(field, f"must match {NAME_PATTERN.pattern}, got {name!r}")

@@ -93,7 +93,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @_rpc
     def Update(self, request, context):
-        memory = self.registry.get(request.memory)
+        memory = self.registry.get(request.memory, "memory")
         queries, labels = self._batch(request, memory, labels_required=True)
         if not request.HasField("ticket"):
             raise InvalidArgument("ticket", "required: pass the ticket of the query being updated")
@@ -107,7 +107,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @_rpc
     def ReadSlots(self, request, context):
-        memory = self.registry.get(request.memory)
+        memory = self.registry.get(request.memory, "memory")
         selection = request.WhichOneof("selection")
         size = memory.config.memory_size
         if selection == "slots":
@@ -136,7 +136,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     # ---------------------------------------------------------------- helpers
 
     def _query(self, request: pb.QueryRequest) -> pb.QueryResponse:
-        memory = self.registry.get(request.memory)
+        memory = self.registry.get(request.memory, "memory")
         queries, labels = self._batch(request, memory, labels_required=request.update)
         unknown = [f for f in request.fields if f not in wire.RESULT_FIELDS]
         if unknown:

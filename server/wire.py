@@ -6,6 +6,8 @@ dtype, shape and byte length, and raises InvalidArgument naming the field.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -52,7 +54,8 @@ def decode_array(message: pb.Array, field: str, dtype: int, ndim: int | None = N
     if any(n < 0 for n in shape):
         raise InvalidArgument(field, f"negative dimension in shape {list(shape)}")
     numpy_dtype = NUMPY_DTYPES[dtype]
-    expected_bytes = int(np.prod(shape, dtype=np.int64)) * numpy_dtype.itemsize
+    # math.prod, not np.prod: int64 products of huge dimensions wrap around (2^32 * 2^32 == 0).
+    expected_bytes = math.prod(shape) * numpy_dtype.itemsize
     if len(message.data) != expected_bytes:
         raise InvalidArgument(
             field, f"data holds {len(message.data)} bytes; shape {list(shape)} needs {expected_bytes}"

@@ -120,7 +120,7 @@ def assert_state_agrees(driver, ref, where):
 
 
 # ----------------------------------------------------------------------------- scenarios
-# (id, memory config overrides, use_recent)
+# (backend, shards, correct_in_top, use_recent); the stream seed differs per case.
 STREAM_CASES = [
     pytest.param(backend, shards, 1, True, id=f"{backend}-shards{shards}")
     for backend, shards in itertools.product(("torch", "faiss"), (1, 3, 4))

@@ -1,0 +1,98 @@
+"""MemoryModule: the loss's gradient, and local vs remote giving the same training."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lifelong_memory.client import MemoryModule, connect
+
+KEY_DIM, INPUT_DIM, BATCH = 16, 12, 8
+
+
+def fill(module: MemoryModule, steps: int = 10, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        module(torch.randn(BATCH, INPUT_DIM, generator=generator), torch.randint(0, 5, (BATCH,), generator=generator))
+
+
+def test_loss_gradient_matches_finite_differences_and_the_formula(store):
+    torch.manual_seed(0)
+    module = MemoryModule(store, KEY_DIM, INPUT_DIM, name="grad", memory_size=64, choose_k=8, age_noise=0.0)
+    with torch.no_grad():  # a larger projection so the hinge is active for most rows
+        module.query_proj.mul_(100)
+    fill(module)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, INPUT_DIM, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 5, (BATCH,), generator=generator)
+
+    out = module(x, labels, update=False)
+    out.query.retain_grad()
+    out.loss.backward()
+
+    # d loss / d q = mean over rows of (K_neg - K_pos) where the hinge is active.
+    q = out.query.detach()
+    pos, neg = out.result.positive_keys, out.result.negative_keys
+    active = ((q * neg).sum(1) - (q * pos).sum(1) + module.alpha > 0).float()
+    assert active.sum() >= 2, "the test needs active hinges to mean anything"
+    torch.testing.assert_close(out.query.grad, active[:, None] * (neg - pos) / BATCH, rtol=1e-5, atol=1e-7)
+
+    # Central differences through the whole module (memory lookup included) along random directions;
+    # float32 loss rounding gives the numeric side about 2e-5 of noise.
+    slopes = []
+    with torch.no_grad():
+        for direction_seed in range(3):
+            direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(direction_seed))
+            eps = 1e-3
+            plus = module(x + eps * direction, labels, update=False).loss
+            minus = module(x - eps * direction, labels, update=False).loss
+            numeric = float(plus - minus) / (2 * eps)
+            analytic = float((x.grad * direction).sum())
+            assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 1e-4, (numeric, analytic)
+            slopes.append(abs(analytic))
+    assert max(slopes) > 1e-2
+    assert module.query_proj.grad is not None and float(module.query_proj.grad.abs().sum()) > 0
+
+
+def test_neighbor_weights_are_differentiable_softmax(store):
+    torch.manual_seed(0)
+    module = MemoryModule(store, KEY_DIM, INPUT_DIM, name="weights", memory_size=64, choose_k=8, return_neighbors=True)
+    fill(module)
+    x = torch.randn(BATCH, INPUT_DIM, requires_grad=True)
+    out = module(x)
+    assert out.loss is None
+    assert out.neighbor_weights.shape == (BATCH, 8) and out.neighbor_values.shape == (BATCH, 8)
+    torch.testing.assert_close(out.neighbor_weights.sum(1), torch.ones(BATCH))
+    # Same numbers as the memory's own softmax weights, but with a gradient path.
+    weights = module.memory.query(out.query.detach(), fields={"weights"}).weights
+    torch.testing.assert_close(out.neighbor_weights.detach(), weights, rtol=1e-4, atol=1e-6)
+    (out.neighbor_weights * torch.arange(8.0)).sum().backward()
+    assert float(x.grad.abs().sum()) > 0
+
+
+def train_a_little(url: str) -> list[tuple[float, list[int]]]:
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(INPUT_DIM, 32), nn.ReLU(), nn.Linear(32, KEY_DIM))
+    with connect(url) as store:
+        module = MemoryModule(store, KEY_DIM, name="same", memory_size=128, choose_k=16, seed=5)
+        optimizer = torch.optim.Adam(list(backbone.parameters()) + list(module.parameters()), lr=1e-2)
+        generator = torch.Generator().manual_seed(2)
+        history = []
+        for _ in range(15):
+            x = torch.randn(BATCH, INPUT_DIM, generator=generator)
+            labels = torch.randint(0, 6, (BATCH,), generator=generator)
+            out = module(backbone(x), labels)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            history.append((out.loss.item(), out.predictions.tolist()))
+        store.delete_memory("same")
+    return history
+
+
+def test_local_and_remote_memory_train_identically(server_url):
+    local, remote = train_a_little("local"), train_a_little(server_url)
+    assert [p for _, p in local] == [p for _, p in remote]
+    for (a, _), (b, _) in zip(local, remote, strict=True):
+        assert abs(a - b) <= 1e-5
+    assert len({p for _, ps in local for p in ps}) > 2, "predictions should be real labels, not all empty"
