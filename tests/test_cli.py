@@ -1,0 +1,74 @@
+"""lmem against a live server in a subprocess: serve, create, ls, describe, rm, exit codes, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+LMEM = [sys.executable, "-m", "lifelong_memory.client.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    port = free_port()
+    process = subprocess.Popen(
+        [*LMEM, "serve", "--port", str(port), "--shards", "2", "--backend", "faiss", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert "serving on 127.0.0.1:" in process.stdout.readline()
+    yield process, f"grpc://127.0.0.1:{port}"
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def lmem(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*LMEM, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_create_list_describe_remove(served):
+    _, url = served
+    created = lmem("create", "cli-mem", "--key-dim", "32", "--memory-size", "100", "--url", url, "--json")
+    assert created.returncode == 0, created.stderr
+    config = json.loads(created.stdout)["config"]
+    # Server defaults from `lmem serve --shards 2 --backend faiss` fill what create left unset.
+    assert (config["key_dim"], config["memory_size"], config["shards"], config["backend"]) == (32, 100, 2, "faiss")
+
+    listed = lmem("ls", "--url", url, "--json")
+    assert [m["name"] for m in json.loads(listed.stdout)] == ["cli-mem"]
+    table = lmem("ls", "--url", url)
+    assert table.stdout.splitlines()[0].split()[:3] == ["name", "key_dim", "memory_size"]
+    assert "cli-mem" in table.stdout
+
+    described = lmem("describe", "cli-mem", "--url", url)
+    assert described.returncode == 0 and "filled_slots" in described.stdout
+
+    assert lmem("create", "cli-mem", "--url", url).returncode == 4  # ALREADY_EXISTS
+    bad = lmem("create", "other", "--key-dim", "0", "--url", url)
+    assert bad.returncode == 2 and "config.key_dim" in bad.stderr
+    assert lmem("rm", "cli-mem", "--url", url).returncode == 0
+    missing = lmem("describe", "cli-mem", "--url", url)
+    assert missing.returncode == 3 and "NOT_FOUND" in missing.stderr
+
+
+def test_unreachable_server_is_reported():
+    result = lmem("ls", "--url", f"grpc://127.0.0.1:{free_port()}")
+    assert result.returncode == 5 and "UNAVAILABLE" in result.stderr
+
+
+def test_sigterm_stops_cleanly(served):
+    process, _ = served
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
