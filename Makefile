@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,trainers]'
 	touch $@
 
 .PHONY: setup demo test lint bench

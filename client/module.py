@@ -67,10 +67,14 @@ class MemoryModule(nn.Module):
         self.query_proj = nn.Parameter(torch.empty(input_dim or key_dim, key_dim))
         nn.init.trunc_normal_(self.query_proj, std=0.01, a=-0.02, b=0.02)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised query for ``x``, as sent to the memory."""
+        return l2_normalize(x @ self.query_proj)
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, update: bool | None = None) -> MemoryOutput:
         """Look ``x`` [B, input_dim] up; with labels also the loss, and (by default) the memory update."""
         update = labels is not None if update is None else update
-        query = l2_normalize(x @ self.query_proj)
+        query = self.project(x)
         fields = set()
         if labels is not None:
             fields.add("positive_negative_keys")

@@ -1,0 +1,557 @@
+"""Side-by-side throughput of the memory: raw torch, embedded, and the gRPC server (unary, streamed).
+
+Run from the repository root (the project installed in .venv):
+
+    .venv/bin/python benchmarks/bench_memory.py          # full: N in {8192, 65536, 1048576}, ~11 min on 2 cores
+    .venv/bin/python benchmarks/bench_memory.py --quick  # N in {8192, 65536}, 0.5 s per case: ~1.5 min
+    .venv/bin/python benchmarks/bench_memory.py --sizes 8192,1048576 --batches 16,256 --out /tmp/r.json
+    .venv/bin/python benchmarks/bench_memory.py --device cuda --max-n 10485760   # on a GPU machine
+
+Everything is measured in one process run, side by side, d=128, k=256. For each N one memory per search
+dtype (float32, bfloat16) is created in an embedded store (``connect("local")``) and, identically, on a
+server this script starts as a subprocess (``lmem serve`` on a free 127.0.0.1 port; stopped by PID at the
+end, also on error). Each memory is pre-filled with N random unit keys with distinct labels; the fill is not
+timed. It goes through the public two-phase ``MemoryClient.update`` with a ticket that relies on no slot
+(every row then counts as "incorrect" and writes the oldest slot), which skips the search a fused fill
+would pay: filling 1M slots through fused queries would take over an hour on 2 cores.
+
+Compared per (N, B):
+  raw      ``torch.topk(q @ K.T, k)`` in this process, K [N, 128] in the search dtype (raw bf16 too)
+  raw-out  the same with ``torch.mm(q, K.T, out=buffer)`` into a [B, N] buffer kept across calls, as the
+           memory's index does (at N=1M, B=256 ``q @ K.T`` allocates and page-faults 1 GiB per call)
+  search   ``mem.query(q, fields={"neighbors"})``: query only, no labels (neighbour slots/sims/values)
+  query    ``mem.query(q, labels, fields={"positive_negative_keys"})``: what a training step reads
+  fused    the same with ``update=True``: query + memory update in one call (a training step)
+each through: embedded (in-process), grpc-unary (``mem.query``), grpc-stream (``mem.stream().query``).
+
+Timing: every case of one (N, B) group runs interleaved in rounds (a ~0.05 s slice each per round) so that
+noise from a shared machine hits all of them alike; after a warm-up, a case stops once it has >= --min-time
+seconds (default 1.5) and >= --min-reps calls (default 3). Reported: the median ms per call and calls/s
+(1000 / median ms). Ratios, not absolute numbers, are what to compare across machines.
+
+The targets (printed at the end and stored in the JSON):
+  (a) server exact Query (training-step ``query``, unary) at N=1M, B=256 >= 0.9x raw torch fp32;
+      bf16 server Query >= 3x the fp32 server Query.
+  (b) fused query+update over the stream, B=16, N=8192, fp32: calls/s, and the time gRPC adds per call over
+      the embedded call: <= 0.3 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lifelong_memory.client import QueryResult, connect
+from lifelong_memory.server.memory import QueryTicket
+
+KEY_DIM = 128
+CHOOSE_K = 256
+DTYPES = ("float32", "bfloat16")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODES = ("embedded", "grpc-unary", "grpc-stream")
+OPS = {
+    # name: (labels?, update?, fields)
+    "search": (False, False, frozenset({"neighbors"})),
+    "query": (True, False, frozenset({"positive_negative_keys"})),
+    "fused": (True, True, frozenset({"positive_negative_keys"})),
+}
+DEFAULT_SIZES = (8_192, 65_536, 1_048_576)
+QUICK_SIZES = (8_192, 65_536)
+TARGET_N_A, TARGET_B_A = 1_048_576, 256
+TARGET_N_B, TARGET_B_B = 8_192, 16
+FILL_BATCH = 4096
+FILL_ROUNDS = 5
+N_BATCHES = 8  # distinct query batches cycled through per B
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info(device: str) -> dict:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    info = {
+        "hostname": socket.gethostname(),
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        repo = Path(__file__).resolve().parent.parent
+        git = ["git", "-C", str(repo)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "server", "client"], capture_output=True, text=True
+        )
+        info["commit"] = commit.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    return info
+
+
+def default_out_path() -> Path:
+    host = re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname()).strip("-") or "cpu"
+    return Path(__file__).resolve().parent / "results" / f"memory-{host}.json"
+
+
+# ---------------------------------------------------------------------------- server
+
+
+class Server:
+    """``lmem serve`` in a subprocess on a free 127.0.0.1 port; stopped by its PID."""
+
+    def __init__(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-lmem-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "lifelong_memory.client.cli", "serve", "--port", str(self.port)]
+        cmd += ["--log-level", "WARNING"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        deadline = time.monotonic() + 120
+        ready = threading.Event()
+
+        def wait_ready():
+            for line in self.proc.stdout:
+                if "lmem: serving on" in line:
+                    ready.set()
+                    break
+
+        threading.Thread(target=wait_ready, daemon=True).start()
+        while not ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not start; see {self.log.name}")
+        self.url = f"grpc://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def unit_rows(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(n, KEY_DIM, generator=generator), dim=1)
+
+
+def fill(mem, n: int, seed: int) -> int:
+    """Write ``n`` random unit keys with distinct labels; returns the filled slot count."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = max(1, min(FILL_BATCH, n // 256))
+    label = 0
+
+    def write(rows: int) -> None:
+        nonlocal label
+        for start in range(0, rows, batch):
+            b = min(batch, rows - start)
+            q = unit_rows(b, generator)
+            y = torch.arange(label, label + b)
+            label += b
+            none = torch.full((b, 2), -1, dtype=torch.int64)  # relied on no slot: every row writes
+            ticket = QueryTicket(none, none.clone(), CHOOSE_K, True)
+            mem.update(q, y, QueryResult(0, y, y, ticket=ticket))
+
+    write(n)
+    # With age noise (default 8) the last ~16 batches land partly on just-written slots instead of empty
+    # ones; a few more rounds fill most of those. Empty keys are zero vectors, which a random query's
+    # top 256 never reaches here.
+    for _ in range(FILL_ROUNDS):
+        filled = mem.info().stats["filled_slots"]
+        if filled >= n:
+            break
+        write(n - filled)
+    return mem.info().stats["filled_slots"]
+
+
+@dataclass
+class Case:
+    dtype: str
+    mode: str  # raw or one of MODES
+    op: str  # raw or one of OPS
+    fn: object
+    times: list[float] = field(default_factory=list)
+    spent: float = 0.0
+
+    def done(self, min_time: float, min_reps: int) -> bool:
+        return self.spent >= min_time and len(self.times) >= min_reps
+
+
+def measure(cases: list[Case], sync, min_time: float, min_reps: int, slice_s: float = 0.05) -> None:
+    """Interleaved rounds until every case has ``min_time`` seconds and ``min_reps`` calls."""
+    for case in cases:  # warm-up: at least 2 calls or ~0.2 s
+        start, calls = time.perf_counter(), 0
+        while calls < 2 or time.perf_counter() - start < 0.2:
+            case.fn(calls)
+            sync()
+            calls += 1
+            if time.perf_counter() - start > 2.0:
+                break
+    gc.collect()
+    i = 0
+    while True:
+        pending = [c for c in cases if not c.done(min_time, min_reps)]
+        if not pending:
+            return
+        for case in pending:
+            round_start = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                case.fn(i)
+                sync()
+                t1 = time.perf_counter()
+                i += 1
+                case.times.append(t1 - t0)
+                case.spent += t1 - t0
+                if t1 - round_start >= slice_s or case.done(min_time, min_reps):
+                    break
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def bench_size(n, batches, device, stores, args, generator) -> list[dict]:
+    """All cases for one N: memories per dtype, embedded and on the server, then each B."""
+    local, remote = stores
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    mems = {}
+    print(f"\n[N={n:,}] creating and filling memories (not timed) ...", flush=True)
+    t0 = time.perf_counter()
+    for dtype in DTYPES:
+        cfg = dict(key_dim=KEY_DIM, memory_size=n, choose_k=CHOOSE_K, search_dtype=dtype, backend="torch")
+        cfg.update(device=device, age_noise=args.age_noise)
+        name = f"bench-{n}-{dtype}"
+        mems[("embedded", dtype)] = local.create_memory(name, **cfg)
+        mems[("grpc", dtype)] = remote.create_memory(name, **cfg)
+    # Fill the server's memories from a thread while this process fills its own (same seed: same keys).
+    filled = {}
+
+    def fill_remote():
+        for dtype in DTYPES:
+            filled[("grpc", dtype)] = fill(mems[("grpc", dtype)], n, seed=n)
+
+    worker = threading.Thread(target=fill_remote)
+    worker.start()
+    for dtype in DTYPES:
+        filled[("embedded", dtype)] = fill(mems[("embedded", dtype)], n, seed=n)
+    worker.join()
+    print(f"[N={n:,}] filled in {time.perf_counter() - t0:.1f} s: {filled}", flush=True)
+
+    # The raw baseline's keys, same size, in each dtype, on the device.
+    keys32 = unit_rows(n, torch.Generator().manual_seed(n + 1)).to(device)
+    raw_keys = {"float32": keys32, "bfloat16": keys32.to(torch.bfloat16)}
+
+    rows = []
+    with contextlib.ExitStack() as stack:
+        streams = {dtype: stack.enter_context(mems[("grpc", dtype)].stream()) for dtype in DTYPES}
+        for b in batches:
+            qs = [unit_rows(b, generator) for _ in range(N_BATCHES)]
+            ys = [torch.randint(0, n, (b,), generator=generator) for _ in range(N_BATCHES)]
+            raw_qs = {dt: [q.to(device=device, dtype=TORCH_DTYPES[dt]) for q in qs] for dt in DTYPES}
+            cases = []
+            for dtype in DTYPES:
+
+                def raw(i, qs=raw_qs[dtype], keys=raw_keys[dtype]):
+                    return torch.topk(qs[i % N_BATCHES] @ keys.T, CHOOSE_K)
+
+                cases.append(Case(dtype, "raw", "raw", raw))
+                buffer = torch.empty(b, n, dtype=TORCH_DTYPES[dtype], device=device)
+
+                def raw_out(i, qs=raw_qs[dtype], keys=raw_keys[dtype], buffer=buffer):
+                    return torch.topk(torch.mm(qs[i % N_BATCHES], keys.T, out=buffer), CHOOSE_K)
+
+                cases.append(Case(dtype, "raw", "raw-out", raw_out))
+            for dtype in DTYPES:
+                callers = {
+                    "embedded": mems[("embedded", dtype)].query,
+                    "grpc-unary": mems[("grpc", dtype)].query,
+                    "grpc-stream": streams[dtype].query,
+                }
+                for op, (labelled, update, fields) in OPS.items():
+                    for mode in MODES:
+
+                        def call(i, call=callers[mode], qs=qs, ys=ys if labelled else None, update=update, f=fields):
+                            j = i % N_BATCHES
+                            return call(qs[j], None if ys is None else ys[j], update=update, fields=f)
+
+                        cases.append(Case(dtype, mode, op, call))
+            t0 = time.perf_counter()
+            measure(cases, sync, args.min_time, args.min_reps)
+            print(f"[N={n:,} B={b}] measured {len(cases)} cases in {time.perf_counter() - t0:.1f} s", flush=True)
+            for case in cases:
+                ms = sorted(t * 1e3 for t in case.times)
+                median = statistics.median(ms)
+                rows.append(
+                    {
+                        "N": n,
+                        "B": b,
+                        "dtype": case.dtype,
+                        "mode": case.mode,
+                        "op": case.op,
+                        "median_ms": median,
+                        "calls_per_s": 1e3 / median,
+                        "mean_ms": statistics.fmean(ms),
+                        "p10_ms": ms[len(ms) // 10],
+                        "p90_ms": ms[(len(ms) * 9) // 10],
+                        "reps": len(ms),
+                    }
+                )
+            print_group(rows, n, b)
+    for dtype in DTYPES:
+        local.delete_memory(f"bench-{n}-{dtype}")
+        remote.delete_memory(f"bench-{n}-{dtype}")
+    gc.collect()
+    return rows
+
+
+def find(rows, n, b, dtype, mode, op):
+    for r in rows:
+        if (r["N"], r["B"], r["dtype"], r["mode"], r["op"]) == (n, b, dtype, mode, op):
+            return r
+    return None
+
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
+
+
+def fmt_rate(r: float) -> str:
+    return f"{r:.1f}" if r < 10 else f"{r:,.0f}"
+
+
+def print_group(rows, n, b) -> None:
+    """One (N, B) block: per dtype and op, ms/call (calls/s) per mode, gRPC overhead, share of raw fp32."""
+    raw32 = find(rows, n, b, "float32", "raw", "raw")
+    header = (
+        f"{'N':>9} {'B':>4} {'dtype':<8} {'op':<6} "
+        f"{'embedded ms (c/s)':>19} {'grpc-unary ms (c/s)':>21} {'grpc-stream ms (c/s)':>22} "
+        f"{'+unary ms':>9} {'+stream ms':>10} {'unary/raw32':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for dtype in DTYPES:
+        for op, what in (("raw", "torch.topk(q @ K.T, k) in-process"), ("raw-out", "the same, mm into a kept buffer")):
+            raw = find(rows, n, b, dtype, "raw", op)
+            cell = f"{fmt_ms(raw['median_ms'])} ({fmt_rate(raw['calls_per_s'])})"
+            print(f"{n:>9,} {b:>4} {dtype:<8} {op:<7}{cell:>18}   ({what})")
+    for dtype in DTYPES:
+        for op in OPS:
+            cells = []
+            for mode in MODES:
+                r = find(rows, n, b, dtype, mode, op)
+                cells.append(f"{fmt_ms(r['median_ms'])} ({fmt_rate(r['calls_per_s'])})")
+            emb, una, stm = (find(rows, n, b, dtype, m, op)["median_ms"] for m in MODES)
+            share = raw32["median_ms"] / una
+            print(
+                f"{n:>9,} {b:>4} {dtype:<8} {op:<6} {cells[0]:>19} {cells[1]:>21} {cells[2]:>22} "
+                f"{una - emb:>+9.3f} {stm - emb:>+10.3f} {share:>10.2f}x"
+            )
+    print(flush=True)
+
+
+def targets(rows) -> list[dict]:
+    out = []
+
+    def add(name, measured, target, passed, detail):
+        out.append({"target": name, "measured": measured, "goal": target, "pass": passed, "detail": detail})
+
+    n, b = TARGET_N_A, TARGET_B_A
+    raw32 = find(rows, n, b, "float32", "raw", "raw")
+    if raw32 is None:
+        add("(a) server Query fp32 vs raw torch fp32, N=1M B=256", None, ">= 0.9x", None, "N=1,048,576 not run")
+        add("(a) server Query bf16 vs server fp32, N=1M B=256", None, ">= 3x", None, "N=1,048,576 not run")
+    else:
+        raw16 = find(rows, n, b, "bfloat16", "raw", "raw")
+        for mode in ("grpc-unary", "grpc-stream"):
+            r32 = find(rows, n, b, "float32", mode, "query")
+            ratio = raw32["median_ms"] / r32["median_ms"]
+            add(
+                f"(a) server Query ({mode}) fp32 vs raw torch fp32, N=1M B=256",
+                round(ratio, 3),
+                ">= 0.9x",
+                ratio >= 0.9,
+                f"{r32['median_ms']:.1f} ms vs raw {raw32['median_ms']:.1f} ms per call",
+            )
+        r32 = find(rows, n, b, "float32", "grpc-unary", "query")
+        r16 = find(rows, n, b, "bfloat16", "grpc-unary", "query")
+        ratio = r32["median_ms"] / r16["median_ms"]
+        add(
+            "(a) server Query (grpc-unary) bf16 vs server fp32, N=1M B=256",
+            round(ratio, 3),
+            ">= 3x",
+            ratio >= 3.0,
+            f"{r16['median_ms']:.1f} ms vs {r32['median_ms']:.1f} ms per call; "
+            f"raw torch bf16 vs fp32 here: {raw32['median_ms'] / raw16['median_ms']:.2f}x",
+        )
+        out32 = find(rows, n, b, "float32", "raw", "raw-out")
+        add(
+            "(a, info) server Query (grpc-unary) fp32 vs raw fp32 into a kept buffer, N=1M B=256",
+            round(out32["median_ms"] / r32["median_ms"], 3),
+            "info",
+            None,
+            f"{r32['median_ms']:.1f} ms vs raw-out {out32['median_ms']:.1f} ms per call",
+        )
+        s32 = find(rows, n, b, "float32", "grpc-unary", "search")
+        add(
+            "(a, info) server search-only (neighbors, no labels) fp32 vs raw fp32, N=1M B=256",
+            round(raw32["median_ms"] / s32["median_ms"], 3),
+            "info",
+            None,
+            f"{s32['median_ms']:.1f} ms vs raw {raw32['median_ms']:.1f} ms per call",
+        )
+
+    n, b = TARGET_N_B, TARGET_B_B
+    emb = find(rows, n, b, "float32", "embedded", "fused")
+    if emb is None:
+        add("(b) fused query+update over the stream, N=8192 B=16", None, "<= 0.3 ms added", None, "N=8192 not run")
+    else:
+        stream = find(rows, n, b, "float32", "grpc-stream", "fused")
+        unary = find(rows, n, b, "float32", "grpc-unary", "fused")
+        add(
+            "(b) fused stream calls/s, N=8192 B=16 fp32",
+            round(stream["calls_per_s"], 1),
+            "report",
+            None,
+            f"embedded {emb['calls_per_s']:.0f} calls/s, unary {unary['calls_per_s']:.0f} calls/s",
+        )
+        added = stream["median_ms"] - emb["median_ms"]
+        add(
+            "(b) time gRPC stream adds per fused call over embedded (ms)",
+            round(added, 3),
+            "<= 0.3 ms",
+            added <= 0.3,
+            f"stream {stream['median_ms']:.3f} ms - embedded {emb['median_ms']:.3f} ms",
+        )
+        added = unary["median_ms"] - emb["median_ms"]
+        add(
+            "(b, info) time gRPC unary adds per fused call over embedded (ms)",
+            round(added, 3),
+            "<= 0.3 ms",
+            added <= 0.3,
+            f"unary {unary['median_ms']:.3f} ms - embedded {emb['median_ms']:.3f} ms",
+        )
+    return out
+
+
+def print_targets(results) -> None:
+    print("TARGETS")
+    width = max(len(t["target"]) for t in results)
+    for t in results:
+        verdict = {True: "PASS", False: "FAIL", None: "-"}[t["pass"]]
+        measured = "n/a" if t["measured"] is None else t["measured"]
+        print(f"  {t['target']:<{width}}  measured {measured!s:>8}  goal {t['goal']:<16} {verdict:<4}  {t['detail']}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="only N=8192 and 65536, --min-time 0.5 (~1.5 min)")
+    parser.add_argument("--sizes", help="comma-separated memory sizes N (default 8192,65536,1048576)")
+    parser.add_argument("--max-n", type=int, help="largest N: drops larger sizes and adds this one (e.g. 10485760)")
+    parser.add_argument("--batches", default="16,256", help="comma-separated batch sizes B (default 16,256)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: memories and raw baseline")
+    parser.add_argument("--min-time", type=float, help="seconds measured per case (default 1.5; 0.5 with --quick)")
+    parser.add_argument("--min-reps", type=int, default=3, help="calls measured per case at least (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--age-noise", type=float, default=8.0, help="memories' age_noise (library default 8)")
+    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/memory-HOSTNAME.json)")
+    args = parser.parse_args(argv)
+
+    if args.sizes:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    else:
+        sizes = list(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    if args.max_n:
+        sizes = sorted({s for s in sizes if s <= args.max_n} | {args.max_n})
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.min_time is None:
+        args.min_time = 0.5 if args.quick else 1.5
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda, but CUDA is not available")
+    out_path = args.out or default_out_path()
+
+    info = machine_info(args.device)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(
+        f"bench_memory: {info['cpu_model']}, {info['cpu_count']} CPUs, torch {info['torch']} "
+        f"({info['torch_threads']} threads), device {args.device}{' ' + info['gpu'] if 'gpu' in info else ''}"
+    )
+    print(f"d={KEY_DIM} k={CHOOSE_K} N={sizes} B={batches} dtypes={list(DTYPES)}; median ms/call (calls/s)")
+    print("  raw    torch.topk(q @ K.T, k), K in the search dtype, in this process; raw-out: mm into a kept buffer")
+    print('  search mem.query(q, fields={"neighbors"}): query only, no labels')
+    print('  query  mem.query(q, labels, fields={"positive_negative_keys"}): a training step\'s read')
+    print("  fused  the same with update=True: query + memory update in one call")
+    print("  +unary/+stream: ms gRPC adds per call over embedded; unary/raw32: raw fp32 ms / unary ms")
+
+    generator = torch.Generator().manual_seed(args.seed)
+    # SIGTERM unwinds like Ctrl-C, so the server subprocess is stopped in the finally below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    server = Server()
+    rows: list[dict] = []
+    try:
+        with connect("local") as local, connect(server.url) as remote:
+            for n in sizes:
+                rows += bench_size(n, batches, args.device, (local, remote), args, generator)
+    finally:
+        server.stop()
+
+    result_targets = targets(rows)
+    print_targets(result_targets)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "bench_memory",
+        "started": started,
+        "machine": info,
+        "settings": {
+            "key_dim": KEY_DIM,
+            "choose_k": CHOOSE_K,
+            "sizes": sizes,
+            "batches": batches,
+            "dtypes": list(DTYPES),
+            "ops": {op: {"labels": lab, "update": upd, "fields": sorted(f)} for op, (lab, upd, f) in OPS.items()},
+            "min_time_s": args.min_time,
+            "min_reps": args.min_reps,
+            "age_noise": args.age_noise,
+            "seed": args.seed,
+            "fill": "two-phase update with a ticket relying on no slot, batches of 4096, distinct labels",
+        },
+        "results": rows,
+        "targets": result_targets,
+    }
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The Omniglot trainer: data, episodes, a tiny training run, and local == remote."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from lifelong_memory.client import MemoryModule, connect
+from lifelong_memory.trainers import omniglot, omniglot_data
+
+DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+pytestmark = pytest.mark.skipif(not DATA.exists(), reason=f"Omniglot archives not at {DATA}")
+
+
+@pytest.fixture(scope="module")
+def characters(tmp_path_factory):
+    os.environ["LMEM_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        background = omniglot_data.load_characters(DATA / "images_background.zip", progress=False)
+        evaluation = omniglot_data.load_characters(DATA / "images_evaluation.zip", progress=False)
+        cached = omniglot_data.load_characters(DATA / "images_background.zip", progress=False)
+        yield background, evaluation, cached
+    finally:
+        del os.environ["LMEM_CACHE_DIR"]
+
+
+def test_archives_hold_964_and_659_characters_of_20_drawers(characters):
+    background, evaluation, cached = characters
+    assert background.images.shape == (964, 20, 28, 28)
+    assert evaluation.images.shape == (659, 20, 28, 28)
+    assert len({n.split("/")[0] for n in background.names}) == 30
+    assert len({n.split("/")[0] for n in evaluation.names}) == 20
+    # Strokes are dark on white, and every drawing has some ink.
+    assert background.images.max() == 255 and (background.images.min(axis=(2, 3)) < 255).all()
+    np.testing.assert_array_equal(cached.images, background.images)  # served from the cache
+
+
+def test_splits_and_rotations(characters):
+    background, evaluation, _ = characters
+    rotated = omniglot_data.with_rotations(background.images[:3])
+    assert rotated.shape == (12, 20, 28, 28)
+    np.testing.assert_array_equal(rotated[1], np.rot90(background.images[0], 1, axes=(1, 2)))
+    np.testing.assert_array_equal(rotated[4], background.images[1])
+    x = omniglot_data.as_model_input(background.images[:1])
+    assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_episodes_follow_the_reference_protocol():
+    classes = np.arange(40 * 20, dtype=np.float32).reshape(40, 20, 1, 1)  # each image names its class and drawer
+    rng = np.random.default_rng(0)
+    images, labels = omniglot_data.sample_episodes(classes, batch=16, width=5, length=32, rng=rng)
+    assert images.shape == (32, 16, 1, 1) and labels.shape == (32, 16)
+    for b in range(16):
+        episode = labels[:, b]
+        assert set(episode) == set(range(5 * b, 5 * b + 5)), "labels are local and disjoint across the batch"
+        shots = omniglot.shot_counts(labels[:, b : b + 1])[:, 0]
+        assert (np.diff(shots) >= 0).all(), "every class is shown once before any is shown twice"
+        assert sorted(np.bincount(episode - 5 * b)) == [6, 6, 6, 7, 7]
+        drawn = images[:, b, 0, 0].astype(int)
+        classes_of = drawn // 20
+        for label in range(5 * b, 5 * b + 5):
+            assert len(set(classes_of[episode == label])) == 1, "one class per label"
+            assert len(set(drawn[episode == label])) == (episode == label).sum(), "distinct drawings"
+
+
+def tiny_setup(url: str, seed: int = 0):
+    torch.manual_seed(seed)
+    store = connect(url)
+    encoder = omniglot.Encoder(rep_dim=64, dropout_keep=1.0)
+    module = MemoryModule(store, 64, name=f"tiny-{seed}", memory_size=256, choose_k=32, seed=seed)
+    eval_memory = store.create_memory(f"tiny-eval-{seed}", key_dim=64, memory_size=256, choose_k=32, seed=seed)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *module.parameters()], lr=1e-4, eps=1e-4)
+    return store, encoder, module, eval_memory, optimizer
+
+
+def test_a_tiny_run_learns_above_chance(characters):
+    """Ten characters, 20 small episode batches: 1-shot accuracy climbs well above 5-way chance (0.2)."""
+    background, _, _ = characters
+    classes = omniglot_data.as_model_input(background.images[:10])
+    store, encoder, module, eval_memory, optimizer = tiny_setup("local")
+    rng = np.random.default_rng(0)
+
+    def one_shot() -> float:
+        episodes = omniglot.evaluate_episodes(
+            encoder, module, eval_memory, classes, 5, 10, 30, np.random.default_rng(9)
+        )
+        return float(np.nanmean(episodes[:, 1]))
+
+    before = one_shot()
+    losses = []
+    for _ in range(20):
+        images, labels = omniglot_data.sample_episodes(classes, 4, 5, 10, rng)
+        losses.append(omniglot.train_episode_batch(encoder, module, optimizer, images, labels, clip=5.0))
+    after = one_shot()
+    store.close()
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+    assert after >= 0.2 + 0.4, f"1-shot accuracy {after:.3f} is not clearly above 5-way chance"
+    assert after >= before + 0.15, (before, after)
+
+
+def test_local_and_remote_memory_give_the_same_training(characters, server_url):
+    background, _, _ = characters
+    classes = omniglot_data.as_model_input(background.images[:30])
+    results = []
+    for url in ("local", server_url):
+        store, encoder, module, _, optimizer = tiny_setup(url, seed=3)
+        rng = np.random.default_rng(1)
+        losses = [
+            omniglot.train_episode_batch(
+                encoder, module, optimizer, *omniglot_data.sample_episodes(classes, 2, 5, 6, rng), 5.0
+            )
+            for _ in range(2)
+        ]
+        results.append((losses, [p.detach().clone() for p in encoder.parameters()]))
+        store.delete_memory("tiny-3")
+        store.delete_memory("tiny-eval-3")
+        store.close()
+    (local_losses, local_params), (remote_losses, remote_params) = results
+    np.testing.assert_allclose(local_losses, remote_losses, rtol=0, atol=1e-6)
+    for a, b in zip(local_params, remote_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
