@@ -1,0 +1,34 @@
+"""bfloat16 search: approximate candidates, exact float32 similarities, high recall."""
+
+from __future__ import annotations
+
+import torch
+
+from lifelong_memory.server.memory import Memory, MemoryConfig
+
+
+def filled(search_dtype: str, shards: int) -> Memory:
+    memory = Memory(
+        MemoryConfig(key_dim=64, memory_size=4096, choose_k=32, age_noise=0.0, search_dtype=search_dtype, shards=shards)
+    )
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(16):
+        keys = torch.nn.functional.normalize(torch.randn(256, 64, generator=generator), dim=1)
+        memory.query(keys, torch.randint(0, 1000, (256,), generator=generator), update=True)
+    return memory
+
+
+def test_bfloat16_search_returns_exact_similarities_and_high_recall():
+    exact, approximate = filled("float32", 1), filled("bfloat16", 3)
+    assert torch.equal(exact.keys, approximate.keys)
+    queries = torch.nn.functional.normalize(torch.randn(64, 64, generator=torch.Generator().manual_seed(1)), dim=1)
+    a = exact.query(queries, fields={"neighbors"})
+    b = approximate.query(queries, fields={"neighbors"})
+    rescored = torch.einsum("bd,bkd->bk", queries, approximate.keys[b.neighbor_slots])
+    torch.testing.assert_close(b.neighbor_similarities, rescored, rtol=0, atol=1e-6)
+    assert (b.neighbor_similarities[:, :-1] >= b.neighbor_similarities[:, 1:]).all()
+    recall = sum(
+        len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a.neighbor_slots, b.neighbor_slots, strict=True)
+    )
+    assert recall / a.neighbor_slots.numel() >= 0.95
+    assert (a.predictions == b.predictions).float().mean() >= 0.95
