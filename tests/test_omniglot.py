@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -123,3 +126,26 @@ def test_local_and_remote_memory_give_the_same_training(characters, server_url):
     np.testing.assert_allclose(local_losses, remote_losses, rtol=0, atol=1e-6)
     for a, b in zip(local_params, remote_params, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def run_trainer(out: pathlib.Path, cache: pathlib.Path, *flags: str) -> list[dict]:
+    tiny = ["--data", str(DATA), "--out-dir", str(out), "--rep-dim", "32", "--batch-episodes", "2",
+            "--episode-length", "10", "--memory-size", "128", "--choose-k", "16", "--validate-every", "1",
+            "--validation-episodes", "2", "--evaluation-episodes", "2", "--checkpoint-every", "1"]  # fmt: skip
+    env = {**os.environ, "LMEM_CACHE_DIR": str(cache)}
+    subprocess.run([sys.executable, "-m", "lifelong_memory.trainers.omniglot", *tiny, *flags], check=True, env=env,
+                   capture_output=True, timeout=300)  # fmt: skip
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    straight = run_trainer(tmp_path / "straight", tmp_path / "cache", "--episode-batches", "3")
+    run_trainer(tmp_path / "resumed", tmp_path / "cache", "--episode-batches", "2")
+    resumed = run_trainer(tmp_path / "resumed", tmp_path / "cache", "--episode-batches", "3", "--resume")
+    assert [m["episode_batch"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["shots"] == pytest.approx(b["shots"], abs=1e-9, nan_ok=True)
+    assert (tmp_path / "resumed" / "accuracy.png").stat().st_size > 0
+    evaluation = json.loads((tmp_path / "resumed" / "evaluation.json").read_text())
+    assert set(evaluation) >= {"5-way", "20-way", "lake_20way_within_alphabet"}
