@@ -223,6 +223,13 @@ def main(argv=None) -> int:
             return call(qs[j], ys[j], update=True, fields=fields)
 
         cases.append(Case("float32", "ours-embedded", "fused", ours))
+        # For information: the same memory searching a bfloat16 copy of its keys (float32 rescoring).
+        mem_bf16 = local.create_memory(
+            "compare-bf16", key_dim=KEY_DIM, memory_size=n, choose_k=CHOOSE_K, search_dtype="bfloat16"
+        )
+        fill(mem_bf16, n, seed=n)
+        systems["ours-embedded-bf16"] = "lifelong_memory embedded, search_dtype=bfloat16"
+        cases.append(Case("bfloat16", "ours-embedded-bf16", "fused", lambda i, call=mem_bf16.query: ours(i, call)))
         if not args.no_grpc:
             server = Server()
             stack.callback(server.stop)
@@ -322,6 +329,10 @@ def main(argv=None) -> int:
         )
         verdict = "PASS" if ratio >= TARGET_RATIO else "FAIL"
         print(f"  vs {name:<12} {ratio:8.1f}x  {verdict}  ({ours_rate:.1f} vs {r['steps_per_s']:.1f} steps/s)")
+        bf16 = next(row for row in rows if row["system"] == "ours-embedded-bf16")
+        bf16_ratio = bf16["steps_per_s"] / r["steps_per_s"]
+        targets.append({"target": f"(c, info) bf16 search vs {name}", "measured": round(bf16_ratio, 2)})
+        print(f"  (info) ours with bfloat16 search vs {name}: {bf16_ratio:.1f}x")
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     report = {
