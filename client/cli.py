@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 from lifelong_memory.client.store import MemoryInfo, connect
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args, argv)
     try:
         with connect(args.url) as store:
             return _admin(store, args)
@@ -63,8 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CODES.get(exc.code, 1)
 
 
-def _serve(args) -> int:
+def _serve(args, argv: list[str] | None) -> int:
     from lifelong_memory.server.service import ServerLimits, serve
+
+    if "OMP_WAIT_POLICY" not in os.environ:
+        # Idle OpenMP threads would otherwise spin on the few cores the trainers and gRPC's threads need
+        # (docs/benchmarks.md). libgomp reads the policy only when torch loads it, hence the re-exec.
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        argv = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", "lifelong_memory.client.cli", *argv], env)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     defaults = {

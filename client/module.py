@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lifelong_memory.client.store import MemoryClient, Store
+from lifelong_memory.server.errors import MemoryServiceError
 from lifelong_memory.server.memory import QueryResult, softmax_temperature
 
 
@@ -61,6 +62,7 @@ class MemoryModule(nn.Module):
         if memory.config.key_dim != key_dim:
             raise ValueError(f"memory {memory.name!r} has key_dim {memory.config.key_dim}, not {key_dim}")
         self.memory = memory
+        self._stream = None
         self.alpha = memory.config.alpha
         self.use_recent = use_recent
         self.return_neighbors = return_neighbors
@@ -80,7 +82,15 @@ class MemoryModule(nn.Module):
             fields.add("positive_negative_keys")
         if self.return_neighbors:
             fields |= {"neighbors", "neighbor_keys"}
-        result = self.memory.query(query.detach(), labels, update=update, use_recent=self.use_recent, fields=fields)
+        if self._stream is None:  # one stream per module: a round trip per step, no per-call setup
+            self._stream = self.memory.stream()
+        try:
+            result = self._stream.query(
+                query.detach(), labels, update=update, use_recent=self.use_recent, fields=fields
+            )
+        except MemoryServiceError:
+            self._stream = None  # a failed call ends a gRPC stream; the next step opens a new one
+            raise
         device = query.device
         output = MemoryOutput(result.predictions.to(device), None, query, result)
         if labels is not None:

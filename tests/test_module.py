@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from lifelong_memory.client import MemoryModule, connect
+from lifelong_memory.client import InvalidArgument, MemoryModule, connect
 
 KEY_DIM, INPUT_DIM, BATCH = 16, 12, 8
 
@@ -96,3 +97,13 @@ def test_local_and_remote_memory_train_identically(server_url):
     for (a, _), (b, _) in zip(local, remote, strict=True):
         assert abs(a - b) <= 1e-5
     assert len({p for _, ps in local for p in ps}) > 2, "predictions should be real labels, not all empty"
+
+
+def test_a_failed_step_does_not_break_the_next(store):
+    module = MemoryModule(store, KEY_DIM, INPUT_DIM, name="recover", memory_size=64, choose_k=8)
+    fill(module, steps=2)
+    with pytest.raises(InvalidArgument) as error:
+        module(torch.randn(BATCH, INPUT_DIM), -torch.ones(BATCH, dtype=torch.long))
+    assert error.value.field == "labels"
+    out = module(torch.randn(BATCH, INPUT_DIM), torch.zeros(BATCH, dtype=torch.long))
+    assert out.loss is not None
