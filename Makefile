@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 .PHONY: setup train test lint bench
 setup: $(BIN)/.installed
 
-# The main job, short: 200 episode batches of Omniglot on the embedded memory (about 4 minutes on 2 cores).
+# The main job, short: 200 episode batches of Omniglot on the embedded memory (about 3 minutes on 2 cores).
 train: setup
 	$(BIN)/python -m lifelong_memory.trainers.omniglot --data $(OMNIGLOT) --episode-batches 200 \
 		--evaluation-episodes 100 --out-dir runs/omniglot-short
