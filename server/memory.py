@@ -120,7 +120,7 @@ class QueryResult:
     predictions: torch.Tensor  # int64 [B], EMPTY where the nearest slot is empty
     written_slots: torch.Tensor  # int64 [B], NO_SLOT without update
     incorrect: torch.Tensor | None = None  # bool [B]
-    ticket: QueryTicket | None = None
+    ticket: QueryTicket | None = None  # with labels and without update
     neighbor_slots: torch.Tensor | None = None  # int64 [B, k], nearest first
     neighbor_similarities: torch.Tensor | None = None  # float32 [B, k]
     neighbor_values: torch.Tensor | None = None  # int64 [B, k]
@@ -218,7 +218,7 @@ class Memory:
             self._check_update_batch(len(q))
         with self._lock:
             read = self._read(q, y, k, use_recent)
-            result = self._result(q, read, fields, k, use_recent)
+            result = self._result(q, read, fields, k, use_recent, ticket=not update)
             self.counters["queries"] += len(q)
             if update:
                 result.written_slots = self._apply(q, y, read.incorrect, read.positive_slots)
@@ -417,7 +417,9 @@ class Memory:
         read.incorrect = ~hint[:, : self.config.correct_in_top].any(dim=1)
         return read
 
-    def _result(self, q: torch.Tensor, read: _Read, fields: frozenset[str], k: int, use_recent: bool) -> QueryResult:
+    def _result(
+        self, q: torch.Tensor, read: _Read, fields: frozenset[str], k: int, use_recent: bool, ticket: bool
+    ) -> QueryResult:
         batch = len(q)
         result = QueryResult(
             commit_sequence=self.commit_sequence,
@@ -425,7 +427,7 @@ class Memory:
             written_slots=torch.full((batch,), NO_SLOT, dtype=torch.int64, device=self.device),
             incorrect=read.incorrect,
         )
-        if read.incorrect is not None:
+        if ticket and read.incorrect is not None:  # a fused update's result has nothing left to update
             relied = torch.cat([read.slots[:, : self.config.correct_in_top], read.positive_slots[:, None]], dim=1)
             relied_generations = torch.where(relied >= 0, self.generations[relied.clamp(min=0)], -1)
             result.ticket = QueryTicket(relied, relied_generations, k, use_recent)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+from lifelong_memory.client import InvalidArgument
 
 CONFIG = dict(key_dim=8, memory_size=32, choose_k=4, age_noise=0.0)
 
@@ -54,3 +57,13 @@ def test_update_notices_a_rewritten_slot_and_never_merges_into_a_stranger(store)
     keys_after, values_after, _ = memory.slots([0, 1])
     assert torch.equal(keys_after[0], keys[0]) and values_after[0] == 4, "the stranger's slot was touched"
     assert values_after[1] == 7
+
+
+def test_a_fused_result_cannot_be_updated_again(store):
+    memory = store.create_memory("fused-once", **CONFIG)
+    queries, labels = unit(torch.ones(1, 8)), torch.tensor([3])
+    fused = memory.query(queries, labels, update=True)
+    assert fused.ticket is None
+    with pytest.raises(InvalidArgument) as error:
+        memory.update(queries, labels, fused)
+    assert error.value.field == "result"
