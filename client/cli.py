@@ -13,8 +13,8 @@ import logging
 import os
 import sys
 
-from lifelong_memory.client.store import MemoryInfo, connect
-from lifelong_memory.server.errors import MemoryServiceError
+from lifelong_memory.client.store import MemoryInfo, Store, connect
+from lifelong_memory.server.errors import InvalidArgument, MemoryServiceError
 from lifelong_memory.server.memory import BACKENDS, SEARCH_DTYPES, MemoryConfig
 
 DEFAULT_URL = "grpc://127.0.0.1:50051"
@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         ("create", "create a memory"),
     ):
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--url", default=DEFAULT_URL, help=f"server (default {DEFAULT_URL}) or 'local'")
-        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        add_client_options(sub)
         if name != "ls":
             sub.add_argument("name")
         if name == "create":
@@ -57,11 +56,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args, argv)
     try:
-        with connect(args.url) as store:
+        with connect_from_args(args) as store:
             return _admin(store, args)
     except MemoryServiceError as exc:
         print(f"lmem: {exc.code}: {exc}", file=sys.stderr)
         return EXIT_CODES.get(exc.code, 1)
+
+
+def add_client_options(parser: argparse.ArgumentParser) -> None:
+    """Where the server is and how to reach it: the options every client command shares."""
+    url = os.environ.get("LMEM_URL", DEFAULT_URL)
+    parser.add_argument("--url", default=url, help=f"grpc://host:port, grpcs://host:port or local (default {url})")
+    parser.add_argument(
+        "--token", default=os.environ.get("LMEM_TOKEN"), help="bearer token (default: $LMEM_TOKEN; never printed)"
+    )
+    parser.add_argument("--ca-cert", help="PEM file of the CA that signed the server's certificate (grpcs://)")
+    parser.add_argument("--client-cert", help="this client's PEM certificate, for mutual TLS")
+    parser.add_argument("--client-key", help="this client's PEM private key, for mutual TLS")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def connect_from_args(args: argparse.Namespace) -> Store:
+    try:
+        return connect(
+            args.url,
+            token=args.token,
+            ca_cert=args.ca_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+        )
+    except (ValueError, OSError) as exc:
+        raise InvalidArgument("--url", str(exc)) from None
 
 
 def _serve(args, argv: list[str] | None) -> int:

@@ -127,13 +127,45 @@ class MemoryClient:
         return self._transport.get(self.name)
 
 
-def connect(url: str = "local", *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retries: int = 5) -> Store:
-    """``"local"`` for an embedded store, ``"grpc://host:port"`` for a server."""
+def connect(
+    url: str = "local",
+    *,
+    token: str | None = None,
+    ca_cert: str | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    retries: int = 5,
+) -> Store:
+    """``"local"`` for an embedded store; ``"grpc://host:port"`` for a server, ``"grpcs://host:port"`` over TLS.
+
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call. Over TLS, ``ca_cert`` (PEM
+    path) verifies the server (default: the system's roots); ``client_cert`` and ``client_key`` are
+    this client's certificate for servers that require mutual TLS.
+    """
     if url == "local":
         return Store(LocalTransport(MemoryRegistry()))
-    if url.startswith("grpc://"):
-        return Store(GrpcTransport(url.removeprefix("grpc://"), max_message_bytes, retries))
-    raise ValueError(f"url must be 'local' or 'grpc://host:port', got {url!r}")
+    if url.startswith("grpc://") and not (ca_cert or client_cert or client_key):
+        credentials = None
+    elif url.startswith("grpcs://"):
+        if bool(client_cert) != bool(client_key):
+            raise ValueError("client_cert and client_key go together")
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(ca_cert), private_key=_read(client_key), certificate_chain=_read(client_cert)
+        )
+    elif url.startswith("grpc://"):
+        raise ValueError("TLS options need a grpcs:// url")
+    else:
+        raise ValueError(f"url must be 'local', 'grpc://host:port' or 'grpcs://host:port', got {url!r}")
+    target = url.split("://", 1)[1]
+    return Store(GrpcTransport(target, credentials, token, max_message_bytes, retries))
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _as_queries(queries) -> torch.Tensor:
@@ -233,16 +265,47 @@ def _raise_from(error: grpc.RpcError):
     raise cls(message) from None
 
 
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call (also over plain channels, unlike call credentials)."""
+
+    def __init__(self, token: str):
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = intercept_unary_unary
+
+
 class GrpcTransport:
     """A MemoryService server, reached over one channel."""
 
-    def __init__(self, target: str, max_message_bytes: int, retries: int):
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None,
+        token: str | None,
+        max_message_bytes: int,
+        retries: int,
+    ):
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self.channel = grpc.insecure_channel(target, options=options)
-        self.stub = pb_grpc.MemoryServiceStub(self.channel)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        channel = self.channel if token is None else grpc.intercept_channel(self.channel, _BearerToken(token))
+        self.stub = pb_grpc.MemoryServiceStub(channel)
         self.retries = retries
 
     def _call(self, method, request, *, idempotent: bool):
