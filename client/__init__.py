@@ -1,14 +1,17 @@
 """Client library: one typed API for an embedded or remote lifelong memory."""
 
 from lifelong_memory.client.module import MemoryModule, MemoryOutput
-from lifelong_memory.client.store import MemoryClient, MemoryInfo, Store, connect
+from lifelong_memory.client.store import MemoryClient, MemoryInfo, Snapshot, Store, connect
 from lifelong_memory.server.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     MemoryServiceError,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from lifelong_memory.server.memory import EMPTY, NO_SLOT, MemoryConfig, QueryResult, UpdateResult
@@ -17,6 +20,7 @@ __all__ = [
     "EMPTY",
     "NO_SLOT",
     "AlreadyExists",
+    "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
     "MemoryClient",
@@ -26,9 +30,12 @@ __all__ = [
     "MemoryOutput",
     "MemoryServiceError",
     "NotFound",
+    "PermissionDenied",
     "QueryResult",
     "ResourceExhausted",
+    "Snapshot",
     "Store",
+    "Unauthenticated",
     "Unavailable",
     "UpdateResult",
     "connect",

@@ -2,6 +2,8 @@
 
 lmem serve [--host 127.0.0.1] [--port 50051] [--shards S] [--device cpu] [--backend torch]
 lmem ls | create NAME [--key-dim ...] | describe NAME | rm NAME      (--url grpc://host:port)
+lmem snapshot NAME | export NAME FILE | import NAME FILE [--backend ...]   (durability, portability)
+lmem stats | watch | slots | neighbors | labels LABEL | plot  NAME   (inspection; --json on every command)
 """
 
 from __future__ import annotations
@@ -9,16 +11,36 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
+import time
 
-from lifelong_memory.client.store import MemoryInfo, Store, connect
+import numpy as np
+import torch
+
+from lifelong_memory.client.store import MemoryClient, MemoryInfo, Store, connect
 from lifelong_memory.server.errors import InvalidArgument, MemoryServiceError
-from lifelong_memory.server.memory import BACKENDS, SEARCH_DTYPES, MemoryConfig
+from lifelong_memory.server.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
+from lifelong_memory.server.memory import (
+    BACKENDS,
+    EMPTY,
+    NO_SLOT,
+    SEARCH_DTYPES,
+    UNIT_NORM_TOLERANCE,
+    MemoryConfig,
+    MemoryReport,
+)
+from lifelong_memory.server.persistence import SYNC_POLICIES, Durability
 
 DEFAULT_URL = "grpc://127.0.0.1:50051"
-EXIT_CODES = {"NOT_FOUND": 3, "ALREADY_EXISTS": 4, "INVALID_ARGUMENT": 2, "UNAVAILABLE": 5}
+EXIT_CODES = {
+    "NOT_FOUND": 3,
+    "ALREADY_EXISTS": 4,
+    "INVALID_ARGUMENT": 2,
+    "UNAVAILABLE": 5,
+    "PERMISSION_DENIED": 6,
+    "UNAUTHENTICATED": 7,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,28 +58,76 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, MiB")
     serve.add_argument("--max-memories", type=int, default=64)
     serve.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text, or json lines (default text)")
+    serve.add_argument(
+        "--metrics-port",
+        type=tcp_port,
+        default=os.environ.get("LMEM_METRICS_PORT", "0"),
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: $LMEM_METRICS_PORT; 0: off)",
+    )
+    durable = serve.add_argument_group("durability")
+    durable.add_argument(
+        "--data-dir",
+        default=os.environ.get("LMEM_DATA_DIR"),
+        help="keep memories here across restarts (default: $LMEM_DATA_DIR; unset: in memory only)",
+    )
+    durable.add_argument(
+        "--sync",
+        choices=SYNC_POLICIES,
+        default="always",
+        help="when a write is acknowledged: always = after fsync (group commit); interval = after the OS has it, "
+        "fsync every --sync-interval-ms; off = after the OS has it (default always)",
+    )
+    durable.add_argument("--sync-interval-ms", type=float, default=50.0, help="fsync period under --sync interval")
+    durable.add_argument("--snapshot-interval", type=float, default=600.0, help="seconds between snapshots")
+    durable.add_argument("--snapshot-wal-mb", type=int, default=256, help="snapshot once a log grew this much")
+    serve.add_argument(
+        "--memory-budget-gb", type=float, help="most memory all memories may take (default: 90%% of what is free)"
+    )
+    security = serve.add_argument_group("security")
+    security.add_argument(
+        "--tokens",
+        default=os.environ.get("LMEM_TOKENS_FILE"),
+        help="file of 'ROLE TOKEN' lines (roles: read-only, read-write); every call then needs a token "
+        "(default: $LMEM_TOKENS_FILE)",
+    )
+    security.add_argument("--tls-cert", help="this server's PEM certificate: serve over TLS")
+    security.add_argument("--tls-key", help="the PEM private key of --tls-cert")
+    security.add_argument("--tls-client-ca", help="PEM CA that must have signed client certificates (mutual TLS)")
 
     for name, help_text in (
         ("ls", "list memories"),
         ("describe", "configuration and stats of a memory"),
         ("rm", "delete a memory"),
         ("create", "create a memory"),
+        ("snapshot", "snapshot a memory into the server's data directory now"),
+        ("export", "write a memory to a portable file"),
+        ("import", "create a memory from an exported or snapshot file"),
     ):
         sub = commands.add_parser(name, help=help_text)
         add_client_options(sub)
         if name != "ls":
             sub.add_argument("name")
+        if name in ("export", "import"):
+            sub.add_argument("file")
         if name == "create":
             for field in dataclasses.fields(MemoryConfig):
                 sub.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
+        if name == "import":  # how the imported memory is searched; what it holds comes from the file
+            sub.add_argument("--device")
+            sub.add_argument("--backend", choices=BACKENDS)
+            sub.add_argument("--search-dtype", choices=sorted(SEARCH_DTYPES))
+            sub.add_argument("--shards", type=int)
+    _add_inspection_commands(commands)
 
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args, argv)
     try:
         with connect_from_args(args) as store:
-            return _admin(store, args)
+            inspection = INSPECTION_COMMANDS.get(args.command)
+            return inspection(store, args) if inspection else _admin(store, args)
     except MemoryServiceError as exc:
         print(f"lmem: {exc.code}: {exc}", file=sys.stderr)
         return EXIT_CODES.get(exc.code, 1)
@@ -89,7 +159,16 @@ def connect_from_args(args: argparse.Namespace) -> Store:
         raise InvalidArgument("--url", str(exc)) from None
 
 
+def tcp_port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not in [0, 65535]")
+    return port
+
+
 def _serve(args, argv: list[str] | None) -> int:
+    from lifelong_memory.server.auth import TokenAuth, server_credentials
+    from lifelong_memory.server.registry import MemoryRegistry
     from lifelong_memory.server.service import ServerLimits, serve
 
     if "OMP_WAIT_POLICY" not in os.environ:
@@ -99,7 +178,7 @@ def _serve(args, argv: list[str] | None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         os.execve(sys.executable, [sys.executable, "-m", "lifelong_memory.client.cli", *argv], env)
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     defaults = {
         name: value
         for name, value in (
@@ -111,7 +190,37 @@ def _serve(args, argv: list[str] | None) -> int:
         if value is not None
     }
     limits = ServerLimits(max_batch=args.max_batch, max_message_bytes=args.max_message_mb * 1024 * 1024)
-    serve(f"{args.host}:{args.port}", defaults, limits, args.max_memories, args.workers)
+    try:
+        auth = TokenAuth.from_file(args.tokens) if args.tokens else None
+        if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+            raise ValueError("--tls-cert and --tls-key go together; --tls-client-ca needs them")
+        credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+        durability = Durability(
+            sync=args.sync,
+            sync_interval=args.sync_interval_ms / 1000,
+            snapshot_interval=args.snapshot_interval,
+            snapshot_wal_bytes=args.snapshot_wal_mb << 20,
+        )
+        registry = MemoryRegistry(
+            defaults,
+            max_memories=args.max_memories,
+            data_dir=args.data_dir,
+            durability=durability,
+            memory_budget_bytes=int(args.memory_budget_gb * (1 << 30)) if args.memory_budget_gb else None,
+            max_batch=args.max_batch,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"lmem serve: {exc}", file=sys.stderr)
+        return 2
+    serve(
+        f"{args.host}:{args.port}",
+        registry,
+        limits,
+        args.workers,
+        args.metrics_port,
+        auth=auth,
+        credentials=credentials,
+    )
     return 0
 
 
@@ -128,6 +237,25 @@ def _admin(store, args) -> int:
             f.name: getattr(args, f.name) for f in dataclasses.fields(MemoryConfig) if getattr(args, f.name) is not None
         }
         _print(_as_dict(store.create_memory(args.name, **config).info()), args.json)
+    elif args.command == "snapshot":
+        _print(dataclasses.asdict(store.memory(args.name).snapshot()), args.json)
+    elif args.command == "export":
+        try:
+            size = store.export_memory(args.name, args.file)
+        except OSError as exc:
+            raise InvalidArgument("file", str(exc)) from None
+        _print({"exported": args.name, "file": args.file, "bytes": size}, args.json)
+    elif args.command == "import":
+        overrides = {
+            name: getattr(args, name)
+            for name in ("device", "backend", "search_dtype", "shards")
+            if getattr(args, name) is not None
+        }
+        try:
+            memory = store.import_memory(args.name, args.file, **overrides)
+        except OSError as exc:
+            raise InvalidArgument("file", str(exc)) from None
+        _print(_as_dict(memory.info()), args.json)
     return 0
 
 
@@ -139,13 +267,8 @@ def _print(data, as_json: bool, table: bool = False) -> None:
     if as_json:
         print(json.dumps(data, indent=2))
     elif table:
-        columns = ("name", "key_dim", "memory_size", "filled_slots", "commit_sequence", "backend", "shards", "device")
-        rows = [columns] + [
-            tuple(str({**m["config"], **m["stats"], "name": m["name"]}[c]) for c in columns) for m in data
-        ]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
-        for row in rows:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        columns = ["name", "key_dim", "memory_size", "filled_slots", "commit_sequence", "backend", "shards", "device"]
+        _print_table(columns, [[{**m["config"], **m["stats"], "name": m["name"]}[c] for c in columns] for m in data])
     elif "config" in data:
         print(f"memory {data['name']}")
         for section in ("config", "stats"):
@@ -155,6 +278,402 @@ def _print(data, as_json: bool, table: bool = False) -> None:
     else:
         for key, value in data.items():
             print(f"{key}: {value}")
+
+
+# ------------------------------------------------------------------ inspection
+
+# Slots per ReadSlots call: well under the default 64 MiB message for any key_dim.
+PAGE_BYTES = 16 << 20
+# Query rows per call when plot searches the sampled slots' nearest neighbours.
+PLOT_QUERY_ROWS = 256
+BAR_WIDTH = 40
+
+
+def _add_inspection_commands(commands) -> None:
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        add_client_options(sub)
+        sub.add_argument("name")
+        return sub
+
+    stats = command("stats", "fill, age histogram, label counts, key-norm sanity, writes vs merges")
+    watch = command("watch", "stats, refreshed until Ctrl-C")
+    for sub in (stats, watch):
+        sub.add_argument("--age-bins", type=int, default=10, help="bins of the age histogram (default 10)")
+        sub.add_argument("--top-labels", type=int, default=10, help="most frequent labels to list (default 10)")
+    watch.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    watch.add_argument("--count", type=int, default=0, help="stop after this many refreshes (default 0: never)")
+
+    slots = command("slots", "slots by id or range: value, age, generation, key norm, first key components")
+    selection = slots.add_mutually_exclusive_group(required=True)
+    selection.add_argument("--slots", help="comma-separated slot ids, e.g. 1,5,9")
+    selection.add_argument("--range", help="START:STOP, stop exclusive, e.g. 0:100")
+    slots.add_argument("--components", type=int, default=4, help="key components to show (default 4)")
+
+    neighbors = command("neighbors", "the k nearest slots of a slot's key or of a vector, with similarities")
+    query = neighbors.add_mutually_exclusive_group(required=True)
+    query.add_argument("--slot", type=int, help="search with this slot's key (the slot itself is left out)")
+    query.add_argument("--vector", help=".npy file of one unit-length vector of key_dim numbers")
+    neighbors.add_argument("-k", "--k", type=int, default=10, help="neighbours to show (default 10)")
+
+    labels = command("labels", "the slots holding a label, with their ages")
+    labels.add_argument("label", type=int)
+
+    plot = command("plot", "PNG of the age histogram, label distribution and nearest-neighbour similarities")
+    plot.add_argument("--out", required=True, help="the PNG file to write")
+    plot.add_argument("--sample", type=int, default=2000, help="slots whose nearest neighbour is found (default 2000)")
+    plot.add_argument("--seed", type=int, default=0, help="seeds the sample of slots")
+
+
+def _stats(store: Store, args) -> int:
+    report = _report(store.memory(args.name), args)
+    if args.json:
+        print(json.dumps(_report_dict(args.name, report), indent=2))
+    else:
+        _print_report(args.name, report)
+    return 0
+
+
+def _watch(store: Store, args) -> int:
+    if args.interval < 0:
+        raise InvalidArgument("--interval", f"must be >= 0 seconds, got {args.interval}")
+    if args.count < 0:
+        raise InvalidArgument("--count", f"must be >= 0 (0: until Ctrl-C), got {args.count}")
+    memory = store.memory(args.name)
+    previous = None
+    refreshes = 0
+    try:
+        while True:
+            report = _report(memory, args)
+            refreshes += 1
+            now = time.strftime("%Y-%m-%d %H:%M:%S")
+            if args.json:  # one object per line, so a script can follow the stream
+                print(json.dumps({"time": now, **_report_dict(args.name, report)}), flush=True)
+            else:
+                if sys.stdout.isatty():
+                    print("\033[H\033[J", end="")  # clear the screen: a live view, not a scroll
+                print(f"lmem watch {args.name}: every {args.interval:g} s, {now} (Ctrl-C to stop)")
+                if previous is not None:
+                    print(
+                        f"since the last refresh: +{report.writes - previous.writes} writes, "
+                        f"+{report.merges - previous.merges} merges, +{report.queries - previous.queries} query rows"
+                    )
+                _print_report(args.name, report)
+                sys.stdout.flush()
+            previous = report
+            if refreshes == args.count:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _report(memory: MemoryClient, args) -> MemoryReport:
+    try:
+        return memory.inspect(age_bins=args.age_bins, top_labels=args.top_labels)
+    except InvalidArgument as exc:
+        if exc.field not in ("age_bins", "top_labels"):
+            raise
+        # Name the option the user typed, not the request field.
+        raise InvalidArgument(f"--{exc.field.replace('_', '-')}", str(exc).partition(": ")[2]) from None
+
+
+def _report_dict(name: str, report: MemoryReport) -> dict:
+    return {"name": name, **dataclasses.asdict(report), "fill_ratio": report.fill_ratio}
+
+
+def _print_report(name: str, report: MemoryReport) -> None:
+    print(f"memory {name} at commit {report.commit_sequence}")
+    print(f"  filled       {report.filled_slots} of {report.memory_size} slots ({report.fill_ratio:.2%})")
+    print(f"  writes       {report.writes}")
+    print(f"  merges       {report.merges}")
+    print(f"  queries      {report.queries} rows")
+    print(f"  labels       {report.distinct_labels} distinct")
+    print(
+        f"  key norms    min {report.key_norm_min:.6f}, max {report.key_norm_max:.6f}, "
+        f"{report.keys_off_unit} off unit length, {report.keys_non_finite} not finite"
+    )
+    print()
+    edges = report.age_bin_edges
+    _print_bars("age", [f"[{low}, {high})" for low, high in zip(edges[:-1], edges[1:], strict=True)], report.age_counts)
+    if report.top_labels:
+        print()
+        _print_bars("label", [str(label) for label in report.top_labels], report.top_label_counts)
+
+
+def _print_bars(title: str, names: list[str], counts: list[int]) -> None:
+    """A table of counts with a bar each, scaled to the largest."""
+    most = max(counts, default=0) or 1
+    bars = ["#" * round(BAR_WIDTH * count / most) for count in counts]
+    _print_table([title, "slots", ""], [[n, c, b] for n, c, b in zip(names, counts, bars, strict=True)])
+
+
+def _slots(store: Store, args) -> int:
+    memory = store.memory(args.name)
+    size, dim = memory.config.memory_size, memory.config.key_dim
+    if args.components < 0:
+        raise InvalidArgument("--components", f"must be >= 0, got {args.components}")
+    ids = _slot_ids(args.slots, size) if args.slots is not None else _slot_range(args.range, size)
+    shown = min(args.components, dim)
+    rows = []
+    for page in _pages(ids, dim):
+        _, keys, values, ages, generations = memory.read_slots(page)
+        norms = keys.norm(dim=1)
+        for i, slot in enumerate(page):
+            rows.append(
+                {
+                    "slot": slot,
+                    "value": int(values[i]),
+                    "age": int(ages[i]),
+                    "generation": int(generations[i]),
+                    "key_norm": float(norms[i]),
+                    "key": keys[i, :shown].tolist(),
+                }
+            )
+    if args.json:
+        print(json.dumps({"name": args.name, "key_dim": dim, "slots": rows}, indent=2))
+        return 0
+    columns = ["slot", "value", "age", "generation", "key_norm", f"key[:{shown}]"]
+    _print_table(
+        columns,
+        [
+            [
+                r["slot"],
+                "empty" if r["value"] == EMPTY else r["value"],
+                r["age"],
+                r["generation"],
+                f"{r['key_norm']:.6f}",
+                " ".join(f"{x:+.4f}" for x in r["key"]),
+            ]
+            for r in rows
+        ],
+    )
+    return 0
+
+
+def _slot_ids(text: str, size: int) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidArgument("--slots", f"must be comma-separated slot ids, e.g. 1,5,9; got {text!r}") from None
+    outside = [slot for slot in ids if not 0 <= slot < size]
+    if outside:
+        raise InvalidArgument("--slots", f"slot {outside[0]} is outside the memory's slots [0, {size})")
+    return ids
+
+
+def _slot_range(text: str, size: int) -> list[int]:
+    start, sep, stop = text.partition(":")
+    try:
+        start, stop = int(start), int(stop)
+    except ValueError:
+        start = stop = None
+    if not sep or start is None or not 0 <= start <= stop <= size:
+        raise InvalidArgument("--range", f"must be START:STOP with 0 <= START <= STOP <= {size}, got {text!r}")
+    return list(range(start, stop))
+
+
+def _pages(ids: list[int], key_dim: int):
+    per_page = max(1, PAGE_BYTES // (key_dim * 4 + 28))
+    for start in range(0, len(ids), per_page):
+        yield ids[start : start + per_page]
+
+
+def _neighbors(store: Store, args) -> int:
+    memory = store.memory(args.name)
+    config = memory.config
+    if args.k < 1:
+        raise InvalidArgument("--k", f"must be >= 1, got {args.k}")
+    if args.slot is not None:
+        if not 0 <= args.slot < config.memory_size:
+            raise InvalidArgument("--slot", f"slot {args.slot} is outside the memory's slots [0, {config.memory_size})")
+        _, keys, values, _, _ = memory.read_slots([args.slot])
+        if int(values[0]) == EMPTY:
+            raise InvalidArgument("--slot", f"slot {args.slot} is empty (never written): it has no key to search with")
+        query, source = keys, {"slot": args.slot}
+    else:
+        query, source = _load_vector(args.vector, config.key_dim), {"vector": args.vector}
+    k = min(config.memory_size, args.k + (args.slot is not None))  # one more, for the slot itself
+    # A query's k is at least correct_in_top (the server's rule); the extra neighbours are not shown.
+    result = memory.query(query, k=max(k, config.correct_in_top), fields={"neighbors"})
+    found = [
+        {"slot": int(slot), "value": int(value), "similarity": float(similarity)}
+        for slot, value, similarity in zip(
+            result.neighbor_slots[0], result.neighbor_values[0], result.neighbor_similarities[0], strict=True
+        )
+        if int(slot) != args.slot
+    ][: args.k]
+    if args.json:
+        print(
+            json.dumps(
+                {"name": args.name, "query": source, "commit_sequence": result.commit_sequence, "neighbors": found},
+                indent=2,
+            )
+        )
+        return 0
+    _print_table(
+        ["rank", "slot", "value", "similarity"],
+        [
+            [rank, n["slot"], "empty" if n["value"] == EMPTY else n["value"], f"{n['similarity']:+.6f}"]
+            for rank, n in enumerate(found, 1)
+        ],
+    )
+    return 0
+
+
+def _load_vector(path: str, key_dim: int) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument("--vector", f"cannot read {path} as a .npy array: {exc}") from None
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.shape != (key_dim,):
+        raise InvalidArgument("--vector", f"{path} has shape {list(array.shape)}; this memory's keys are [{key_dim}]")
+    if array.dtype.kind not in "fiu":
+        raise InvalidArgument("--vector", f"{path} holds {array.dtype}, not real numbers")
+    vector = array.astype(np.float32)
+    if not np.isfinite(vector).all():
+        raise InvalidArgument("--vector", f"{path} has a component that is not finite")
+    norm = float(np.linalg.norm(vector))
+    if abs(norm - 1) > UNIT_NORM_TOLERANCE:
+        raise InvalidArgument(
+            "--vector", f"{path} has norm {norm:.6g}; it must be unit length (within {UNIT_NORM_TOLERANCE})"
+        )
+    return torch.from_numpy(vector)[None]
+
+
+def _labels(store: Store, args) -> int:
+    found = store.memory(args.name).find_label(args.label)
+    slots = [{"slot": int(s), "age": int(a)} for s, a in zip(found.slots, found.ages, strict=True)]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "name": args.name,
+                    "label": args.label,
+                    "commit_sequence": found.commit_sequence,
+                    "recent_slot": found.recent_slot,
+                    "slots": slots,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    recent = "never written" if found.recent_slot == NO_SLOT else f"last written or merged in slot {found.recent_slot}"
+    print(f"label {args.label} in memory {args.name}: {len(slots)} slots; {recent}")
+    if slots:
+        _print_table(["slot", "age"], [[s["slot"], s["age"]] for s in slots])
+    return 0
+
+
+def _plot(store: Store, args) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("lmem: plot needs matplotlib: pip install 'lifelong-memory[plot]'", file=sys.stderr)
+        return 1
+    if args.sample < 1:
+        raise InvalidArgument("--sample", f"must be >= 1, got {args.sample}")
+    memory = store.memory(args.name)
+    config = memory.config
+    report = memory.inspect(age_bins=20, top_labels=30)
+    nearest, isolated, sampled = _nearest_similarities(memory, args.sample, args.seed)
+
+    figure, (ages, labels, similarities) = plt.subplots(1, 3, figsize=(16, 4.8))
+    edges = report.age_bin_edges
+    ages.bar(edges[:-1], report.age_counts, width=edges[1] - edges[0], align="edge")
+    ages.set(title="age of the filled slots", xlabel="age (updates since written or merged)", ylabel="slots")
+    labels.bar(range(len(report.top_labels)), report.top_label_counts)
+    labels.set_xticks(range(len(report.top_labels)), [str(label) for label in report.top_labels], rotation=90)
+    labels.set(title=f"the {len(report.top_labels)} most frequent of {report.distinct_labels} labels", ylabel="slots")
+    similarities.hist(nearest, bins=50, range=(-1, 1))
+    title = "similarity to the nearest other filled slot"
+    if sampled < config.memory_size:
+        title += f"\n(a sample of {sampled} of {config.memory_size} slots)"
+    if isolated:
+        title += f"\n{isolated} slots have none of similarity > 0 (not shown)"
+    similarities.set(title=title, xlabel="cosine similarity", ylabel="slots")
+    figure.suptitle(
+        f"memory {args.name}: {report.filled_slots} of {report.memory_size} slots filled "
+        f"({report.fill_ratio:.1%}), commit {report.commit_sequence}"
+    )
+    figure.tight_layout()
+    try:
+        figure.savefig(args.out, dpi=100)
+    except OSError as exc:
+        raise InvalidArgument("--out", f"cannot write {args.out}: {exc}") from None
+    finally:
+        plt.close(figure)
+    summary = {
+        "name": args.name,
+        "out": args.out,
+        "filled_slots": report.filled_slots,
+        "sampled_slots": sampled,
+        "nearest_similarity": {
+            "slots": len(nearest),
+            "isolated": isolated,
+            "min": min(nearest, default=None),
+            "median": float(np.median(nearest)) if nearest else None,
+            "max": max(nearest, default=None),
+        },
+    }
+    print(json.dumps(summary, indent=2) if args.json else f"wrote {args.out}")
+    return 0
+
+
+def _nearest_similarities(memory: MemoryClient, sample: int, seed: int) -> tuple[list[float], int, int]:
+    """Similarity of each sampled filled slot to its nearest other filled slot: (similarities, isolated, sampled).
+
+    The memory's own search finds it: among a slot's two nearest, the one that is not the slot. When that
+    one is empty, every other filled slot has similarity <= 0 (empty slots score exactly 0 and rank above
+    them): the slot is counted as isolated rather than given a similarity the search cannot see.
+    """
+    config = memory.config
+    size = config.memory_size
+    if size <= sample:
+        ids = list(range(size))
+    else:
+        ids = sorted(np.random.default_rng(seed).choice(size, sample, replace=False).tolist())
+    filled_ids, filled_keys = [], []
+    for page in _pages(ids, config.key_dim):
+        _, keys, values, _, _ = memory.read_slots(page)
+        filled = values != EMPTY
+        filled_ids += [slot for slot, is_filled in zip(page, filled.tolist(), strict=True) if is_filled]
+        filled_keys.append(keys[filled])
+    keys = torch.cat(filled_keys) if filled_keys else torch.empty(0, config.key_dim)
+    nearest, isolated = [], 0
+    k = min(size, max(2, config.correct_in_top))
+    for start in range(0, len(filled_ids), PLOT_QUERY_ROWS):
+        result = memory.query(keys[start : start + PLOT_QUERY_ROWS], k=k, fields={"neighbors"})
+        for row, slot in enumerate(filled_ids[start : start + PLOT_QUERY_ROWS]):
+            others = [i for i in range(k) if int(result.neighbor_slots[row, i]) != slot]
+            if not others or int(result.neighbor_values[row, others[0]]) == EMPTY:
+                isolated += 1
+            else:
+                nearest.append(float(result.neighbor_similarities[row, others[0]]))
+    return nearest, isolated, len(ids)
+
+
+def _print_table(columns: list[str], rows: list[list]) -> None:
+    """Plain aligned columns: a header line, then one line per row."""
+    cells = [[str(c) for c in columns]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+INSPECTION_COMMANDS = {
+    "stats": _stats,
+    "watch": _watch,
+    "slots": _slots,
+    "neighbors": _neighbors,
+    "labels": _labels,
+    "plot": _plot,
+}
 
 
 if __name__ == "__main__":

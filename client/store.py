@@ -13,9 +13,10 @@ import dataclasses
 import queue
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from numbers import Integral
+from pathlib import Path
 from typing import Protocol
 
 import grpc
@@ -23,11 +24,29 @@ import torch
 
 from lifelong_memory.server import wire
 from lifelong_memory.server.errors import ERRORS_BY_CODE, InvalidArgument, MemoryServiceError
-from lifelong_memory.server.memory import ALL_FIELDS, MemoryConfig, QueryResult, QueryTicket, UpdateResult
-from lifelong_memory.server.registry import MemoryRegistry
+from lifelong_memory.server.memory import (
+    ALL_FIELDS,
+    LabelSlots,
+    MemoryConfig,
+    MemoryReport,
+    QueryResult,
+    QueryTicket,
+    UpdateResult,
+)
+from lifelong_memory.server.persistence import (
+    CHUNK_BYTES,
+    SnapshotError,
+    read_snapshot_file,
+    snapshot_chunks,
+    write_atomically,
+)
+from lifelong_memory.server.registry import MemoryRegistry, check_name
 from lifelong_memory.server.service import DEFAULT_MAX_MESSAGE_BYTES
 from lifelong_memory.v1 import memory_pb2 as pb
 from lifelong_memory.v1 import memory_pb2_grpc as pb_grpc
+
+# (commit_sequence, keys, values, ages, generations), as Memory.read_slots returns them.
+SlotsRead = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -45,9 +64,21 @@ class Transport(Protocol):
     def clear(self, name: str) -> MemoryInfo: ...
     def query(self, name: str, queries, labels, k, use_recent, update, fields) -> QueryResult: ...
     def update(self, name: str, queries, labels, ticket: QueryTicket) -> UpdateResult: ...
-    def read_slots(self, name: str, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def read_slots(self, name: str, slots: torch.Tensor) -> SlotsRead: ...
+    def inspect(self, name: str, age_bins: int, top_labels: int) -> MemoryReport: ...
+    def find_label(self, name: str, label: int) -> LabelSlots: ...
     def stream(self, name: str): ...
+    def snapshot(self, name: str) -> Snapshot: ...
+    def export(self, name: str) -> Iterator[bytes]: ...
+    def import_file(self, name: str, path: Path, overrides: dict) -> MemoryInfo: ...
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    commit_sequence: int  # the state the snapshot holds
+    path: str  # the file, on the server's machine
+    bytes: int
 
 
 class Store:
@@ -70,6 +101,15 @@ class Store:
 
     def delete_memory(self, name: str) -> None:
         self._transport.delete(name)
+
+    def export_memory(self, name: str, path: str | Path) -> int:
+        """Write memory ``name`` to a portable file (the snapshot format), atomically; returns its size."""
+        return write_atomically(Path(path), self._transport.export(name))
+
+    def import_memory(self, name: str, path: str | Path, **overrides) -> MemoryClient:
+        """A new memory ``name`` from an exported or snapshot file. ``overrides`` may set device, backend,
+        search_dtype and shards; what the memory holds comes from the file."""
+        return MemoryClient(self._transport, self._transport.import_file(name, Path(path), overrides))
 
     def close(self) -> None:
         self._transport.close()
@@ -118,10 +158,27 @@ class MemoryClient:
 
     def slots(self, slots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, values, ages) of the given slot ids (a sequence, tensor or range)."""
+        _, keys, values, ages, _ = self.read_slots(slots)
+        return keys, values, ages
+
+    def read_slots(self, slots) -> SlotsRead:
+        """(commit_sequence, keys, values, ages, generations) of the given slot ids, read in one state."""
         return self._transport.read_slots(self.name, torch.as_tensor(list(slots), dtype=torch.int64))
+
+    def inspect(self, *, age_bins: int = 10, top_labels: int = 10) -> MemoryReport:
+        """Fill ratio, age histogram, label counts, key-norm sanity and write/merge counters."""
+        return self._transport.inspect(self.name, age_bins, top_labels)
+
+    def find_label(self, label: int) -> LabelSlots:
+        """The slots holding ``label``, with their ages."""
+        return self._transport.find_label(self.name, label)
 
     def clear(self) -> None:
         self._transport.clear(self.name)
+
+    def snapshot(self) -> Snapshot:
+        """Snapshot now into the server's data directory (FailedPrecondition without one)."""
+        return self._transport.snapshot(self.name)
 
     def info(self) -> MemoryInfo:
         return self._transport.get(self.name)
@@ -130,21 +187,29 @@ class MemoryClient:
 def connect(
     url: str = "local",
     *,
+    data_dir: str | Path | None = None,
     token: str | None = None,
     ca_cert: str | None = None,
     client_cert: str | None = None,
     client_key: str | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     retries: int = 5,
+    timeout: float | None = None,
 ) -> Store:
     """``"local"`` for an embedded store; ``"grpc://host:port"`` for a server, ``"grpcs://host:port"`` over TLS.
 
+    An embedded store keeps its memories in ``data_dir`` across runs, as a server does, when one is given.
+
     ``token`` is sent as ``authorization: Bearer <token>`` on every call. Over TLS, ``ca_cert`` (PEM
     path) verifies the server (default: the system's roots); ``client_cert`` and ``client_key`` are
-    this client's certificate for servers that require mutual TLS.
+    this client's certificate for servers that require mutual TLS. ``timeout`` (seconds) is the deadline
+    of each unary call (DeadlineExceeded past it: a write may or may not have been applied, as with any
+    write in flight when a connection fails); streams have none.
     """
     if url == "local":
-        return Store(LocalTransport(MemoryRegistry()))
+        return Store(LocalTransport(MemoryRegistry(data_dir=data_dir)))
+    if data_dir is not None:
+        raise ValueError("data_dir is for the embedded store; a server has its own (lmem serve --data-dir)")
     if url.startswith("grpc://") and not (ca_cert or client_cert or client_key):
         credentials = None
     elif url.startswith("grpcs://"):
@@ -158,7 +223,7 @@ def connect(
     else:
         raise ValueError(f"url must be 'local', 'grpc://host:port' or 'grpcs://host:port', got {url!r}")
     target = url.split("://", 1)[1]
-    return Store(GrpcTransport(target, credentials, token, max_message_bytes, retries))
+    return Store(GrpcTransport(target, credentials, token, max_message_bytes, retries, timeout))
 
 
 def _read(path: str | None) -> bytes | None:
@@ -219,14 +284,33 @@ class LocalTransport:
         return self.registry.get(name, "memory").update(queries, labels, ticket)
 
     def read_slots(self, name, slots):
-        _, keys, values, ages, _ = self.registry.get(name, "memory").read_slots(slots)
-        return keys, values, ages
+        return self.registry.get(name, "memory").read_slots(slots)
+
+    def inspect(self, name, age_bins, top_labels):
+        return self.registry.get(name, "memory").inspect(age_bins, top_labels)
+
+    def find_label(self, name, label):
+        return self.registry.get(name, "memory").find_label(label)
 
     def stream(self, name):
         return _LocalStream(self, name)
 
+    def snapshot(self, name):
+        return Snapshot(*self.registry.snapshot(name))
+
+    def export(self, name):
+        return snapshot_chunks(self.registry.get(name).capture())
+
+    def import_file(self, name, path, overrides):
+        check_name(name)
+        try:
+            state = read_snapshot_file(path)
+        except SnapshotError as exc:
+            raise InvalidArgument("data", str(exc)) from None
+        return _info(name, self.registry.import_state(name, state, **overrides))
+
     def close(self):
-        pass
+        self.registry.close()
 
 
 class _LocalStream:
@@ -295,6 +379,7 @@ class GrpcTransport:
         token: str | None,
         max_message_bytes: int,
         retries: int,
+        timeout: float | None,
     ):
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -307,6 +392,7 @@ class GrpcTransport:
         channel = self.channel if token is None else grpc.intercept_channel(self.channel, _BearerToken(token))
         self.stub = pb_grpc.MemoryServiceStub(channel)
         self.retries = retries
+        self.timeout = timeout
 
     def _call(self, method, request, *, idempotent: bool):
         """One RPC; idempotent ones retry on UNAVAILABLE with jittered exponential backoff."""
@@ -314,7 +400,7 @@ class GrpcTransport:
         attempt = 0
         while True:
             try:
-                return method(request)
+                return method(request, timeout=self.timeout)
             except grpc.RpcError as error:
                 attempt += 1
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= attempts:
@@ -367,13 +453,49 @@ class GrpcTransport:
         request = pb.ReadSlotsRequest(memory=name, slots=wire.encode_array(slots))
         response = self._call(self.stub.ReadSlots, request, idempotent=True)
         return (
+            response.commit_sequence,
             wire.decode_array(response.keys, "keys", pb.FLOAT32, 2),
             wire.decode_array(response.values, "values", pb.INT64, 1),
             wire.decode_array(response.ages, "ages", pb.FLOAT32, 1),
+            wire.decode_array(response.generations, "generations", pb.INT64, 1),
         )
+
+    def inspect(self, name, age_bins, top_labels):
+        request = pb.InspectMemoryRequest(memory=name)
+        _set_field(request, "age_bins", age_bins)
+        _set_field(request, "top_labels", top_labels)
+        return wire.report_from_proto(self._call(self.stub.InspectMemory, request, idempotent=True))
+
+    def find_label(self, name, label):
+        request = pb.FindLabelRequest(memory=name)
+        _set_field(request, "label", label)
+        return wire.label_slots_from_proto(self._call(self.stub.FindLabel, request, idempotent=True))
 
     def stream(self, name):
         return _GrpcStream(self.stub, name)
+
+    def snapshot(self, name):
+        response = self._call(self.stub.SnapshotMemory, pb.SnapshotMemoryRequest(name=name), idempotent=False)
+        return Snapshot(response.commit_sequence, response.path, response.bytes)
+
+    def export(self, name):
+        try:
+            for chunk in self.stub.ExportMemory(pb.ExportMemoryRequest(name=name)):
+                yield chunk.data
+        except grpc.RpcError as error:
+            _raise_from(error)
+
+    def import_file(self, name, path, overrides):
+        header = pb.ImportHeader(name=name, config=_config_message(overrides))
+
+        with open(path, "rb") as file:  # opened here, so a missing file fails before the call
+
+            def messages():
+                yield pb.ImportMemoryRequest(header=header)
+                while chunk := file.read(CHUNK_BYTES):
+                    yield pb.ImportMemoryRequest(data=chunk)
+
+            return self._info(self._call(self.stub.ImportMemory, messages(), idempotent=False))
 
     def close(self):
         self.channel.close()
@@ -403,6 +525,16 @@ def _encode(x: torch.Tensor, field: str) -> pb.Array:
         return wire.encode_array(x)
     except TypeError as exc:
         raise InvalidArgument(field, str(exc)) from None
+
+
+def _set_field(message, name: str, value) -> None:
+    """Set a scalar request field; a value of the wrong type or range is the caller's InvalidArgument."""
+    if isinstance(value, bool):  # protobuf would take it as 0 or 1
+        raise InvalidArgument(name, f"must be an integer, got {value!r}")
+    try:
+        setattr(message, name, value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(name, f"got {value!r}: {exc}") from None
 
 
 def _config_message(config: dict) -> pb.MemoryConfig:

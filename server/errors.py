@@ -44,7 +44,29 @@ class Unavailable(MemoryServiceError):
     code = "UNAVAILABLE"
 
 
+class Unauthenticated(MemoryServiceError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MemoryServiceError):
+    code = "PERMISSION_DENIED"
+
+
+class DeadlineExceeded(MemoryServiceError):
+    code = "DEADLINE_EXCEEDED"
+
+
 ERRORS_BY_CODE = {
     cls.code: cls
-    for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted, Unavailable)
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        Unauthenticated,
+        PermissionDenied,
+        DeadlineExceeded,
+    )
 }

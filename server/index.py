@@ -15,6 +15,9 @@ import numpy as np
 import torch
 
 RESCORE_ROWS = 16
+# Largest score matrix one search holds per shard; bigger batches are searched in row chunks so a
+# big memory never needs batch x size scores at once (256 rows of a million float32 slots).
+SCORE_BUFFER_BYTES = 1 << 30
 
 
 class Index(Protocol):
@@ -46,6 +49,13 @@ class TorchFlatIndex:
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k, len(self.keys))
+        rows = max(1, SCORE_BUFFER_BYTES // (len(self.keys) * self.search_keys.element_size()))
+        if len(queries) <= rows:
+            return self._search(queries, k)
+        parts = [self._search(queries[start : start + rows], k) for start in range(0, len(queries), rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self._score_buffer(len(queries))
         torch.mm(queries.to(self.search_dtype), self.search_keys.T, out=scores)
         similarities, local = torch.topk(scores, k, dim=1)

@@ -20,17 +20,20 @@ import math
 import numbers
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from lifelong_memory.server.errors import InvalidArgument, ResourceExhausted
-from lifelong_memory.server.index import build_index
+from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from lifelong_memory.server.index import SCORE_BUFFER_BYTES, build_index
 
 EMPTY = -1
 NO_SLOT = -1
 UNIT_NORM_TOLERANCE = 1e-3
 SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BACKENDS = ("torch", "faiss")
+MAX_AGE_BINS = 1000
+MAX_TOP_LABELS = 10000
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,16 @@ class MemoryConfig:
     def softmax_temperature(self) -> float:
         return softmax_temperature(self.choose_k, self.alpha)
 
+    def footprint_bytes(self, max_batch: int) -> int:
+        """Bytes a memory of this config holds at most: its slots, the index's own copy of the keys
+        (bf16 or faiss) and the search's score buffers for batches of up to ``max_batch`` rows."""
+        size, dim = self.memory_size, self.key_dim
+        slots = size * (dim * 4 + 8 + 4 + 8)
+        index_copy = {"torch": size * dim * 2 if self.search_dtype == "bfloat16" else 0, "faiss": size * dim * 4}
+        score_element = 2 if self.search_dtype == "bfloat16" else 4
+        scores = min(max_batch * size * score_element, self.shards * SCORE_BUFFER_BYTES)
+        return slots + index_copy[self.backend] + (scores if self.backend == "torch" else 0)
+
 
 def softmax_temperature(k: int, alpha: float) -> float:
     """t = max(1, ln(0.2 k) / alpha): 39.36 for k = 256, alpha = 0.1."""
@@ -153,6 +166,84 @@ class UpdateResult:
     revalidated_rows: int
 
 
+@dataclass(frozen=True)
+class MemoryReport:
+    """What a person looking into a memory wants to know, read from one committed state (Memory.inspect).
+
+    Everything but the counters is about the filled slots (value != EMPTY).
+    """
+
+    commit_sequence: int
+    memory_size: int
+    filled_slots: int
+    queries: int  # query rows served since create, as in stats()
+    writes: int  # rows written into an old slot
+    merges: int  # rows merged into their positive slot
+    age_bin_edges: list[int]  # bin i counts slots with edges[i] <= age < edges[i + 1]
+    age_counts: list[int]
+    distinct_labels: int
+    top_labels: list[int]  # the most frequent labels, most slots first, ties to the lower label
+    top_label_counts: list[int]  # slots holding each of top_labels
+    key_norm_min: float  # over filled keys of finite norm; 0 when there are none
+    key_norm_max: float
+    keys_off_unit: int  # filled keys of finite norm off 1 by more than UNIT_NORM_TOLERANCE
+    keys_non_finite: int  # filled keys with an inf or nan component (or too large to square in float32)
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.filled_slots / self.memory_size
+
+
+@dataclass
+class LabelSlots:
+    """Where one label lives (Memory.find_label)."""
+
+    commit_sequence: int
+    slots: torch.Tensor  # int64 [n], ascending: the slots whose value is the label
+    ages: torch.Tensor  # float32 [n]
+    recent_slot: int  # where the label was last written or merged (since overwritten, maybe); NO_SLOT if never
+
+
+@dataclass
+class Delta:
+    """One committed write, as the write-ahead log keeps it: enough to redo it exactly."""
+
+    targets: torch.Tensor  # int64 [n]: distinct slots written or merged into
+    keys: torch.Tensor  # float32 [n, D]: their new keys
+    values: torch.Tensor  # int64 [n]: their new values
+    labels: torch.Tensor  # int64 [B]: the batch's labels, in order, for the recent slots
+    slots: torch.Tensor  # int64 [B]: the slot each row wrote or merged into
+    writes: int  # rows that wrote an old slot; the rest merged
+
+
+@dataclass
+class MemoryState:
+    """Everything a memory is, on the CPU: what a snapshot stores and a restore rebuilds."""
+
+    config: MemoryConfig
+    commit_sequence: int
+    keys: torch.Tensor  # float32 [M, D]
+    values: torch.Tensor  # int64 [M]
+    ages: torch.Tensor  # float32 [M]
+    generations: torch.Tensor  # int64 [M]
+    recent_labels: torch.Tensor  # int64 [L]
+    recent_slots: torch.Tensor  # int64 [L]
+    rng_state: torch.Tensor  # uint8: the age-noise generator
+    counters: dict[str, int]
+
+
+class Journal(Protocol):
+    """Where a memory records its writes (the write-ahead log); see server/persistence.py."""
+
+    failure: Exception | None
+
+    def append(self, sequence: int, delta: Delta | None) -> None:
+        """Record a write (None: a clear). Called under the memory's lock, in commit order; only buffers."""
+
+    def wait(self, sequence: int) -> None:
+        """Return once the write ``sequence`` is durable under the journal's policy (Unavailable if it can't be)."""
+
+
 @dataclass
 class _Read:
     """Everything one query reads, before any update of its step."""
@@ -172,9 +263,11 @@ class Memory:
 
     Thread-safe: each call holds the memory's lock, so writes commit in one
     order, reads see only committed state and a fused query + update is atomic.
+    With a ``journal`` every write is recorded under the lock and acknowledged
+    (returned) only once the journal says it is durable.
     """
 
-    def __init__(self, config: MemoryConfig):
+    def __init__(self, config: MemoryConfig, state: MemoryState | None = None, journal: Journal | None = None):
         self.config = config.validated()
         cfg = self.config
         self.device = torch.device(cfg.device)
@@ -194,7 +287,10 @@ class Memory:
         self.counters = {"queries": 0, "writes": 0, "merges": 0}
         self._rng = torch.Generator(device=self.device)
         self._rng.manual_seed(cfg.seed)
+        if state is not None:
+            self._load(state)
         self._lock = threading.Lock()
+        self.journal = journal
         self.index = build_index(self.keys, cfg.backend, SEARCH_DTYPES[cfg.search_dtype], cfg.shards)
 
     # ----------------------------------------------------------------- public
@@ -217,13 +313,17 @@ class Memory:
         if update:
             self._check_update_batch(len(q))
         with self._lock:
+            if update:
+                self._check_writable()
             read = self._read(q, y, k, use_recent)
             result = self._result(q, read, fields, k, use_recent, ticket=not update)
             self.counters["queries"] += len(q)
             if update:
                 result.written_slots = self._apply(q, y, read.incorrect, read.positive_slots)
                 result.commit_sequence = self.commit_sequence
-            return result
+        if update:
+            self._wait_durable(result.commit_sequence)
+        return result
 
     def update(self, queries, labels, ticket: QueryTicket) -> UpdateResult:
         """Two-phase update: apply labels to the result of an earlier query.
@@ -238,6 +338,7 @@ class Memory:
         self._check_update_batch(len(q))
         c = self.config.correct_in_top
         with self._lock:
+            self._check_writable()
             current = torch.where(relied >= 0, self.generations[relied.clamp(min=0)], -1)
             stale = (current != generations).any(dim=1)
             top = relied[:, :c]
@@ -254,7 +355,9 @@ class Memory:
                 incorrect[stale] = fresh.incorrect
                 positive[stale] = fresh.positive_slots
             written = self._apply(q, y, incorrect, positive)
-            return UpdateResult(self.commit_sequence, written, incorrect, revalidated)
+            sequence = self.commit_sequence
+        self._wait_durable(sequence)
+        return UpdateResult(sequence, written, incorrect, revalidated)
 
     def read_slots(self, slots) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(commit_sequence, keys, values, ages, generations) of the given slot ids."""
@@ -275,16 +378,40 @@ class Memory:
     def clear(self) -> None:
         """Forget everything; the age-noise generator restarts from the seed."""
         with self._lock:
-            self.keys.zero_()
-            self.values.fill_(EMPTY)
-            self.ages.zero_()
-            self.recent.clear()
-            self.empty_slots = self.config.memory_size
-            self.commit_sequence += 1
-            self.generations.fill_(self.commit_sequence)
-            self._rng.manual_seed(self.config.seed)
-            everything = torch.arange(self.config.memory_size, device=self.device)
-            self.index.update(everything, self.keys)
+            self._check_writable()
+            self._clear()
+            if self.journal is not None:
+                self.journal.append(self.commit_sequence, None)
+            sequence = self.commit_sequence
+        self._wait_durable(sequence)
+
+    def replay(self, sequence: int, delta: Delta | None) -> None:
+        """Redo a write from the journal (None: a clear), exactly as it was first committed."""
+        with self._lock:
+            if sequence != self.commit_sequence + 1:
+                raise ValueError(f"write {sequence} does not follow commit {self.commit_sequence}")
+            if delta is None:
+                self._clear()
+            else:
+                self._age_noise()  # the draw the write made, so the generator goes on from where it did
+                self._commit(_to_device(delta, self.device))
+
+    def capture(self) -> MemoryState:
+        """A consistent copy of the whole memory, on the CPU (for snapshots and export)."""
+        with self._lock:
+            recent = torch.tensor(list(self.recent.items()), dtype=torch.int64).reshape(-1, 2)
+            return MemoryState(
+                config=self.config,
+                commit_sequence=self.commit_sequence,
+                keys=self.keys.to("cpu", copy=True),
+                values=self.values.to("cpu", copy=True),
+                ages=self.ages.to("cpu", copy=True),
+                generations=self.generations.to("cpu", copy=True),
+                recent_labels=recent[:, 0].clone(),
+                recent_slots=recent[:, 1].clone(),
+                rng_state=self._rng.get_state(),
+                counters=dict(self.counters),
+            )
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -294,7 +421,66 @@ class Memory:
                 **self.counters,
             }
 
+    def inspect(self, age_bins: int = 10, top_labels: int = 10) -> MemoryReport:
+        """Fill, age histogram, label counts and key-norm sanity of the filled slots, and the counters."""
+        _check_count(age_bins, "age_bins", 1, MAX_AGE_BINS)
+        _check_count(top_labels, "top_labels", 0, MAX_TOP_LABELS)
+        with self._lock:  # copies of the per-slot vectors; the statistics are computed after releasing it
+            values = self.values.clone()
+            ages = self.ages.clone()
+            # A norm is inf or nan exactly when a component is (or squares past float32), so one pass
+            # over the keys serves both the norm range and the non-finite count.
+            norms = torch.linalg.vector_norm(self.keys, dim=1)
+            sequence, counters = self.commit_sequence, dict(self.counters)
+        filled = values != EMPTY
+        values, ages, norms = values[filled].cpu(), ages[filled].cpu(), norms[filled].cpu()
+
+        width = max(1, math.ceil((float(ages.max()) + 1 if len(ages) else 1) / age_bins))
+        age_counts = torch.bincount(torch.div(ages, width, rounding_mode="floor").long(), minlength=age_bins)
+        labels, label_counts = torch.unique(values, return_counts=True)  # ascending labels
+        most = torch.argsort(label_counts, descending=True, stable=True)[:top_labels]
+        finite = torch.isfinite(norms)
+        finite_norms = norms[finite]
+        return MemoryReport(
+            commit_sequence=sequence,
+            memory_size=self.config.memory_size,
+            filled_slots=len(values),
+            queries=counters["queries"],
+            writes=counters["writes"],
+            merges=counters["merges"],
+            age_bin_edges=[width * i for i in range(age_bins + 1)],
+            age_counts=age_counts.tolist(),
+            distinct_labels=len(labels),
+            top_labels=labels[most].tolist(),
+            top_label_counts=label_counts[most].tolist(),
+            key_norm_min=float(finite_norms.min()) if len(finite_norms) else 0.0,
+            key_norm_max=float(finite_norms.max()) if len(finite_norms) else 0.0,
+            keys_off_unit=int(((finite_norms - 1).abs() > UNIT_NORM_TOLERANCE).sum()),
+            keys_non_finite=int((~finite).sum()),
+        )
+
+    def find_label(self, label: int) -> LabelSlots:
+        """The slots holding ``label``, with their ages, and the label's recent slot."""
+        if not isinstance(label, numbers.Integral) or isinstance(label, bool) or label < 0:
+            raise InvalidArgument("label", f"must be an integer >= 0, got {label!r}")
+        with self._lock:
+            slots = torch.nonzero(self.values == label).flatten()
+            return LabelSlots(
+                self.commit_sequence, slots.cpu(), self.ages[slots].cpu(), self.recent.get(int(label), NO_SLOT)
+            )
+
     # ------------------------------------------------------------- validation
+
+    def _check_writable(self) -> None:
+        if self.journal is not None and self.journal.failure is not None:
+            raise FailedPrecondition(
+                f"this memory's write-ahead log failed ({self.journal.failure}); it takes no more writes until the "
+                "server restarts and recovers it from disk"
+            )
+
+    def _wait_durable(self, sequence: int) -> None:
+        if self.journal is not None:
+            self.journal.wait(sequence)
 
     def _check_queries(self, queries) -> torch.Tensor:
         q = torch.as_tensor(queries)
@@ -452,12 +638,19 @@ class Memory:
     def _keys_or_zeros(self, slots: torch.Tensor) -> torch.Tensor:
         return torch.where((slots >= 0)[:, None], self.keys[slots.clamp(min=0)], 0.0)
 
+    def _age_noise(self) -> torch.Tensor | None:
+        """Uniform noise in [-age_noise, age_noise) per slot: one draw from the generator per write."""
+        noise = self.config.age_noise
+        if noise == 0:
+            return None
+        return torch.rand(self.ages.shape, generator=self._rng, device=self.device) * (2 * noise) - noise
+
     def _oldest(self, count: int, exclude: torch.Tensor) -> torch.Tensor:
         """The ``count`` slots with the largest age + noise, in decreasing order, ties to the lower slot."""
         score = self.ages.clone()
-        noise = self.config.age_noise
-        if noise > 0:
-            score += torch.rand(score.shape, generator=self._rng, device=self.device) * (2 * noise) - noise
+        noise = self._age_noise()
+        if noise is not None:
+            score += noise
         score[exclude] = -math.inf
         threshold = torch.topk(score, count).values[-1]
         above = torch.nonzero(score > threshold).flatten()
@@ -481,20 +674,65 @@ class Memory:
         last = torch.ones_like(sorted_slots, dtype=torch.bool)
         last[:-1] = sorted_slots[1:] != sorted_slots[:-1]
         rows, targets = order[last], sorted_slots[last]
+        delta = Delta(targets, new_keys[rows], y[rows], y, slots, int(incorrect.sum()))
+        self._commit(delta)
+        if self.journal is not None:
+            self.journal.append(self.commit_sequence, delta)
+        return slots
 
+    def _commit(self, delta: Delta) -> None:
+        """Make one write part of the memory: the only place slots change, live or replayed."""
+        targets = delta.targets
         self.empty_slots -= int((self.values[targets] == EMPTY).sum())
-        self.keys[targets] = new_keys[rows]
-        self.values[targets] = y[rows]
+        self.keys[targets] = delta.keys
+        self.values[targets] = delta.values
         self.ages += 1
         self.ages[targets] = 0
         self.commit_sequence += 1
         self.generations[targets] = self.commit_sequence
-        self.recent.update(zip(y.tolist(), slots.tolist(), strict=True))
-        self.index.update(targets, self.keys[targets])
-        written = int(incorrect.sum())
-        self.counters["writes"] += written
-        self.counters["merges"] += len(q) - written
-        return slots
+        self.recent.update(zip(delta.labels.tolist(), delta.slots.tolist(), strict=True))
+        self.index.update(targets, delta.keys)
+        self.counters["writes"] += delta.writes
+        self.counters["merges"] += len(delta.labels) - delta.writes
+
+    def _clear(self) -> None:
+        self.keys.zero_()
+        self.values.fill_(EMPTY)
+        self.ages.zero_()
+        self.recent.clear()
+        self.empty_slots = self.config.memory_size
+        self.commit_sequence += 1
+        self.generations.fill_(self.commit_sequence)
+        self._rng.manual_seed(self.config.seed)
+        self.index.update(torch.arange(self.config.memory_size, device=self.device), self.keys)
+
+    def _load(self, state: MemoryState) -> None:
+        """Take a captured state (before the index is built over the keys)."""
+        size, dim = self.config.memory_size, self.config.key_dim
+        expected = {"keys": (size, dim), "values": (size,), "ages": (size,), "generations": (size,)}
+        for name, shape in expected.items():
+            tensor = getattr(state, name)
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} has shape {list(tensor.shape)}, the config needs {list(shape)}")
+            getattr(self, name).copy_(tensor)
+        self.recent = dict(zip(state.recent_labels.tolist(), state.recent_slots.tolist(), strict=True))
+        self.commit_sequence = state.commit_sequence
+        self.empty_slots = int((self.values == EMPTY).sum())
+        self.counters = {**self.counters, **state.counters}
+        try:
+            self._rng.set_state(state.rng_state)
+        except RuntimeError:  # a state from another device type (an import onto cuda): reseed, deterministically
+            self._rng.manual_seed((self.config.seed + state.commit_sequence) % 2**63)
+
+
+def _to_device(delta: Delta, device: torch.device) -> Delta:
+    moved = {f.name: getattr(delta, f.name) for f in dataclasses.fields(Delta)}
+    return Delta(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+
+def _check_count(value, field: str, low: int, high: int) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidArgument(field, f"must be an integer in [{low}, {high}], got {value!r}")
 
 
 def _best(slots: torch.Tensor, similarities: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,16 +1,37 @@
-"""Named memories: what the server owns, and what the embedded store owns in-process."""
+"""Named memories: what the server owns, and what the embedded store owns in-process.
+
+With a data directory the registry is durable: memories come back after a
+restart (see server/persistence.py) and are snapshotted in the background.
+Every memory's footprint counts against a memory budget, so a memory larger
+than the machine can hold is refused (RESOURCE_EXHAUSTED) instead of being
+killed by the kernel later.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import threading
+from pathlib import Path
 
-from lifelong_memory.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from lifelong_memory.server.memory import Memory, MemoryConfig
+from lifelong_memory.server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from lifelong_memory.server.memory import Memory, MemoryConfig, MemoryState
+from lifelong_memory.server.persistence import DataDirectory, Durability
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+log = logging.getLogger("lifelong_memory.server.registry")
+# A name is a folder name in the data directory: no "." or "..", no hidden files.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(MemoryConfig))
+# What an import may change: where and how the memory is searched, never what it holds.
+IMPORT_OVERRIDES = frozenset({"device", "backend", "search_dtype", "shards"})
+GIB = 1 << 30
 
 
 class MemoryRegistry:
@@ -18,17 +39,42 @@ class MemoryRegistry:
 
     ``defaults`` override MemoryConfig's defaults for fields a create request
     leaves unset (how ``lmem serve --backend faiss --shards 4`` applies).
+    ``memory_budget_bytes`` (default: 90% of the memory available at start)
+    bounds the sum of the memories' footprints for batches of ``max_batch`` rows.
     """
 
-    def __init__(self, defaults: dict | None = None, max_memories: int = 64):
+    def __init__(
+        self,
+        defaults: dict | None = None,
+        max_memories: int = 64,
+        *,
+        data_dir: Path | str | None = None,
+        durability: Durability | None = None,
+        memory_budget_bytes: int | None = None,
+        max_batch: int = 4096,
+    ):
         defaults = dict(defaults or {})
         unknown = set(defaults) - CONFIG_FIELDS
         if unknown:
             raise ValueError(f"unknown memory config fields: {sorted(unknown)}")
         self.defaults = defaults
         self.max_memories = max_memories
+        self.max_batch = max_batch
+        self.memory_budget_bytes = memory_budget_bytes or int(0.9 * available_memory_bytes())
         self._memories: dict[str, Memory] = {}
+        self._unrecovered: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.storage = DataDirectory(data_dir, durability or Durability()) if data_dir is not None else None
+        self._stopping = threading.Event()
+        self._snapshotter = None
+        if self.storage is not None:
+            for recovered in self.storage.recover():
+                if recovered.memory is not None:
+                    self._memories[recovered.name] = recovered.memory
+                else:
+                    self._unrecovered[recovered.name] = recovered.error
+            self._snapshotter = threading.Thread(target=self._snapshot_periodically, daemon=True, name="snapshots")
+            self._snapshotter.start()
 
     def create(self, name: str, **config) -> Memory:
         check_name(name)
@@ -36,13 +82,34 @@ class MemoryRegistry:
         if unknown:
             raise InvalidArgument("config", f"unknown fields {sorted(unknown)}")
         full = MemoryConfig(**{**self.defaults, **config}).validated()
+        return self._add(name, full, None)
+
+    def import_state(self, name: str, state: MemoryState, **overrides) -> Memory:
+        """A new memory holding ``state`` (an export or snapshot), optionally searched differently."""
+        check_name(name)
+        unknown = set(overrides) - IMPORT_OVERRIDES
+        if unknown:
+            raise InvalidArgument("config", f"an import may only set {sorted(IMPORT_OVERRIDES)}, not {sorted(unknown)}")
+        return self._add(name, dataclasses.replace(state.config, **overrides).validated(), state)
+
+    def _add(self, name: str, config: MemoryConfig, state: MemoryState | None) -> Memory:
+        needed = config.footprint_bytes(self.max_batch)
         with self._lock:
-            if name in self._memories:
+            if name in self._memories or name in self._unrecovered:
                 raise AlreadyExists(f"memory {name!r} already exists")
             if len(self._memories) >= self.max_memories:
                 raise ResourceExhausted(f"this server holds at most {self.max_memories} memories")
+            used = sum(m.config.footprint_bytes(self.max_batch) for m in self._memories.values())
+            if used + needed > self.memory_budget_bytes:
+                raise ResourceExhausted(
+                    f"config.memory_size: {config.memory_size} slots of dimension {config.key_dim} need "
+                    f"{needed / GIB:.2f} GiB; {max(0, self.memory_budget_bytes - used) / GIB:.2f} GiB of this "
+                    f"server's {self.memory_budget_bytes / GIB:.2f} GiB memory budget are left"
+                )
             # Built under the lock so two creates of one name cannot both succeed.
-            memory = Memory(full)
+            memory = Memory(config, state)
+            if self.storage is not None:
+                self.storage.create(name, memory)
             self._memories[name] = memory
             return memory
 
@@ -51,6 +118,12 @@ class MemoryRegistry:
         check_name(name, field)
         with self._lock:
             memory = self._memories.get(name)
+            error = self._unrecovered.get(name)
+        if error is not None:
+            raise FailedPrecondition(
+                f"memory {name!r} could not be recovered from the data directory ({error}); delete it or repair "
+                "its files and restart"
+            )
         if memory is None:
             raise NotFound(f"memory {name!r} not found")
         return memory
@@ -62,10 +135,64 @@ class MemoryRegistry:
     def delete(self, name: str) -> None:
         check_name(name)
         with self._lock:
-            if self._memories.pop(name, None) is None:
+            memory = self._memories.pop(name, None)
+            if memory is None and self._unrecovered.pop(name, None) is None:
                 raise NotFound(f"memory {name!r} not found")
+            if self.storage is not None:
+                self.storage.delete(name, memory)
+
+    def snapshot(self, name: str, field: str = "name") -> tuple[int, Path, int]:
+        """Snapshot a memory now: (commit sequence, file, bytes)."""
+        memory = self.get(name, field)
+        if self.storage is None:
+            raise FailedPrecondition("this server keeps no data directory (lmem serve --data-dir) to snapshot into")
+        return self.storage.snapshot(name, memory)
+
+    def close(self) -> None:
+        """Snapshot every memory and close the logs (a clean shutdown: recovery then replays nothing)."""
+        self._stopping.set()
+        if self._snapshotter is not None:
+            self._snapshotter.join()
+        if self.storage is None:
+            return
+        for name, memory in self.list():
+            try:
+                self.storage.snapshot(name, memory)
+            finally:
+                memory.journal.close()
+
+    def _snapshot_periodically(self) -> None:
+        period = min(5.0, self.storage.durability.snapshot_interval)
+        while not self._stopping.wait(period):
+            for name, memory in self.list():
+                if self.storage.due_for_snapshot(name, memory):
+                    try:
+                        sequence, path, size = self.storage.snapshot(name, memory)
+                        log.info("memory %r: snapshot at %d, %d bytes", name, sequence, size)
+                    except Exception as exc:  # a memory deleted meanwhile, or a full disk: retried next round
+                        log.warning("memory %r: snapshot failed: %s", name, exc)
 
 
 def check_name(name: str, field: str = "name") -> None:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(field, f"must match {NAME_PATTERN.pattern}, got {name!r}")
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still use: MemAvailable, or less where a cgroup limit says so."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available or 1 << 62, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available if available is not None else 1 << 62

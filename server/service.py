@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import signal
+import tempfile
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -15,9 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lifelong_memory.server import wire
-from lifelong_memory.server.errors import InvalidArgument, MemoryServiceError
+from lifelong_memory.server.auth import TokenAuth
+from lifelong_memory.server.errors import InvalidArgument, MemoryServiceError, ResourceExhausted
 from lifelong_memory.server.memory import Memory
-from lifelong_memory.server.registry import MemoryRegistry
+from lifelong_memory.server.metrics import RpcObserver, serve_metrics
+from lifelong_memory.server.persistence import SnapshotError, read_snapshot, snapshot_chunks
+from lifelong_memory.server.registry import MemoryRegistry, check_name
 from lifelong_memory.v1 import memory_pb2 as pb
 from lifelong_memory.v1 import memory_pb2_grpc as pb_grpc
 
@@ -32,12 +37,21 @@ class ServerLimits:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
+# What a read-only token may call (Query and QueryStream only without update); everything else writes.
+READ_METHODS = frozenset(
+    {"GetMemory", "ListMemories", "ReadSlots", "InspectMemory", "FindLabel", "ExportMemory", "Query", "QueryStream"}
+)
+
+
 def _rpc(method):
-    """Turns the memory's errors into gRPC statuses; the memory is untouched when one is raised."""
+    """Checks the caller's token, and turns the memory's errors into gRPC statuses;
+    the memory is untouched when one is raised."""
+    writes = method.__name__ not in READ_METHODS
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
+            self._authorize(context, writes or bool(getattr(request, "update", False)))
             return method(self, request, context)
         except MemoryServiceError as exc:
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
@@ -46,9 +60,14 @@ def _rpc(method):
 
 
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
-    def __init__(self, registry: MemoryRegistry, limits: ServerLimits = ServerLimits()):
+    def __init__(self, registry: MemoryRegistry, limits: ServerLimits = ServerLimits(), auth: TokenAuth | None = None):
         self.registry = registry
         self.limits = limits
+        self.auth = auth
+
+    def _authorize(self, context, write: bool) -> None:
+        if self.auth is not None:
+            self.auth.authorize(context.invocation_metadata(), write)
 
     # --------------------------------------------------------- administration
 
@@ -85,11 +104,14 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return self._query(request)
 
     def QueryStream(self, request_iterator, context):
-        for request in request_iterator:
-            try:
+        try:
+            self._authorize(context, write=False)
+            for request in request_iterator:
+                if request.update:
+                    self._authorize(context, write=True)
                 yield self._query(request)
-            except MemoryServiceError as exc:
-                context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except MemoryServiceError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
 
     @_rpc
     def Update(self, request, context):
@@ -132,6 +154,56 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             ages=wire.encode_array(ages),
             generations=wire.encode_array(generations),
         )
+
+    @_rpc
+    def InspectMemory(self, request, context):
+        memory = self.registry.get(request.memory, "memory")
+        options = {name: getattr(request, name) for name in ("age_bins", "top_labels") if request.HasField(name)}
+        return wire.report_to_proto(memory.inspect(**options))
+
+    @_rpc
+    def FindLabel(self, request, context):
+        return wire.label_slots_to_proto(self.registry.get(request.memory, "memory").find_label(request.label))
+
+    # ------------------------------------------------- snapshot, export, import
+
+    @_rpc
+    def SnapshotMemory(self, request, context):
+        sequence, path, size = self.registry.snapshot(request.name)
+        log.info("memory %r: snapshot at %d, %d bytes", request.name, sequence, size)
+        return pb.SnapshotMemoryResponse(commit_sequence=sequence, path=str(path), bytes=size)
+
+    @_rpc
+    def ExportMemory(self, request, context):
+        state = self.registry.get(request.name).capture()
+        return (pb.FileChunk(data=chunk) for chunk in snapshot_chunks(state))
+
+    @_rpc
+    def ImportMemory(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("header", "the first message must be the header naming the new memory")
+        name = first.header.name
+        check_name(name, "header.name")
+        overrides = wire.config_from_proto(first.header.config)
+        with tempfile.SpooledTemporaryFile(max_size=self.limits.max_message_bytes) as file:
+            for message in request_iterator:
+                if message.WhichOneof("part") != "data":
+                    raise InvalidArgument("data", "only file chunks may follow the header")
+                file.write(message.data)
+                if file.tell() > self.registry.memory_budget_bytes:
+                    raise ResourceExhausted(
+                        f"data: the file exceeds this server's memory budget of {self.registry.memory_budget_bytes} "
+                        "bytes"
+                    )
+            file.seek(0)
+            try:
+                state = read_snapshot(file)
+            except SnapshotError as exc:
+                raise InvalidArgument("data", str(exc)) from None
+        memory = self.registry.import_state(name, state, **overrides)
+        log.info("imported memory %r at commit %d", name, memory.commit_sequence)
+        return self._info(name, memory)
 
     # ---------------------------------------------------------------- helpers
 
@@ -176,14 +248,23 @@ def build_server(
     registry: MemoryRegistry,
     limits: ServerLimits = ServerLimits(),
     max_workers: int = 16,
+    *,
+    auth: TokenAuth | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int]:
-    """A server bound to ``address``, not yet started, and the port it bound."""
+    """A server bound to ``address``, not yet started, and the port it bound.
+
+    ``auth``: bearer tokens the MemoryService requires (health and reflection stay open, for probes).
+    ``credentials``: TLS (see auth.server_credentials); plaintext without."""
     options = [
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(registry, limits), server)
+    # RpcObserver first, outermost: request ids, logs and metrics cover every call, rejected ones too.
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=[RpcObserver()], options=options
+    )
+    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(registry, limits, auth), server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -191,26 +272,38 @@ def build_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
     return server, port
 
 
 def serve(
-    address: str = "127.0.0.1:50051",
-    defaults: dict | None = None,
+    address: str,
+    registry: MemoryRegistry,
     limits: ServerLimits = ServerLimits(),
-    max_memories: int = 64,
     max_workers: int = 16,
+    metrics_port: int = 0,
+    *,
+    auth: TokenAuth | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> None:
-    """Run a server until SIGINT or SIGTERM, then stop accepting and let in-flight calls finish."""
-    registry = MemoryRegistry(defaults, max_memories=max_memories)
-    server, port = build_server(address, registry, limits, max_workers)
-    server.start()
+    """Run a server until SIGINT or SIGTERM; then stop accepting calls, let in-flight ones finish
+    (10 s at most), snapshot every memory and close the logs.
+
+    With a ``metrics_port`` (0: none), Prometheus metrics are served at /metrics on the same host."""
+    server, port = build_server(address, registry, limits, max_workers, auth=auth, credentials=credentials)
     host = address.rsplit(":", 1)[0]
+    if auth is None and not _is_loopback(host):
+        log.warning("listening on %s without tokens: anyone who can reach it may read and write (see --tokens)", host)
+    if metrics_port:  # before the gRPC server starts: a metrics port in use stops the start
+        serve_metrics(host, metrics_port, registry)
+    server.start()
     log.info("lifelong memory server listening on %s:%d", host, port)
     print(f"lmem: serving on {host}:{port}", flush=True)
+    if metrics_port:
+        log.info("metrics on http://%s:%d/metrics", host, metrics_port)
+        print(f"lmem: metrics on http://{host}:{metrics_port}/metrics", flush=True)
     stopped = threading.Event()
 
     def stop(signum, frame):
@@ -221,3 +314,14 @@ def serve(
     signal.signal(signal.SIGINT, stop)
     stopped.wait()
     server.stop(grace=10).wait()
+    registry.close()
+    log.info("stopped: every memory snapshotted")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -6,13 +6,21 @@ dtype, shape and byte length, and raises InvalidArgument naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import torch
 
 from lifelong_memory.server.errors import InvalidArgument
-from lifelong_memory.server.memory import FIELDS, MemoryConfig, QueryResult, QueryTicket
+from lifelong_memory.server.memory import (
+    FIELDS,
+    LabelSlots,
+    MemoryConfig,
+    MemoryReport,
+    QueryResult,
+    QueryTicket,
+)
 from lifelong_memory.v1 import memory_pb2 as pb
 
 NUMPY_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.INT64: np.dtype("<i8"), pb.BOOL: np.dtype("?")}
@@ -29,6 +37,8 @@ RESULT_FIELDS = {
 RESULT_FIELD_IDS = {name: number for number, name in RESULT_FIELDS.items()}
 # Result tensors that travel, by proto field name (the same as QueryResult's).
 RESULT_ARRAYS = ("predictions", "incorrect", "written_slots") + tuple(a for part in FIELDS.values() for a in part)
+# MemoryReport's list fields travel as int64 Arrays; the others are scalars of the same name.
+REPORT_ARRAYS = ("age_bin_edges", "age_counts", "top_labels", "top_label_counts")
 
 
 def encode_array(x) -> pb.Array:
@@ -143,3 +153,35 @@ def result_from_proto(message: pb.QueryResponse) -> QueryResult:
             arrays[name] = decode_array(part, name, part.dtype)
     ticket = ticket_from_proto(message.ticket) if message.HasField("ticket") else None
     return QueryResult(commit_sequence=message.commit_sequence, ticket=ticket, **arrays)
+
+
+def report_to_proto(report: MemoryReport) -> pb.MemoryReport:
+    fields = dataclasses.asdict(report)
+    for name in REPORT_ARRAYS:
+        fields[name] = encode_array(np.asarray(fields[name], dtype=np.int64))
+    return pb.MemoryReport(**fields)
+
+
+def report_from_proto(message: pb.MemoryReport) -> MemoryReport:
+    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(MemoryReport)}
+    for name in REPORT_ARRAYS:
+        fields[name] = decode_array(fields[name], name, pb.INT64, 1).tolist()
+    return MemoryReport(**fields)
+
+
+def label_slots_to_proto(found: LabelSlots) -> pb.FindLabelResponse:
+    return pb.FindLabelResponse(
+        commit_sequence=found.commit_sequence,
+        slots=encode_array(found.slots),
+        ages=encode_array(found.ages),
+        recent_slot=found.recent_slot,
+    )
+
+
+def label_slots_from_proto(message: pb.FindLabelResponse) -> LabelSlots:
+    return LabelSlots(
+        commit_sequence=message.commit_sequence,
+        slots=decode_array(message.slots, "slots", pb.INT64, 1),
+        ages=decode_array(message.ages, "ages", pb.FLOAT32, 1),
+        recent_slot=message.recent_slot,
+    )

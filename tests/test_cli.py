@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from lifelong_memory.client import connect
 
 LMEM = [sys.executable, "-m", "lifelong_memory.client.cli"]
 
@@ -72,3 +75,44 @@ def test_sigterm_stops_cleanly(served):
     process, _ = served
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+def test_durable_server_snapshot_export_import_and_restart(tmp_path):
+    data, port = tmp_path / "data", free_port()
+    url = f"grpc://127.0.0.1:{port}"
+    serve = [*LMEM, "serve", "--port", str(port), "--data-dir", str(data), "--log-level", "WARNING"]
+
+    def start():
+        process = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
+        assert "serving on" in process.stdout.readline()
+        return process
+
+    process = start()
+    try:
+        assert lmem("create", "kept", "--key-dim", "8", "--memory-size", "32", "--url", url).returncode == 0
+        with connect(url) as store:
+            queries = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+            store.memory("kept").query(queries, torch.arange(5), update=True)
+        snapshot = json.loads(lmem("snapshot", "kept", "--url", url, "--json").stdout)
+        assert snapshot["commit_sequence"] == 1 and snapshot["path"].startswith(str(data))
+        exported = lmem("export", "kept", str(tmp_path / "kept.lmem"), "--url", url, "--json")
+        assert json.loads(exported.stdout)["bytes"] == (tmp_path / "kept.lmem").stat().st_size
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+    process = start()
+    try:
+        described = json.loads(lmem("describe", "kept", "--url", url, "--json").stdout)
+        assert described["stats"]["commit_sequence"] == 1 and described["stats"]["filled_slots"] == 5
+        imported = lmem("import", "copy", str(tmp_path / "kept.lmem"), "--backend", "faiss", "--url", url, "--json")
+        assert imported.returncode == 0, imported.stderr
+        copy = json.loads(imported.stdout)
+        assert copy["config"]["backend"] == "faiss" and copy["stats"]["filled_slots"] == 5
+        missing = lmem("import", "other", str(tmp_path / "absent.lmem"), "--url", url)
+        assert missing.returncode == 2 and "file:" in missing.stderr
+        assert lmem("rm", "kept", "--url", url).returncode == 0
+        assert sorted(p.name for p in (data / "memories").iterdir()) == ["copy"]
+    finally:
+        process.kill()
+        process.wait()

@@ -274,3 +274,111 @@ class ReadSlotsResponse(_message.Message):
     ages: Array
     generations: Array
     def __init__(self, commit_sequence: _Optional[int] = ..., slots: _Optional[_Union[Array, _Mapping]] = ..., keys: _Optional[_Union[Array, _Mapping]] = ..., values: _Optional[_Union[Array, _Mapping]] = ..., ages: _Optional[_Union[Array, _Mapping]] = ..., generations: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
+
+class InspectMemoryRequest(_message.Message):
+    __slots__ = ("memory", "age_bins", "top_labels")
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    AGE_BINS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LABELS_FIELD_NUMBER: _ClassVar[int]
+    memory: str
+    age_bins: int
+    top_labels: int
+    def __init__(self, memory: _Optional[str] = ..., age_bins: _Optional[int] = ..., top_labels: _Optional[int] = ...) -> None: ...
+
+class MemoryReport(_message.Message):
+    __slots__ = ("commit_sequence", "memory_size", "filled_slots", "queries", "writes", "merges", "age_bin_edges", "age_counts", "distinct_labels", "top_labels", "top_label_counts", "key_norm_min", "key_norm_max", "keys_off_unit", "keys_non_finite")
+    COMMIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FILLED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
+    MERGES_FIELD_NUMBER: _ClassVar[int]
+    AGE_BIN_EDGES_FIELD_NUMBER: _ClassVar[int]
+    AGE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    DISTINCT_LABELS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LABELS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    KEY_NORM_MIN_FIELD_NUMBER: _ClassVar[int]
+    KEY_NORM_MAX_FIELD_NUMBER: _ClassVar[int]
+    KEYS_OFF_UNIT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    commit_sequence: int
+    memory_size: int
+    filled_slots: int
+    queries: int
+    writes: int
+    merges: int
+    age_bin_edges: Array
+    age_counts: Array
+    distinct_labels: int
+    top_labels: Array
+    top_label_counts: Array
+    key_norm_min: float
+    key_norm_max: float
+    keys_off_unit: int
+    keys_non_finite: int
+    def __init__(self, commit_sequence: _Optional[int] = ..., memory_size: _Optional[int] = ..., filled_slots: _Optional[int] = ..., queries: _Optional[int] = ..., writes: _Optional[int] = ..., merges: _Optional[int] = ..., age_bin_edges: _Optional[_Union[Array, _Mapping]] = ..., age_counts: _Optional[_Union[Array, _Mapping]] = ..., distinct_labels: _Optional[int] = ..., top_labels: _Optional[_Union[Array, _Mapping]] = ..., top_label_counts: _Optional[_Union[Array, _Mapping]] = ..., key_norm_min: _Optional[float] = ..., key_norm_max: _Optional[float] = ..., keys_off_unit: _Optional[int] = ..., keys_non_finite: _Optional[int] = ...) -> None: ...
+
+class FindLabelRequest(_message.Message):
+    __slots__ = ("memory", "label")
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    memory: str
+    label: int
+    def __init__(self, memory: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
+
+class FindLabelResponse(_message.Message):
+    __slots__ = ("commit_sequence", "slots", "ages", "recent_slot")
+    COMMIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    AGES_FIELD_NUMBER: _ClassVar[int]
+    RECENT_SLOT_FIELD_NUMBER: _ClassVar[int]
+    commit_sequence: int
+    slots: Array
+    ages: Array
+    recent_slot: int
+    def __init__(self, commit_sequence: _Optional[int] = ..., slots: _Optional[_Union[Array, _Mapping]] = ..., ages: _Optional[_Union[Array, _Mapping]] = ..., recent_slot: _Optional[int] = ...) -> None: ...
+
+class SnapshotMemoryRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SnapshotMemoryResponse(_message.Message):
+    __slots__ = ("commit_sequence", "path", "bytes")
+    COMMIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    commit_sequence: int
+    path: str
+    bytes: int
+    def __init__(self, commit_sequence: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class ExportMemoryRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ImportMemoryRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ImportHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ImportHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ImportHeader(_message.Message):
+    __slots__ = ("name", "config")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config: MemoryConfig
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[MemoryConfig, _Mapping]] = ...) -> None: ...

@@ -79,6 +79,31 @@ class MemoryServiceStub:
                 request_serializer=lifelong__memory_dot_v1_dot_memory__pb2.ReadSlotsRequest.SerializeToString,
                 response_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.ReadSlotsResponse.FromString,
                 _registered_method=True)
+        self.SnapshotMemory = channel.unary_unary(
+                '/lifelong_memory.v1.MemoryService/SnapshotMemory',
+                request_serializer=lifelong__memory_dot_v1_dot_memory__pb2.SnapshotMemoryRequest.SerializeToString,
+                response_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.SnapshotMemoryResponse.FromString,
+                _registered_method=True)
+        self.ExportMemory = channel.unary_stream(
+                '/lifelong_memory.v1.MemoryService/ExportMemory',
+                request_serializer=lifelong__memory_dot_v1_dot_memory__pb2.ExportMemoryRequest.SerializeToString,
+                response_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.ImportMemory = channel.stream_unary(
+                '/lifelong_memory.v1.MemoryService/ImportMemory',
+                request_serializer=lifelong__memory_dot_v1_dot_memory__pb2.ImportMemoryRequest.SerializeToString,
+                response_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.MemoryInfo.FromString,
+                _registered_method=True)
+        self.InspectMemory = channel.unary_unary(
+                '/lifelong_memory.v1.MemoryService/InspectMemory',
+                request_serializer=lifelong__memory_dot_v1_dot_memory__pb2.InspectMemoryRequest.SerializeToString,
+                response_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.MemoryReport.FromString,
+                _registered_method=True)
+        self.FindLabel = channel.unary_unary(
+                '/lifelong_memory.v1.MemoryService/FindLabel',
+                request_serializer=lifelong__memory_dot_v1_dot_memory__pb2.FindLabelRequest.SerializeToString,
+                response_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.FindLabelResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -139,6 +164,39 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SnapshotMemory(self, request, context):
+        """Durability (needs the server's data directory) and portability.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportMemory(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InspectMemory(self, request, context):
+        """Fill, age histogram, label counts, key-norm sanity and counters of one memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindLabel(self, request, context):
+        """The slots holding one label, with their ages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +244,31 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.ReadSlots,
                     request_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.ReadSlotsRequest.FromString,
                     response_serializer=lifelong__memory_dot_v1_dot_memory__pb2.ReadSlotsResponse.SerializeToString,
+            ),
+            'SnapshotMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotMemory,
+                    request_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.SnapshotMemoryRequest.FromString,
+                    response_serializer=lifelong__memory_dot_v1_dot_memory__pb2.SnapshotMemoryResponse.SerializeToString,
+            ),
+            'ExportMemory': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportMemory,
+                    request_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.ExportMemoryRequest.FromString,
+                    response_serializer=lifelong__memory_dot_v1_dot_memory__pb2.FileChunk.SerializeToString,
+            ),
+            'ImportMemory': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportMemory,
+                    request_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.ImportMemoryRequest.FromString,
+                    response_serializer=lifelong__memory_dot_v1_dot_memory__pb2.MemoryInfo.SerializeToString,
+            ),
+            'InspectMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.InspectMemory,
+                    request_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.InspectMemoryRequest.FromString,
+                    response_serializer=lifelong__memory_dot_v1_dot_memory__pb2.MemoryReport.SerializeToString,
+            ),
+            'FindLabel': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindLabel,
+                    request_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.FindLabelRequest.FromString,
+                    response_serializer=lifelong__memory_dot_v1_dot_memory__pb2.FindLabelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +514,141 @@ class MemoryService:
             '/lifelong_memory.v1.MemoryService/ReadSlots',
             lifelong__memory_dot_v1_dot_memory__pb2.ReadSlotsRequest.SerializeToString,
             lifelong__memory_dot_v1_dot_memory__pb2.ReadSlotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lifelong_memory.v1.MemoryService/SnapshotMemory',
+            lifelong__memory_dot_v1_dot_memory__pb2.SnapshotMemoryRequest.SerializeToString,
+            lifelong__memory_dot_v1_dot_memory__pb2.SnapshotMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lifelong_memory.v1.MemoryService/ExportMemory',
+            lifelong__memory_dot_v1_dot_memory__pb2.ExportMemoryRequest.SerializeToString,
+            lifelong__memory_dot_v1_dot_memory__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportMemory(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/lifelong_memory.v1.MemoryService/ImportMemory',
+            lifelong__memory_dot_v1_dot_memory__pb2.ImportMemoryRequest.SerializeToString,
+            lifelong__memory_dot_v1_dot_memory__pb2.MemoryInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InspectMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lifelong_memory.v1.MemoryService/InspectMemory',
+            lifelong__memory_dot_v1_dot_memory__pb2.InspectMemoryRequest.SerializeToString,
+            lifelong__memory_dot_v1_dot_memory__pb2.MemoryReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindLabel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lifelong_memory.v1.MemoryService/FindLabel',
+            lifelong__memory_dot_v1_dot_memory__pb2.FindLabelRequest.SerializeToString,
+            lifelong__memory_dot_v1_dot_memory__pb2.FindLabelResponse.FromString,
             options,
             channel_credentials,
             insecure,
