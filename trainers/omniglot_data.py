@@ -17,12 +17,14 @@ Two splits:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import pathlib
 import re
 import sys
+import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -68,9 +70,9 @@ def download(data_dir: pathlib.Path, names=(*ARCHIVES, LAKE_RUNS)) -> None:
         target = data_dir / name
         if not target.exists():
             print(f"downloading {UPSTREAM}{name}", file=sys.stderr)
-            partial = target.with_suffix(".part")
-            urllib.request.urlretrieve(UPSTREAM + name, partial)
-            partial.rename(target)
+            with _unique_partial(target) as partial:  # two processes may fetch at once: each its own file
+                urllib.request.urlretrieve(UPSTREAM + name, partial)
+                os.replace(partial, target)
 
 
 def require(data_dir: pathlib.Path, name: str) -> pathlib.Path:
@@ -118,10 +120,22 @@ def load_characters(archive: pathlib.Path, progress: bool = True) -> Characters:
         bar.close()
 
     cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(".tmp.npz")
-    np.savez(partial, images=images, names=np.array(names))
-    partial.rename(cached)
+    with _unique_partial(cached) as partial:
+        with open(partial, "wb") as f:
+            np.savez(f, images=images, names=np.array(names))
+        os.replace(partial, cached)
     return Characters(images, names)
+
+
+@contextlib.contextmanager
+def _unique_partial(target: pathlib.Path):
+    """A temporary path beside ``target``, unique to this call, removed unless it was moved into place."""
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        yield name
+    finally:
+        pathlib.Path(name).unlink(missing_ok=True)
 
 
 def with_rotations(images: np.ndarray) -> np.ndarray:
