@@ -12,22 +12,12 @@ from __future__ import annotations
 import multiprocessing
 
 import torch
+from crash_harness import client_batch
 
 from lifelong_memory.client import connect
 
 CONFIG = dict(key_dim=16, memory_size=96, choose_k=8, age_noise=2.0, seed=7)
-CLIENTS, STEPS, BATCH, LABELS = 4, 40, 6, 12
-
-
-def client_batch(client: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic per (client, step), so the replay can regenerate every request."""
-    generator = torch.Generator().manual_seed(1000 * client + step)
-    labels = torch.randint(0, LABELS, (BATCH,), generator=generator)
-    centres = torch.nn.functional.normalize(
-        torch.randn(LABELS, CONFIG["key_dim"], generator=torch.Generator().manual_seed(0)), dim=1
-    )
-    queries = centres[labels] + 0.3 * torch.randn(BATCH, CONFIG["key_dim"], generator=generator)
-    return torch.nn.functional.normalize(queries, dim=1), labels
+CLIENTS, STEPS = 4, 40
 
 
 def run_client(url: str, name: str, client: int, results) -> None:

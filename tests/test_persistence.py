@@ -297,3 +297,15 @@ def test_embedded_store_with_data_dir_survives_restart(tmp_path):
     with connect("local", data_dir=tmp_path) as store:
         _, values = store.memory("notes").slots(written.tolist())[:2]
         assert torch.equal(values, batch(0)[1])
+
+
+def test_a_snapshot_file_restores_into_a_new_memory(tmp_path):
+    with connect("local", data_dir=tmp_path / "server") as store:
+        memory = store.create_memory("source", **CONFIG)
+        for step in range(12):
+            memory.query(*batch(step), update=True)
+        snapshot = memory.snapshot()
+        restored = store.import_memory("restored", snapshot.path)
+        assert restored.info().stats["commit_sequence"] == snapshot.commit_sequence
+        for a, b in zip(memory.read_slots(range(48)), restored.read_slots(range(48)), strict=True):
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
