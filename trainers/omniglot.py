@@ -55,6 +55,7 @@ out_dir = "runs/omniglot"
 resume = False
 evaluate = ""  # a checkpoint: skip training, run the final evaluation
 threads = 0  # torch intra-op threads; 0 = torch's default
+device = "cpu"  # where the encoder trains: "cpu" or "cuda" (the memory's own device is the server's)
 seed = 0
 
 # The authors' README and our runs of their code on a 2-core CPU (1-shot, 5-way, episode length 30).
@@ -125,13 +126,18 @@ def shot_counts(labels: np.ndarray) -> np.ndarray:
     return counts
 
 
+def on_device(encoder: nn.Module, array: np.ndarray) -> torch.Tensor:
+    """A numpy batch as a tensor where the encoder lives."""
+    return torch.from_numpy(array).to(next(encoder.parameters()).device)
+
+
 def train_episode_batch(encoder, module, optimizer, images, labels, clip) -> float:
     """One batch of episodes on a cleared memory: a gradient step per episode step."""
     module.memory.clear()
     encoder.train()
     losses = []
     for t in range(len(images)):
-        out = module(encoder(torch.from_numpy(images[t])), torch.from_numpy(labels[t]))
+        out = module(encoder(on_device(encoder, images[t])), torch.from_numpy(labels[t]))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         nn.utils.clip_grad_norm_([*encoder.parameters(), *module.parameters()], clip)
@@ -151,7 +157,7 @@ def evaluate_episodes(encoder, module, eval_memory, classes, width, length, epis
     accuracy = np.full((episodes, SHOTS), np.nan)
     for e in range(episodes):
         images, labels = omniglot_data.sample_episodes(classes, 1, width, length, rng)
-        queries = module.project(encoder(torch.from_numpy(images[:, 0])))
+        queries = module.project(encoder(on_device(encoder, images[:, 0])))
         shots = shot_counts(labels)[:, 0]
         eval_memory.clear()
         correct = np.zeros(len(labels), dtype=bool)
@@ -180,9 +186,9 @@ def lake_within_alphabet(encoder, module, eval_memory, runs) -> float:
     correct = []
     for run in runs:
         eval_memory.clear()
-        train_queries = module.project(encoder(torch.from_numpy(run.train)))
+        train_queries = module.project(encoder(on_device(encoder, run.train)))
         eval_memory.query(train_queries, torch.arange(len(run.train)), update=True, use_recent=False, fields=())
-        r = eval_memory.query(module.project(encoder(torch.from_numpy(run.test))), fields=())
+        r = eval_memory.query(module.project(encoder(on_device(encoder, run.test))), fields=())
         correct.append(r.predictions.numpy() == run.answers)
     return float(np.mean(correct))
 
@@ -329,8 +335,8 @@ def main() -> None:
     for name in (config["memory_name"], config["memory_name"] + "-eval"):
         if name in names:  # this trainer owns its memories: start from fresh ones
             store.delete_memory(name)
-    encoder = Encoder(config["rep_dim"], config["dropout_keep"])
-    module = MemoryModule(store, config["rep_dim"], name=config["memory_name"], **memory_config)
+    encoder = Encoder(config["rep_dim"], config["dropout_keep"]).to(config["device"])
+    module = MemoryModule(store, config["rep_dim"], name=config["memory_name"], **memory_config).to(config["device"])
     eval_memory = store.create_memory(config["memory_name"] + "-eval", key_dim=config["rep_dim"], **memory_config)
     parameters = [*encoder.parameters(), *module.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=config["learning_rate"], eps=config["adam_epsilon"])
@@ -340,12 +346,12 @@ def main() -> None:
     checkpoint_path = out / "checkpoint.pt"
     source = config["evaluate"] or (checkpoint_path if config["resume"] and checkpoint_path.exists() else None)
     if source:
-        state = torch.load(source, weights_only=False)
+        state = torch.load(source, weights_only=False, map_location=config["device"])
         encoder.load_state_dict(state["encoder"])
         module.load_state_dict(state["memory_module"])
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         first = state["episode_batch"] + 1
         metrics = state["metrics"]
         print(f"resumed from {source} after episode batch {state['episode_batch']}")
