@@ -212,15 +212,19 @@ def _serve(args, argv: list[str] | None) -> int:
     except (OSError, ValueError) as exc:
         print(f"lmem serve: {exc}", file=sys.stderr)
         return 2
-    serve(
-        f"{args.host}:{args.port}",
-        registry,
-        limits,
-        args.workers,
-        args.metrics_port,
-        auth=auth,
-        credentials=credentials,
-    )
+    try:
+        serve(
+            f"{args.host}:{args.port}",
+            registry,
+            limits,
+            args.workers,
+            args.metrics_port,
+            auth=auth,
+            credentials=credentials,
+        )
+    except OSError as exc:  # a port in use (gRPC's or the metrics'); nothing was served
+        print(f"lmem serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,6 +20,7 @@ Snapshot files double as the portable export format (``lmem export``/``import``)
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -485,9 +486,25 @@ class DataDirectory:
         self.root = Path(root)
         self.memories_dir = self.root / "memories"
         self.memories_dir.mkdir(parents=True, exist_ok=True)
+        # One owner at a time: two servers writing one directory would interleave their logs.
+        self._lock_file = open(self.root / "lock", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            owner = self._lock_file.read().strip() or "another process"
+            self._lock_file.close()
+            raise OSError(f"data directory {self.root} is in use by {owner}") from None
+        self._lock_file.truncate(0)
+        self._lock_file.write(f"process {os.getpid()}\n")
+        self._lock_file.flush()
         self.durability = durability
         self._snapshot_times: dict[str, float] = {}
         self._snapshot_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Let another server have the directory (closing the lock file releases the lock)."""
+        self._lock_file.close()
 
     # Creation and deletion are made atomic by building in a hidden folder and renaming.
     def create(self, name: str, memory: Memory) -> None:

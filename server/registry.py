@@ -161,6 +161,7 @@ class MemoryRegistry:
                 memory.journal.close()
             except Exception as exc:  # its log holds every acknowledged write still: recovery replays it
                 log.error("memory %r: no snapshot at shutdown: %s", name, exc)
+        self.storage.close()
 
     def _snapshot_periodically(self) -> None:
         period = min(5.0, self.storage.durability.snapshot_interval)

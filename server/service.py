@@ -259,6 +259,7 @@ def build_server(
     options = [
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on a port in use must fail, not share its traffic
     ]
     # RpcObserver first, outermost: request ids, logs and metrics cover every call, rejected ones too.
     server = grpc.server(
@@ -272,9 +273,14 @@ def build_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    try:
+        port = (
+            server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        )
+    except RuntimeError:  # grpc's way of saying the address is in use or not ours
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"could not bind {address}: in use, or not an address of this machine")
     return server, port
 
 

@@ -116,3 +116,20 @@ def test_durable_server_snapshot_export_import_and_restart(tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_second_server_cannot_take_the_port_or_the_data_directory(tmp_path):
+    port = str(free_port())
+    first = subprocess.Popen([*LMEM, "serve", "--port", port, "--data-dir", str(tmp_path)], stdout=subprocess.PIPE)
+    try:
+        assert b"serving on" in first.stdout.readline()
+        same_port = subprocess.run([*LMEM, "serve", "--port", port], capture_output=True, text=True, timeout=60)
+        assert same_port.returncode == 2 and f"could not bind 127.0.0.1:{port}" in same_port.stderr
+        same_dir = subprocess.run(
+            [*LMEM, "serve", "--port", "0", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+        )
+        assert same_dir.returncode == 2
+        assert f"data directory {tmp_path} is in use by process {first.pid}" in same_dir.stderr
+    finally:
+        first.kill()
+        first.wait()

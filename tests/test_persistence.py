@@ -47,6 +47,13 @@ def assert_same(a, b) -> None:
         assert torch.equal(getattr(x, name), getattr(y, name)), name
 
 
+def reopen(registry: MemoryRegistry, **options) -> MemoryRegistry:
+    """What a restarted server finds: the files as the first one left them (it is not closed: no final
+    snapshot, no flush), and the data directory's lock released, as a process's death releases it."""
+    registry.storage.close()
+    return MemoryRegistry(data_dir=registry.storage.root, **options)
+
+
 def twin(tmp_path, **config):
     """A durable memory and an in-memory twin that receives the same writes."""
     registry = MemoryRegistry(data_dir=tmp_path)
@@ -65,7 +72,7 @@ def test_recovery_after_a_crash_equals_the_memory_and_goes_on_alike(tmp_path, sy
     for target in (memory, live):
         write(target, range(40, 70))
     # No close: the files are what a killed process leaves behind.
-    recovered = MemoryRegistry(data_dir=tmp_path, durability=Durability(sync=sync)).get("m")
+    recovered = reopen(registry, durability=Durability(sync=sync)).get("m")
     assert_same(recovered, live)
     for target in (recovered, live):
         write(target, range(70, 90))
@@ -93,7 +100,7 @@ def test_torn_tail_is_truncated_and_reported(tmp_path, caplog):
     memory.query(queries, labels, update=True)  # a last record, then torn in half
     with open(newest, "r+b") as f:
         f.truncate(size + (newest.stat().st_size - size) // 2)
-    recovered = MemoryRegistry(data_dir=tmp_path).get("m")
+    recovered = reopen(registry).get("m")
     assert_same(recovered, live)
     assert "torn or corrupt write-ahead log tail" in caplog.text
     assert newest.stat().st_size == size  # cut back to the last whole record
@@ -115,7 +122,7 @@ def test_corrupt_record_cuts_the_log_there(tmp_path, caplog):
         byte = f.read(1)
         f.seek(good + 30)
         f.write(bytes([byte[0] ^ 0xFF]))
-    assert_same(MemoryRegistry(data_dir=tmp_path).get("m"), live)
+    assert_same(reopen(registry).get("m"), live)
     assert "checksum mismatch" in caplog.text
 
 
@@ -131,7 +138,7 @@ def test_damaged_newest_snapshot_falls_back_to_the_older_one(tmp_path, caplog):
     with open(snapshots[-1], "r+b") as f:  # inside the arrays, past the header
         f.seek(-200, os.SEEK_END)
         f.write(b"\xff" * 16)
-    assert_same(MemoryRegistry(data_dir=tmp_path).get("m"), live)
+    assert_same(reopen(registry).get("m"), live)
     assert "checksum mismatch" in caplog.text
 
 
@@ -155,7 +162,7 @@ def test_unrecoverable_memory_is_reported_and_others_come_back(tmp_path, caplog)
     write(bad, range(10))
     before = good.capture()
     (tmp_path / "memories" / "bad" / "config.json").write_text("{not json")
-    again = MemoryRegistry(data_dir=tmp_path)
+    again = reopen(registry)
     assert "memory 'bad' could not be recovered" in caplog.text
     with pytest.raises(FailedPrecondition, match="could not be recovered"):
         again.get("bad")
@@ -175,7 +182,7 @@ def test_log_starting_after_the_state_is_refused_not_guessed(tmp_path, caplog):
     for path in (tmp_path / "memories" / "m").glob("snapshot-*.lmem"):
         path.unlink()
     with pytest.raises(FailedPrecondition, match="writes in between are lost"):
-        MemoryRegistry(data_dir=tmp_path).get("m")
+        reopen(registry).get("m")
 
 
 def test_create_and_delete_are_durable(tmp_path):
@@ -183,7 +190,7 @@ def test_create_and_delete_are_durable(tmp_path):
     registry.create("kept", **CONFIG)
     registry.create("gone", **CONFIG)
     registry.delete("gone")
-    again = MemoryRegistry(data_dir=tmp_path)
+    again = reopen(registry)
     assert [name for name, _ in again.list()] == ["kept"]
     assert again.get("kept").config == registry.get("kept").config
 
@@ -213,7 +220,7 @@ def test_group_commit_shares_fsyncs_among_concurrent_writers(tmp_path, monkeypat
         t.join()
     assert memory.commit_sequence == writers * writes
     assert len(fsyncs) <= writers * writes // 2, f"{len(fsyncs)} fsyncs for {writers * writes} writes"
-    recovered = MemoryRegistry(data_dir=tmp_path).get("m")
+    recovered = reopen(registry).get("m")
     assert recovered.commit_sequence == writers * writes
 
 
