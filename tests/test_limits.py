@@ -92,21 +92,28 @@ def test_too_many_memories(server):
             store.create_memory("fourth", **CONFIG)
 
 
+def occupy_workers(service, release: threading.Event, workers: int = 4) -> list:
+    """Open streams until every worker thread serves one (each has answered), blocked until ``release``."""
+    streams = []
+    for _ in range(workers):
+
+        def requests():
+            yield pb.QueryRequest(memory="bystander", queries=wire.encode_array(batch(9)[0]))
+            release.wait()
+
+        stream = service.QueryStream(requests())
+        next(stream)
+        streams.append(stream)
+    return streams
+
+
 def test_write_whose_deadline_passes_in_the_queue_is_not_applied(server):
     url, _ = server
     channel, service = stub(url)
     with channel, connect(url, timeout=0.5) as store:
-        # Fill every worker thread with an open stream, so the next call waits in the queue past its deadline.
-        release = threading.Event()
-        streams = [service.QueryStream(iter(release.wait, True)) for _ in range(4)]
-        with pytest.raises(DeadlineExceeded):
-            store.memory("bystander")
-        release.set()
-        for s in streams:
-            s.cancel()
         memory = store.memory("bystander")
-        release.clear()
-        streams = [service.QueryStream(iter(release.wait, True)) for _ in range(4)]
+        release = threading.Event()
+        streams = occupy_workers(service, release)
         with pytest.raises(DeadlineExceeded):
             memory.query(*batch(1), update=True)
         release.set()
