@@ -215,6 +215,9 @@ def run(cycles: int, clients: int = 4, sync: str = "always", seed: int = 0, work
                 torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v
                 for k, v in bystander_state.items()
             ), "the bystander memory changed"
+    except BaseException:
+        server.kill()  # a failed check: the server must not outlive the run
+        raise
     finally:
         stop.set()
         for p in processes:
