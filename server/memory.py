@@ -707,14 +707,10 @@ class Memory:
         self.index.update(torch.arange(self.config.memory_size, device=self.device), self.keys)
 
     def _load(self, state: MemoryState) -> None:
-        """Take a captured state (before the index is built over the keys)."""
-        size, dim = self.config.memory_size, self.config.key_dim
-        expected = {"keys": (size, dim), "values": (size,), "ages": (size,), "generations": (size,)}
-        for name, shape in expected.items():
-            tensor = getattr(state, name)
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"{name} has shape {list(tensor.shape)}, the config needs {list(shape)}")
-            getattr(self, name).copy_(tensor)
+        """Take a captured state, already checked against the config (persistence.read_snapshot), before the
+        index is built over the keys."""
+        for name in ("keys", "values", "ages", "generations"):
+            getattr(self, name).copy_(getattr(state, name))
         self.recent = dict(zip(state.recent_labels.tolist(), state.recent_slots.tolist(), strict=True))
         self.commit_sequence = state.commit_sequence
         self.empty_slots = int((self.values == EMPTY).sum())

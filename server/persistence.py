@@ -310,7 +310,7 @@ def scan_segment(path: Path) -> SegmentScan:
             return SegmentScan(records, offset, f"record {sequence} at byte {offset} does not follow {previous}")
         payload = data[offset + RECORD_HEADER.size : end]
         try:
-            delta = None if kind == CLEAR else decode_delta(payload) if kind == WRITE else _unknown(kind)
+            delta = decode_record(kind, payload)
         except (ValueError, struct.error) as exc:
             return SegmentScan(records, offset, f"malformed record at byte {offset}: {exc}")
         records.append((sequence, delta))
@@ -319,7 +319,11 @@ def scan_segment(path: Path) -> SegmentScan:
     return SegmentScan(records, offset, None)
 
 
-def _unknown(kind: int):
+def decode_record(kind: int, payload: bytes) -> Delta | None:
+    if kind == CLEAR:
+        return None
+    if kind == WRITE:
+        return decode_delta(payload)
     raise ValueError(f"unknown record kind {kind}")
 
 
