@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-batch", type=int, default=4096, help="most query rows per request")
     serve.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, MiB")
     serve.add_argument("--max-memories", type=int, default=64)
+    serve.add_argument(
+        "--max-query-mb",
+        type=int,
+        help="working memory one query may use, MiB (default: an eighth of the memory budget, at most 1024)",
+    )
     serve.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
     serve.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
     serve.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text, or json lines (default text)")
@@ -208,6 +213,7 @@ def _serve(args, argv: list[str] | None) -> int:
             durability=durability,
             memory_budget_bytes=int(args.memory_budget_gb * (1 << 30)) if args.memory_budget_gb else None,
             max_batch=args.max_batch,
+            max_query_bytes=args.max_query_mb << 20 if args.max_query_mb else None,
         )
     except (OSError, ValueError) as exc:
         print(f"lmem serve: {exc}", file=sys.stderr)

@@ -15,16 +15,19 @@ age_noise 0 is fully determined by its inputs, and a seeded one by its seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
 import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from lifelong_memory.server.index import SCORE_BUFFER_BYTES, build_index
 
 EMPTY = -1
@@ -34,6 +37,14 @@ SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BACKENDS = ("torch", "faiss")
 MAX_AGE_BINS = 1000
 MAX_TOP_LABELS = 10000
+# Each shard costs a search call per query: more than this only adds overhead on any one machine.
+MAX_SHARDS = 256
+MIB = 1 << 20
+# Bytes one entry of the recent-label table costs in the process (an OrderedDict entry and two ints).
+RECENT_ENTRY_BYTES = 160
+# Working memory of a query per (row, neighbour), measured on the CPU: search output, canonical order,
+# pool and gathered values (80 bytes), plus 4 * key_dim with neighbour keys.
+QUERY_BYTES_PER_NEIGHBOR = 80
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,8 @@ class MemoryConfig:
         check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2^63), got {self.seed}")
         check(self.search_dtype in SEARCH_DTYPES, "search_dtype", f"must be one of {sorted(SEARCH_DTYPES)}")
         check(self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
-        check(1 <= self.shards <= self.memory_size, "shards", f"must be in [1, memory_size], got {self.shards}")
+        most_shards = min(MAX_SHARDS, self.memory_size)
+        check(1 <= self.shards <= most_shards, "shards", f"must be in [1, {most_shards}], got {self.shards}")
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:
@@ -100,14 +112,31 @@ class MemoryConfig:
         return softmax_temperature(self.choose_k, self.alpha)
 
     def footprint_bytes(self, max_batch: int) -> int:
-        """Bytes a memory of this config holds at most: its slots, the index's own copy of the keys
-        (bf16 or faiss) and the search's score buffers for batches of up to ``max_batch`` rows."""
+        """Bytes a memory of this config holds at most: its slots and recent-label table, the index's own
+        copy of the keys (bf16 or faiss) and the search's score buffers for batches of up to ``max_batch`` rows."""
         size, dim = self.memory_size, self.key_dim
-        slots = size * (dim * 4 + 8 + 4 + 8)
+        slots = size * (dim * 4 + 8 + 4 + 8 + RECENT_ENTRY_BYTES)  # the recent-label table holds <= size entries
         index_copy = {"torch": size * dim * 2 if self.search_dtype == "bfloat16" else 0, "faiss": size * dim * 4}
         score_element = 2 if self.search_dtype == "bfloat16" else 4
         scores = min(max_batch * size * score_element, self.shards * SCORE_BUFFER_BYTES)
         return slots + index_copy[self.backend] + (scores if self.backend == "torch" else 0)
+
+
+def query_working_bytes(key_dim: int, batch: int, k: int, fields: frozenset[str]) -> int:
+    """Working memory of one query of ``batch`` rows and ``k`` neighbours beyond the index's score buffers."""
+    per_neighbor = QUERY_BYTES_PER_NEIGHBOR + (4 * key_dim if "neighbor_keys" in fields else 0)
+    return batch * k * per_neighbor
+
+
+def result_bytes(key_dim: int, batch: int, k: int, fields: frozenset[str], correct_in_top: int = 1) -> int:
+    """Bytes of the arrays in a QueryResult: what a reply carries, before any framing."""
+    per_row = 8 + 8 + 1 + 16 * (correct_in_top + 1)  # predictions, written slots, incorrect, a ticket
+    per_row += k * (8 + 4 + 8) if "neighbors" in fields else 0
+    per_row += k * 4 * key_dim if "neighbor_keys" in fields else 0
+    per_row += k * 4 if "weights" in fields else 0
+    per_row += 24 if "positive_negative" in fields else 0
+    per_row += 8 * key_dim if "positive_negative_keys" in fields else 0
+    return batch * per_row
 
 
 def softmax_temperature(k: int, alpha: float) -> float:
@@ -235,10 +264,11 @@ class MemoryState:
 class Journal(Protocol):
     """Where a memory records its writes (the write-ahead log); see server/persistence.py."""
 
-    failure: Exception | None
+    failure: Exception | None  # set when the log can no longer be trusted: the memory then answers nothing
 
     def append(self, sequence: int, delta: Delta | None) -> None:
-        """Record a write (None: a clear). Called under the memory's lock, in commit order; only buffers."""
+        """Record a write (None: a clear) before it is applied. Called under the memory's lock, in commit
+        order. Raises (ResourceExhausted, Unavailable) with the log as it was: the write is then not applied."""
 
     def wait(self, sequence: int) -> None:
         """Return once the write ``sequence`` is durable under the journal's policy (Unavailable if it can't be)."""
@@ -267,8 +297,16 @@ class Memory:
     (returned) only once the journal says it is durable.
     """
 
-    def __init__(self, config: MemoryConfig, state: MemoryState | None = None, journal: Journal | None = None):
+    def __init__(
+        self,
+        config: MemoryConfig,
+        state: MemoryState | None = None,
+        journal: Journal | None = None,
+        max_query_bytes: int | None = None,
+    ):
         self.config = config.validated()
+        # Working memory one query may use (None: unbounded); a larger query is refused before any work.
+        self.max_query_bytes = max_query_bytes
         cfg = self.config
         self.device = torch.device(cfg.device)
         size, dim = cfg.memory_size, cfg.key_dim
@@ -281,7 +319,8 @@ class Memory:
             self.generations = torch.zeros(size, dtype=torch.int64, device=self.device)
         except (RuntimeError, MemoryError) as exc:
             raise ResourceExhausted(f"cannot allocate {size} slots of dimension {dim} on {cfg.device}: {exc}") from None
-        self.recent: dict[int, int] = {}
+        # label -> slot of its last write or merge, least recently written first; at most memory_size labels.
+        self.recent: OrderedDict[int, int] = OrderedDict()
         self.commit_sequence = 0
         self.empty_slots = size
         self.counters = {"queries": 0, "writes": 0, "merges": 0}
@@ -290,6 +329,7 @@ class Memory:
         if state is not None:
             self._load(state)
         self._lock = threading.Lock()
+        self._retired = False
         self.journal = journal
         self.index = build_index(self.keys, cfg.backend, SEARCH_DTYPES[cfg.search_dtype], cfg.shards)
 
@@ -312,15 +352,16 @@ class Memory:
         fields = self._check_fields(fields, labelled=y is not None)
         if update:
             self._check_update_batch(len(q))
-        with self._lock:
-            if update:
-                self._check_writable()
+        self._check_query_bytes(len(q), k, fields)
+        with self._locked():
             read = self._read(q, y, k, use_recent)
             result = self._result(q, read, fields, k, use_recent, ticket=not update)
-            self.counters["queries"] += len(q)
             if update:
                 result.written_slots = self._apply(q, y, read.incorrect, read.positive_slots)
                 result.commit_sequence = self.commit_sequence
+            self.counters["queries"] += len(q)
+        if "weights" in fields:  # computed after releasing the lock: it reads only this query's own tensors
+            result.weights = torch.softmax(read.similarities * softmax_temperature(k, self.config.alpha), dim=1)
         if update:
             self._wait_durable(result.commit_sequence)
         return result
@@ -337,8 +378,8 @@ class Memory:
         relied, generations, k = self._check_ticket(ticket, len(q))
         self._check_update_batch(len(q))
         c = self.config.correct_in_top
-        with self._lock:
-            self._check_writable()
+        self._check_query_bytes(len(q), k, frozenset())
+        with self._locked():
             current = torch.where(relied >= 0, self.generations[relied.clamp(min=0)], -1)
             stale = (current != generations).any(dim=1)
             top = relied[:, :c]
@@ -366,7 +407,7 @@ class Memory:
             raise InvalidArgument("slots", f"must be one-dimensional, got shape {list(slots.shape)}")
         if len(slots) and (int(slots.min()) < 0 or int(slots.max()) >= self.config.memory_size):
             raise InvalidArgument("slots", f"slot ids must be in [0, {self.config.memory_size})")
-        with self._lock:
+        with self._locked():
             return (
                 self.commit_sequence,
                 self.keys[slots].clone(),
@@ -377,13 +418,20 @@ class Memory:
 
     def clear(self) -> None:
         """Forget everything; the age-noise generator restarts from the seed."""
-        with self._lock:
-            self._check_writable()
-            self._clear()
+        with self._locked():
             if self.journal is not None:
-                self.journal.append(self.commit_sequence, None)
+                self.journal.append(self.commit_sequence + 1, None)
+            self._clear()
             sequence = self.commit_sequence
         self._wait_durable(sequence)
+
+    def retire(self, commit: Callable[[], None]) -> None:
+        """Take no more calls (a delete): once the calls in progress are done, run ``commit`` (which removes
+        the memory's files) under the lock; from then on every call raises NotFound. If ``commit`` raises,
+        the memory goes on as it was."""
+        with self._lock:
+            commit()
+            self._retired = True
 
     def replay(self, sequence: int, delta: Delta | None) -> None:
         """Redo a write from the journal (None: a clear), exactly as it was first committed."""
@@ -398,7 +446,7 @@ class Memory:
 
     def capture(self) -> MemoryState:
         """A consistent copy of the whole memory, on the CPU (for snapshots and export)."""
-        with self._lock:
+        with self._locked():
             recent = torch.tensor(list(self.recent.items()), dtype=torch.int64).reshape(-1, 2)
             return MemoryState(
                 config=self.config,
@@ -418,6 +466,7 @@ class Memory:
             return {
                 "filled_slots": self.config.memory_size - self.empty_slots,
                 "commit_sequence": self.commit_sequence,
+                "recent_labels": len(self.recent),
                 **self.counters,
             }
 
@@ -425,7 +474,7 @@ class Memory:
         """Fill, age histogram, label counts and key-norm sanity of the filled slots, and the counters."""
         _check_count(age_bins, "age_bins", 1, MAX_AGE_BINS)
         _check_count(top_labels, "top_labels", 0, MAX_TOP_LABELS)
-        with self._lock:  # copies of the per-slot vectors; the statistics are computed after releasing it
+        with self._locked():  # copies of the per-slot vectors; the statistics are computed after releasing it
             values = self.values.clone()
             ages = self.ages.clone()
             # A norm is inf or nan exactly when a component is (or squares past float32), so one pass
@@ -463,7 +512,7 @@ class Memory:
         """The slots holding ``label``, with their ages, and the label's recent slot."""
         if not isinstance(label, numbers.Integral) or isinstance(label, bool) or label < 0:
             raise InvalidArgument("label", f"must be an integer >= 0, got {label!r}")
-        with self._lock:
+        with self._locked():
             slots = torch.nonzero(self.values == label).flatten()
             return LabelSlots(
                 self.commit_sequence, slots.cpu(), self.ages[slots].cpu(), self.recent.get(int(label), NO_SLOT)
@@ -471,11 +520,31 @@ class Memory:
 
     # ------------------------------------------------------------- validation
 
-    def _check_writable(self) -> None:
-        if self.journal is not None and self.journal.failure is not None:
-            raise FailedPrecondition(
-                f"this memory's write-ahead log failed ({self.journal.failure}); it takes no more writes until the "
-                "server restarts and recovers it from disk"
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The memory's lock, for a call on a live memory. A deleted memory answers NotFound; one whose log
+        failed answers nothing (FailedPrecondition) until a restart recovers it from disk, so no caller sees
+        a write that the log may not hold."""
+        with self._lock:
+            if self._retired:
+                raise NotFound("the memory was deleted")
+            if self.journal is not None and self.journal.failure is not None:
+                raise FailedPrecondition(
+                    f"this memory's write-ahead log failed ({self.journal.failure}); it answers no calls until the "
+                    "server restarts and recovers it from disk"
+                )
+            yield
+
+    def _check_query_bytes(self, batch: int, k: int, fields: frozenset[str]) -> None:
+        if self.max_query_bytes is None:
+            return
+        needed = query_working_bytes(self.config.key_dim, batch, k, fields)
+        if needed > self.max_query_bytes:
+            keys = " with neighbor_keys" if "neighbor_keys" in fields else ""
+            raise ResourceExhausted(
+                f"k: a query of {batch} rows with k = {k}{keys} needs about {needed / MIB:.1f} MiB of working "
+                f"memory; this server allows {self.max_query_bytes / MIB:.1f} MiB per query: send fewer rows, a "
+                "smaller k or fewer fields"
             )
 
     def _wait_durable(self, sequence: int) -> None:
@@ -623,8 +692,6 @@ class Memory:
             result.neighbor_values = read.values
         if "neighbor_keys" in fields:
             result.neighbor_keys = self.keys[read.slots]
-        if "weights" in fields:
-            result.weights = torch.softmax(read.similarities * softmax_temperature(k, self.config.alpha), dim=1)
         if "positive_negative" in fields:
             result.positive_slots = read.positive_slots
             result.positive_similarities = read.positive_similarities
@@ -664,6 +731,7 @@ class Memory:
     ) -> torch.Tensor:
         """The memory update for one batch; returns the slot each row wrote or merged into."""
         merging = ~incorrect
+        noise_state = self._rng.get_state() if self.journal is not None else None
         oldest = self._oldest(len(q), exclude=positive_slots[merging])
         slots = torch.where(incorrect, oldest, positive_slots)
         merged_keys = _l2_normalize(q + self.keys[positive_slots.clamp(min=0)])
@@ -675,9 +743,13 @@ class Memory:
         last[:-1] = sorted_slots[1:] != sorted_slots[:-1]
         rows, targets = order[last], sorted_slots[last]
         delta = Delta(targets, new_keys[rows], y[rows], y, slots, int(incorrect.sum()))
-        self._commit(delta)
         if self.journal is not None:
-            self.journal.append(self.commit_sequence, delta)
+            try:
+                self.journal.append(self.commit_sequence + 1, delta)
+            except BaseException:
+                self._rng.set_state(noise_state)  # a refused write leaves no trace, not even its noise draw
+                raise
+        self._commit(delta)
         return slots
 
     def _commit(self, delta: Delta) -> None:
@@ -690,7 +762,11 @@ class Memory:
         self.ages[targets] = 0
         self.commit_sequence += 1
         self.generations[targets] = self.commit_sequence
-        self.recent.update(zip(delta.labels.tolist(), delta.slots.tolist(), strict=True))
+        for label, slot in zip(delta.labels.tolist(), delta.slots.tolist(), strict=True):
+            self.recent[label] = slot
+            self.recent.move_to_end(label)
+        while len(self.recent) > self.config.memory_size:  # forget the least recently written labels
+            self.recent.popitem(last=False)
         self.index.update(targets, delta.keys)
         self.counters["writes"] += delta.writes
         self.counters["merges"] += len(delta.labels) - delta.writes
@@ -711,7 +787,9 @@ class Memory:
         index is built over the keys."""
         for name in ("keys", "values", "ages", "generations"):
             getattr(self, name).copy_(getattr(state, name))
-        self.recent = dict(zip(state.recent_labels.tolist(), state.recent_slots.tolist(), strict=True))
+        bound = self.config.memory_size  # an older snapshot may hold more: keep the most recently written
+        recent = zip(state.recent_labels[-bound:].tolist(), state.recent_slots[-bound:].tolist(), strict=True)
+        self.recent = OrderedDict(recent)
         self.commit_sequence = state.commit_sequence
         self.empty_slots = int((self.values == EMPTY).sum())
         self.counters = {**self.counters, **state.counters}

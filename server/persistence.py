@@ -20,9 +20,11 @@ Snapshot files double as the portable export format (``lmem export``/``import``)
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -38,7 +40,7 @@ from typing import BinaryIO
 import torch
 from prometheus_client import Counter, Histogram
 
-from lifelong_memory.server.errors import Unavailable
+from lifelong_memory.server.errors import MemoryServiceError, NotFound, ResourceExhausted, Unavailable
 from lifelong_memory.server.memory import Delta, Memory, MemoryConfig, MemoryState
 
 log = logging.getLogger("lifelong_memory.server.persistence")
@@ -194,13 +196,16 @@ def read_snapshot(f: BinaryIO) -> MemoryState:
         shape = spec["shape"]
         if spec["dtype"] != DTYPE_NAMES[dtype] or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise SnapshotError(f"array {name}: bad dtype or shape {spec}")
-        array = torch.empty(shape, dtype=dtype)
-        raw = memoryview(array.numpy()).cast("B") if array.numel() else memoryview(bytearray())
-        got = f.readinto(raw)
-        if got != len(raw):
-            raise SnapshotError(f"truncated: array {name} needs {len(raw)} bytes, the file has {got}")
+        # Read before allocating: a header may announce any shape, the file holds what it holds.
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        raw = bytearray()
+        while len(raw) < size:
+            chunk = f.read(min(CHUNK_BYTES, size - len(raw)))
+            if not chunk:
+                raise SnapshotError(f"truncated: array {name} needs {size} bytes, the file has {len(raw)}")
+            raw += chunk
         crc = zlib.crc32(raw, crc)
-        arrays[name] = array
+        arrays[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if size else torch.empty(shape, dtype=dtype)
     trailer = f.read(4 + len(SNAPSHOT_END))
     if len(trailer) != 4 + len(SNAPSHOT_END) or trailer[4:] != SNAPSHOT_END:
         raise SnapshotError("truncated: the trailer is missing")
@@ -284,28 +289,34 @@ def decode_delta(payload: bytes) -> Delta:
 
 @dataclass
 class SegmentScan:
-    records: list[tuple[int, Delta | None]]
+    records: list[tuple[int, int, Delta | None]]  # (commit sequence, byte offset, write or None for a clear)
     valid_bytes: int  # where the last good record ends
     problem: str | None  # why the scan stopped before the end of the file
+    torn: bool = False  # the problem is an unfinished last record (a crash mid-append), not damage
 
 
 def scan_segment(path: Path) -> SegmentScan:
     """The good records of one log segment, up to the first torn or corrupt one."""
     data = path.read_bytes()
     if data[: len(WAL_MAGIC)] != WAL_MAGIC:
-        return SegmentScan([], 0, "bad magic")
+        unfinished = len(data) < len(WAL_MAGIC) and WAL_MAGIC.startswith(data)  # created, never written
+        return SegmentScan([], 0, "bad magic at byte 0", torn=unfinished)
     offset = len(WAL_MAGIC)
-    records: list[tuple[int, Delta | None]] = []
+    records: list[tuple[int, int, Delta | None]] = []
     previous = None
     while offset < len(data):
         if len(data) - offset < RECORD_HEADER.size:
-            return SegmentScan(records, offset, f"torn record header at byte {offset}")
+            return SegmentScan(records, offset, f"torn record header at byte {offset}", torn=True)
         crc, length, sequence, kind = RECORD_HEADER.unpack_from(data, offset)
         end = offset + RECORD_HEADER.size + length
         if end > len(data):
-            return SegmentScan(records, offset, f"torn record at byte {offset} ({length} payload bytes announced)")
+            problem = f"torn record at byte {offset} ({length} payload bytes announced)"
+            return SegmentScan(records, offset, problem, torn=True)
         if zlib.crc32(data[offset + 4 : end]) != crc:
-            return SegmentScan(records, offset, f"checksum mismatch in the record at byte {offset}")
+            # The last record of the file, half on disk after a crash, or damage anywhere.
+            return SegmentScan(
+                records, offset, f"checksum mismatch in the record at byte {offset}", torn=end == len(data)
+            )
         if previous is not None and sequence != previous + 1:
             return SegmentScan(records, offset, f"record {sequence} at byte {offset} does not follow {previous}")
         payload = data[offset + RECORD_HEADER.size : end]
@@ -313,7 +324,7 @@ def scan_segment(path: Path) -> SegmentScan:
             delta = decode_record(kind, payload)
         except (ValueError, struct.error) as exc:
             return SegmentScan(records, offset, f"malformed record at byte {offset}: {exc}")
-        records.append((sequence, delta))
+        records.append((sequence, offset, delta))
         previous = sequence
         offset = end
     return SegmentScan(records, offset, None)
@@ -344,59 +355,68 @@ def segments(directory: Path) -> list[tuple[int, Path]]:
 class WriteAheadLog:
     """The journal of one memory: checksummed records in segment files, made durable with group commit.
 
-    ``append`` only buffers (it runs under the memory's lock). ``wait`` makes the
-    buffer durable: the first waiter becomes the leader and writes and fsyncs
-    everything buffered so far, covering every writer that queued meanwhile.
+    ``append`` writes a record to the OS before its write is applied (it runs under the memory's lock):
+    a write the disk cannot take (full, failing) is refused with the file cut back to its last whole
+    record, so the memory never holds a write its log lacks. ``wait`` makes records durable under the
+    sync policy: the first waiter becomes the leader and fsyncs everything written so far, covering
+    every writer that queued meanwhile. A failed fsync or cut marks the log failed: the memory then
+    answers nothing until recovery reads what the disk really holds.
     """
 
-    def __init__(self, directory: Path, next_sequence: int, durability: Durability):
+    def __init__(self, directory: Path, next_sequence: int, durability: Durability, *, existing: bool = False):
+        """``existing``: the segment for ``next_sequence`` was already written (a create's staging folder)."""
         self.directory = directory
         self.durability = durability
         self.failure: Exception | None = None
         self.bytes_since_snapshot = 0
         self._cond = threading.Condition()
-        self._buffer = bytearray()
-        self._buffer_first = next_sequence
-        self._appended = next_sequence - 1
         self._written = next_sequence - 1
         self._synced = next_sequence - 1
         self._flushing = False
         self._rotate = False
-        self._closed = False
-        self._fd = self._open_segment(next_sequence)
+        self._closed: str | None = None  # why the log takes nothing more: "closed", or "deleted"
+        if existing:
+            self._fd = os.open(segment_path(directory, next_sequence), os.O_WRONLY | os.O_APPEND)
+            self._end = os.fstat(self._fd).st_size
+        else:
+            self._fd, self._end = self._open_segment(next_sequence)
         self._syncer = None
         if durability.sync == "interval":
             self._syncer = threading.Thread(target=self._sync_periodically, daemon=True, name="wal-sync")
             self._syncer.start()
 
-    def _open_segment(self, first_sequence: int) -> int:
-        path = segment_path(self.directory, first_sequence)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        _write_all(fd, WAL_MAGIC)
-        os.fsync(fd)
-        fsync_directory(self.directory)
-        return fd
+    def _open_segment(self, first_sequence: int) -> tuple[int, int]:
+        fd = create_segment(self.directory, first_sequence)
+        return fd, len(WAL_MAGIC)
 
     def append(self, sequence: int, delta: Delta | None) -> None:
         record = encode_record(sequence, delta)
         with self._cond:
-            if not self._buffer:
-                self._buffer_first = sequence
-            self._buffer += record
-            self._appended = sequence
+            self._check_open()
+            if self._rotate:
+                self._start_segment(sequence)
+            try:
+                _write_all(self._fd, record)
+            except OSError as exc:
+                self._cut_back(exc)
+                raise storage_error(exc, "the write-ahead log could not take this write; it was not applied") from None
+            self._end += len(record)
+            self._written = sequence
+            self.bytes_since_snapshot += len(record)
+        WAL_BYTES.labels(self.directory.name).inc(len(record))
 
     def wait(self, sequence: int) -> None:
-        fsync = self.durability.sync == "always"
+        if self.durability.sync != "always":
+            return  # written to the OS by append: what "interval" and "off" promise
         with self._cond:
             while True:
-                if self.failure is not None:
-                    raise Unavailable(f"write-ahead log failed: {self.failure}; this write is not durable")
-                if (self._synced if fsync else self._written) >= sequence:
+                self._check_open(sequence)
+                if self._synced >= sequence:
                     return
                 if self._flushing:
                     self._cond.wait()
                 else:
-                    self._flush(fsync)
+                    self._fsync()
 
     def rotate(self) -> None:
         """Start a new segment at the next write, so the ones a snapshot covers can be deleted."""
@@ -404,68 +424,131 @@ class WriteAheadLog:
             self._rotate = True
 
     def flush(self) -> None:
-        """Write and fsync everything appended so far (before a snapshot or at shutdown)."""
+        """Fsync everything written so far (before a snapshot or at shutdown)."""
         with self._cond:
             while self._flushing:
                 self._cond.wait()
-            if self.failure is None and (self._synced < self._appended or self._rotate):
-                self._flush(fsync=True)
-            if self.failure is not None:
-                raise Unavailable(f"write-ahead log failed: {self.failure}")
+            self._check_open()
+            if self._synced < self._written:
+                self._fsync()
+            self._check_open()
 
     def close(self) -> None:
+        """Fsync and close (a clean shutdown); Unavailable if the log failed."""
         try:
             self.flush()
         finally:
-            with self._cond:
-                self._closed = True
-                self._cond.notify_all()
-                os.close(self._fd)
+            self._shut("closed")
 
-    def _flush(self, fsync: bool) -> None:
-        """Leader: write (and fsync) the buffer with the lock released; called and returns holding it."""
+    def abandon(self) -> None:
+        """Close without syncing: the memory is deleted. Writers still waiting get NotFound."""
+        self._shut("deleted")
+
+    def _shut(self, why: str) -> None:
+        with self._cond:
+            while self._flushing:
+                self._cond.wait()
+            if self._closed is None:
+                self._closed = why
+                os.close(self._fd)
+            self._cond.notify_all()
+
+    def _check_open(self, sequence: int | None = None) -> None:
+        """Called holding the condition: raise if this log takes no more writes (or cannot make ``sequence``
+        durable)."""
+        if self._closed == "deleted" and (sequence is None or self._synced < sequence):
+            raise NotFound("the memory was deleted before this write was made durable")
+        if self.failure is not None:
+            raise Unavailable(f"write-ahead log failed: {self.failure}; this write is not durable")
+        if self._closed is not None and (sequence is None or self._synced < sequence):
+            raise Unavailable("the write-ahead log is closed (the server is shutting down)")
+
+    def _start_segment(self, first_sequence: int) -> None:
+        """Called holding the condition, under the memory's lock: sync and close the current segment, open
+        the next. If the new one cannot be made, the old one goes on (a snapshot's rotation is only a wish)."""
+        while self._flushing:
+            self._cond.wait()
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._fail(exc)
+            raise storage_error(exc, "the write-ahead log could not be synced; this write was not applied") from None
+        self._synced = self._written
+        try:
+            fd, end = self._open_segment(first_sequence)
+        except OSError as exc:
+            log.warning("write-ahead log in %s: no new segment (%s); the current one goes on", self.directory, exc)
+            return
+        os.close(self._fd)
+        self._fd, self._end = fd, end
+        self._rotate = False
+
+    def _cut_back(self, error: OSError) -> None:
+        """A record was written in part: cut the segment back to its last whole record, or fail the log."""
+        try:
+            os.ftruncate(self._fd, self._end)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        log.error("write-ahead log in %s refused a write: %s", self.directory, error)
+
+    def _fail(self, error: Exception) -> None:
+        self.failure = error
+        log.error("write-ahead log in %s failed: %s", self.directory, error)
+        self._cond.notify_all()
+
+    def _fsync(self) -> None:
+        """Leader: fsync with the condition released; called and returns holding it."""
         self._flushing = True
-        data, last = bytes(self._buffer), self._appended
-        first = self._buffer_first if data else last + 1
-        self._buffer.clear()
-        rotate = self._rotate
+        target = self._written
         self._cond.release()
         error = None
         try:
-            if rotate:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = self._open_segment(first)
-            if data:
-                _write_all(self._fd, data)
-            if fsync:
-                started = time.perf_counter()
-                os.fsync(self._fd)
-                FSYNC_SECONDS.observe(time.perf_counter() - started)
+            started = time.perf_counter()
+            os.fsync(self._fd)
+            FSYNC_SECONDS.observe(time.perf_counter() - started)
         except OSError as exc:
             error = exc
         finally:
             self._cond.acquire()
         self._flushing = False
-        if rotate:
-            self._rotate = False
         if error is not None:
-            self.failure = error
-            log.error("write-ahead log in %s failed: %s", self.directory, error)
+            self._fail(error)
         else:
-            self._written = last
-            if fsync:
-                self._synced = last
-            self.bytes_since_snapshot += len(data)
-            WAL_BYTES.labels(self.directory.name).inc(len(data))
+            self._synced = max(self._synced, target)
         self._cond.notify_all()
 
     def _sync_periodically(self) -> None:
         with self._cond:
-            while not self._closed:
+            while self._closed is None:
                 self._cond.wait(self.durability.sync_interval)
-                if not self._closed and not self._flushing and self.failure is None and self._synced < self._appended:
-                    self._flush(fsync=True)
+                if (
+                    self._closed is None
+                    and not self._flushing
+                    and self.failure is None
+                    and self._synced < self._written
+                ):
+                    self._fsync()
+
+
+def create_segment(directory: Path, first_sequence: int) -> int:
+    """A new, empty log segment (just its magic, synced, as is its folder entry); returns its open fd."""
+    fd = os.open(segment_path(directory, first_sequence), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    try:
+        _write_all(fd, WAL_MAGIC)
+        os.fsync(fd)
+        fsync_directory(directory)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def storage_error(error: OSError, what: str) -> MemoryServiceError:
+    """The status for a failed file operation: a full disk is RESOURCE_EXHAUSTED, anything else UNAVAILABLE."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"disk full: {what} ({error})")
+    return Unavailable(f"{what} ({error})")
 
 
 # ---------------------------------------------------------- data directory
@@ -479,7 +562,8 @@ class Recovered:
     memory: Memory | None
     snapshot_sequence: int = 0
     replayed: int = 0
-    truncated: str | None = None  # what was cut from the log's tail, and why
+    truncated: str | None = None  # an unfinished last record cut from the log's tail
+    damaged: list[str] = dataclasses.field(default_factory=list)  # damaged files found, and where they were put
     error: str | None = None  # why the memory could not be brought back
 
 
@@ -512,41 +596,81 @@ class DataDirectory:
 
     # Creation and deletion are made atomic by building in a hidden folder and renaming.
     def create(self, name: str, memory: Memory) -> None:
-        """Give a new memory (empty, or imported with state) its folder and journal."""
+        """Give a new memory (empty, or imported with state) its folder and journal; on failure nothing is left."""
+        folder = self.memories_dir / name
         staging = self.memories_dir / f".creating-{name}-{uuid.uuid4().hex}"
-        staging.mkdir()
+        renamed = False
         try:
+            staging.mkdir()
             write_atomically(staging / "config.json", [json.dumps(dataclasses.asdict(memory.config)).encode()])
             if memory.commit_sequence:
                 state = memory.capture()
                 write_atomically(staging / _snapshot_name(state.commit_sequence), snapshot_chunks(state))
-            os.rename(staging, self.memories_dir / name)
+            os.close(create_segment(staging, memory.commit_sequence + 1))
+            os.rename(staging, folder)
+            renamed = True
+            fsync_directory(self.memories_dir)
+            memory.journal = WriteAheadLog(folder, memory.commit_sequence + 1, self.durability, existing=True)
+        except OSError as exc:
+            self._discard(folder if renamed else staging)
+            raise storage_error(exc, f"memory {name!r} could not be created; nothing was") from None
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            self._discard(folder if renamed else staging)
             raise
-        fsync_directory(self.memories_dir)
-        memory.journal = WriteAheadLog(self.memories_dir / name, memory.commit_sequence + 1, self.durability)
         self._snapshot_times[name] = time.monotonic()
 
     def delete(self, name: str, memory: Memory | None) -> None:
-        if memory is not None and isinstance(memory.journal, WriteAheadLog):
-            memory.journal.close()
+        """Delete a memory's folder; a live ``memory`` first finishes the calls in progress and then answers
+        NotFound (Memory.retire). The synced rename is the delete: a failure before it changes nothing."""
+        # Not during a snapshot of it: that would write the old memory's state into a new one of the same name.
+        with self._snapshot_lock:
+            if memory is None:
+                self._remove_folder(name, None)
+            else:
+                memory.retire(lambda: self._remove_folder(name, memory))
+
+    def _remove_folder(self, name: str, memory: Memory | None) -> None:
+        folder = self.memories_dir / name
         trash = self.memories_dir / f".deleted-{name}-{uuid.uuid4().hex}"
-        os.rename(self.memories_dir / name, trash)
-        fsync_directory(self.memories_dir)
-        shutil.rmtree(trash)
+        try:
+            os.rename(folder, trash)
+        except OSError as exc:
+            raise storage_error(exc, f"memory {name!r} could not be deleted; it is unchanged") from None
+        try:
+            fsync_directory(self.memories_dir)
+        except OSError as exc:
+            os.rename(trash, folder)
+            raise storage_error(exc, f"memory {name!r} could not be deleted; it is unchanged") from None
+        if memory is not None and isinstance(memory.journal, WriteAheadLog):
+            memory.journal.abandon()
+        self._snapshot_times.pop(name, None)
+        self._discard(trash)
+
+    def _discard(self, path: Path) -> None:
+        """Remove a folder that no longer counts; what cannot be removed now is removed at the next start."""
+        try:
+            if path.name.startswith("."):
+                shutil.rmtree(path)
+            elif path.exists():
+                hidden = path.with_name(f".deleted-{path.name}-{uuid.uuid4().hex}")
+                os.rename(path, hidden)
+                shutil.rmtree(hidden)
+        except OSError as exc:
+            log.warning("could not remove %s now (%s); it is removed at the next start", path, exc)
 
     def recover(self) -> list[Recovered]:
-        """Bring back every memory in the directory: newest valid snapshot, then its log."""
+        """Bring back every memory in the directory: newest valid snapshot, then its log. A memory that
+        cannot be brought back, for whatever reason, is reported and the others still are."""
         for leftover in self.memories_dir.glob(".*"):  # half-made creates, half-done deletes
             shutil.rmtree(leftover, ignore_errors=True)
         results = []
         for folder in sorted(p for p in self.memories_dir.iterdir() if p.is_dir()):
             try:
                 results.append(self._recover(folder))
-            except (RecoveryError, OSError, ValueError) as exc:
-                log.error("memory %r could not be recovered from %s: %s", folder.name, folder, exc)
-                results.append(Recovered(folder.name, None, error=str(exc)))
+            except Exception as exc:  # noqa: BLE001 - one memory's failure, of any kind, must not stop the others
+                error = str(exc) if isinstance(exc, RecoveryError) else f"{type(exc).__name__}: {exc}"
+                log.error("memory %r could not be recovered from %s: %s", folder.name, folder, error)
+                results.append(Recovered(folder.name, None, error=error))
         return results
 
     def _recover(self, folder: Path) -> Recovered:
@@ -556,50 +680,59 @@ class DataDirectory:
             config = MemoryConfig(**json.loads((folder / "config.json").read_text())).validated()
         except (OSError, ValueError, TypeError) as exc:
             raise RecoveryError(f"config.json: {exc}") from None
-        state = None
-        snapshots = sorted(folder.glob("snapshot-*.lmem"), reverse=True)
-        for path in snapshots:
-            try:
-                state = read_snapshot_file(path)
-                break
-            except (SnapshotError, OSError) as exc:
-                log.error("memory %r: snapshot %s is unusable (%s); trying an older one", folder.name, path.name, exc)
+        damaged: list[str] = []
+        state = self._newest_usable_snapshot(folder, config, damaged)
         memory = Memory(config, state)
-        result = Recovered(folder.name, memory, snapshot_sequence=memory.commit_sequence)
+        result = Recovered(folder.name, memory, snapshot_sequence=memory.commit_sequence, damaged=damaged)
         found = segments(folder)
-        log_start = found[0][0] if found else None
-        if (log_start or 1) > memory.commit_sequence + 1 or (snapshots and state is None and log_start is None):
+        # Only the log after the state counts: a segment whose successor starts at or before the next write
+        # holds nothing the state lacks, whatever its condition.
+        needed = [
+            (first, path)
+            for (first, path), successor in zip(found, [*found[1:], None], strict=True)
+            if successor is None or successor[0] > memory.commit_sequence + 1
+        ]
+        if (needed[0][0] if needed else memory.commit_sequence + 1) > memory.commit_sequence + 1 or (
+            damaged and not found
+        ):
+            start = needed[0][0] if needed else None
             raise RecoveryError(
-                f"no usable snapshot reaches the log, which starts at write {log_start}; the newest usable state is "
+                f"no usable snapshot reaches the log, which starts at write {start}; the newest usable state is "
                 f"at {memory.commit_sequence}: writes in between are lost"
             )
-        for i, (_, path) in enumerate(found):
+        for i, (_, path) in enumerate(needed):
             scan = scan_segment(path)
-            if scan.records and scan.records[0][0] > memory.commit_sequence + 1:
-                raise RecoveryError(
-                    f"{path.name} starts at write {scan.records[0][0]} but the newest usable state is at "
-                    f"{memory.commit_sequence}: writes in between are lost"
+            problem, offset = scan.problem, scan.valid_bytes
+            for sequence, record_offset, delta in scan.records:
+                if sequence <= memory.commit_sequence:
+                    continue
+                if sequence != memory.commit_sequence + 1:
+                    problem, offset = f"record {sequence} does not follow write {memory.commit_sequence}", record_offset
+                    break
+                memory.replay(sequence, delta)
+                result.replayed += 1
+            if problem is None:
+                continue
+            later = [p for _, p in needed[i + 1 :]]
+            if scan.torn and offset == scan.valid_bytes and not later:
+                # An unfinished last append: a write that was never acknowledged (under --sync always).
+                result.truncated = f"{path.name}: {problem}; cut {path.stat().st_size - offset} bytes"
+                _truncate(path, offset)
+                log.warning("memory %r: unfinished write-ahead log tail: %s", folder.name, result.truncated)
+            else:
+                where = self._keep_aside(folder, path, copy=True)
+                found_before = len(damaged)
+                damaged.append(
+                    f"{path.name} at byte {offset}: {problem}; replay stopped at write "
+                    f"{memory.commit_sequence}; the file is kept in {where}"
                 )
-            for sequence, delta in scan.records:
-                if sequence > memory.commit_sequence:
-                    memory.replay(sequence, delta)
-                    result.replayed += 1
-            if scan.problem is not None:
-                later = [p.name for _, p in found[i + 1 :]]
-                result.truncated = f"{path.name}: {scan.problem}; cut {path.stat().st_size - scan.valid_bytes} bytes"
-                if later:
-                    result.truncated += f" and dropped the later segments {later}"
-                if scan.records:
-                    with open(path, "r+b") as f:
-                        f.truncate(scan.valid_bytes)
-                        os.fsync(f.fileno())
-                else:
-                    path.unlink()
-                for _, later_path in found[i + 1 :]:
-                    later_path.unlink()
-                fsync_directory(folder)
-                log.warning("memory %r: torn or corrupt write-ahead log tail: %s", folder.name, result.truncated)
-                break
+                _truncate(path, offset)  # the good records before the damage stay where recovery reads them
+                for later_path in later:
+                    damaged.append(
+                        f"{later_path.name} follows the damage; kept in {self._keep_aside(folder, later_path)}"
+                    )
+                log.error("memory %r: damaged write-ahead log: %s", folder.name, "; ".join(damaged[found_before:]))
+            break
         memory.journal = WriteAheadLog(folder, memory.commit_sequence + 1, self.durability)
         self._snapshot_times[folder.name] = time.monotonic()
         log.info(
@@ -610,6 +743,43 @@ class DataDirectory:
             memory.commit_sequence,
         )
         return result
+
+    def _newest_usable_snapshot(self, folder: Path, config: MemoryConfig, damaged: list[str]) -> MemoryState | None:
+        """The newest snapshot that reads back whole and holds this memory; the others tried are kept aside."""
+        for path in sorted(folder.glob("snapshot-*.lmem"), reverse=True):
+            try:
+                state = read_snapshot_file(path)
+                if (state.config.key_dim, state.config.memory_size) != (config.key_dim, config.memory_size):
+                    raise SnapshotError(
+                        f"it holds a memory of key_dim {state.config.key_dim} and memory_size "
+                        f"{state.config.memory_size}; config.json says {config.key_dim} and {config.memory_size}"
+                    )
+                return state
+            except (SnapshotError, OSError) as exc:
+                where = self._keep_aside(folder, path)
+                damaged.append(f"{path.name}: {exc}; kept in {where}")
+                log.error(
+                    "memory %r: snapshot %s is unusable (%s); kept in %s, trying an older one",
+                    folder.name,
+                    path.name,
+                    exc,
+                    where,
+                )
+        return None
+
+    @staticmethod
+    def _keep_aside(folder: Path, path: Path, copy: bool = False) -> Path:
+        """Move (or copy) a damaged file into the memory's damaged/ folder, where recovery no longer reads it."""
+        aside = folder / "damaged"
+        aside.mkdir(exist_ok=True)
+        target = aside / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        if copy:
+            shutil.copyfile(path, target)
+        else:
+            os.rename(path, target)
+        fsync_directory(aside)
+        fsync_directory(folder)
+        return target.relative_to(folder)
 
     def snapshot(self, name: str, memory: Memory) -> tuple[int, Path, int]:
         """Write a snapshot now; drop the snapshots and log segments it makes redundant.
@@ -650,6 +820,12 @@ class DataDirectory:
             journal.bytes_since_snapshot >= self.durability.snapshot_wal_bytes
             or age >= self.durability.snapshot_interval
         )
+
+
+def _truncate(path: Path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+        os.fsync(f.fileno())
 
 
 def _snapshot_name(sequence: int) -> str:

@@ -41,6 +41,8 @@ class MemoryRegistry:
     leaves unset (how ``lmem serve --backend faiss --shards 4`` applies).
     ``memory_budget_bytes`` (default: 90% of the memory available at start)
     bounds the sum of the memories' footprints for batches of ``max_batch`` rows.
+    ``max_query_bytes`` (default: an eighth of the budget, at most 1 GiB) bounds the working memory
+    of one query, checked before any work.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class MemoryRegistry:
         durability: Durability | None = None,
         memory_budget_bytes: int | None = None,
         max_batch: int = 4096,
+        max_query_bytes: int | None = None,
     ):
         defaults = dict(defaults or {})
         unknown = set(defaults) - CONFIG_FIELDS
@@ -61,8 +64,10 @@ class MemoryRegistry:
         self.max_memories = max_memories
         self.max_batch = max_batch
         self.memory_budget_bytes = memory_budget_bytes or int(0.9 * available_memory_bytes())
+        self.max_query_bytes = max_query_bytes or min(GIB, self.memory_budget_bytes // 8)
         self._memories: dict[str, Memory] = {}
         self._unrecovered: dict[str, str] = {}
+        self._deleting: set[str] = set()
         self._lock = threading.Lock()
         self.storage = DataDirectory(data_dir, durability or Durability()) if data_dir is not None else None
         self._stopping = threading.Event()
@@ -70,6 +75,7 @@ class MemoryRegistry:
         if self.storage is not None:
             for recovered in self.storage.recover():
                 if recovered.memory is not None:
+                    recovered.memory.max_query_bytes = self.max_query_bytes
                     self._memories[recovered.name] = recovered.memory
                 else:
                     self._unrecovered[recovered.name] = recovered.error
@@ -103,11 +109,11 @@ class MemoryRegistry:
             if used + needed > self.memory_budget_bytes:
                 raise ResourceExhausted(
                     f"config.memory_size: {config.memory_size} slots of dimension {config.key_dim} need "
-                    f"{needed / GIB:.2f} GiB; {max(0, self.memory_budget_bytes - used) / GIB:.2f} GiB of this "
-                    f"server's {self.memory_budget_bytes / GIB:.2f} GiB memory budget are left"
+                    f"{_mib(needed)}; {_mib(max(0, self.memory_budget_bytes - used))} of this server's "
+                    f"{_mib(self.memory_budget_bytes)} memory budget are left"
                 )
             # Built under the lock so two creates of one name cannot both succeed.
-            memory = Memory(config, state)
+            memory = Memory(config, state, max_query_bytes=self.max_query_bytes)
             if self.storage is not None:
                 self.storage.create(name, memory)
             self._memories[name] = memory
@@ -133,13 +139,25 @@ class MemoryRegistry:
             return sorted(self._memories.items())
 
     def delete(self, name: str) -> None:
+        """Delete a memory: calls in progress on it finish first, later ones answer NOT_FOUND. Either the
+        memory and its files are gone, or (an error) it is unchanged."""
         check_name(name)
         with self._lock:
-            memory = self._memories.pop(name, None)
-            if memory is None and self._unrecovered.pop(name, None) is None:
+            memory = self._memories.get(name)
+            if name in self._deleting or (memory is None and name not in self._unrecovered):
                 raise NotFound(f"memory {name!r} not found")
+            self._deleting.add(name)
+        try:  # outside the registry's lock: the memory's own calls in progress may take a while
             if self.storage is not None:
                 self.storage.delete(name, memory)
+            elif memory is not None:
+                memory.retire(lambda: None)
+            with self._lock:
+                self._memories.pop(name, None)
+                self._unrecovered.pop(name, None)
+        finally:
+            with self._lock:
+                self._deleting.discard(name)
 
     def snapshot(self, name: str, field: str = "name") -> tuple[int, Path, int]:
         """Snapshot a memory now: (commit sequence, file, bytes)."""
@@ -148,20 +166,24 @@ class MemoryRegistry:
             raise FailedPrecondition("this server keeps no data directory (lmem serve --data-dir) to snapshot into")
         return self.storage.snapshot(name, memory)
 
-    def close(self) -> None:
-        """Snapshot every memory and close the logs (a clean shutdown: recovery then replays nothing)."""
+    def close(self) -> list[str]:
+        """Snapshot every memory and close the logs (a clean shutdown: recovery then replays nothing).
+        Returns the names of the memories that could not be snapshotted (their logs are replayed instead)."""
         self._stopping.set()
         if self._snapshotter is not None:
             self._snapshotter.join()
         if self.storage is None:
-            return
+            return []
+        not_snapshotted = []
         for name, memory in self.list():
             try:
                 self.storage.snapshot(name, memory)
                 memory.journal.close()
             except Exception as exc:  # its log holds every acknowledged write still: recovery replays it
-                log.error("memory %r: no snapshot at shutdown: %s", name, exc)
+                log.error("memory %r: no snapshot at shutdown (its log is replayed at the next start): %s", name, exc)
+                not_snapshotted.append(name)
         self.storage.close()
+        return not_snapshotted
 
     def _snapshot_periodically(self) -> None:
         period = min(5.0, self.storage.durability.snapshot_interval)
@@ -173,6 +195,10 @@ class MemoryRegistry:
                         log.info("memory %r: snapshot at %d, %d bytes", name, sequence, size)
                     except Exception as exc:  # a memory deleted meanwhile, or a full disk: retried next round
                         log.warning("memory %r: snapshot failed: %s", name, exc)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):,.1f} MiB ({size:,} bytes)"
 
 
 def check_name(name: str, field: str = "name") -> None:

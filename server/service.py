@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from lifelong_memory.server import wire
 from lifelong_memory.server.auth import TokenAuth
 from lifelong_memory.server.errors import InvalidArgument, MemoryServiceError, ResourceExhausted
-from lifelong_memory.server.memory import Memory
+from lifelong_memory.server.memory import Memory, result_bytes
 from lifelong_memory.server.metrics import RpcObserver, serve_metrics
 from lifelong_memory.server.persistence import SnapshotError, read_snapshot, snapshot_chunks
 from lifelong_memory.server.registry import MemoryRegistry, check_name
@@ -213,13 +213,23 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         unknown = [f for f in request.fields if f not in wire.RESULT_FIELDS]
         if unknown:
             raise InvalidArgument("fields", f"unknown result fields {unknown}")
+        fields = frozenset(wire.RESULT_FIELDS[f] for f in request.fields)
+        config = memory.config
+        k = min(request.k or config.choose_k, config.memory_size)  # an invalid k is the memory's to name
+        reply = result_bytes(config.key_dim, len(queries), k, fields, config.correct_in_top)
+        if reply > self.limits.max_message_bytes - 1024:
+            raise ResourceExhausted(
+                f"fields: the reply to {len(queries)} rows with k = {k} and fields {sorted(request.fields)} would "
+                f"hold {reply:,} bytes, over this server's message limit of {self.limits.max_message_bytes:,}; "
+                "ask for fewer rows, a smaller k or fewer fields"
+            )
         result = memory.query(
             queries,
             labels,
             k=request.k,
             use_recent=request.use_recent if request.HasField("use_recent") else True,
             update=request.update,
-            fields={wire.RESULT_FIELDS[f] for f in request.fields},
+            fields=fields,
         )
         return wire.result_to_proto(result)
 
@@ -320,8 +330,11 @@ def serve(
     signal.signal(signal.SIGINT, stop)
     stopped.wait()
     server.stop(grace=10).wait()
-    registry.close()
-    log.info("stopped: every memory snapshotted")
+    not_snapshotted = registry.close()
+    if not_snapshotted:
+        log.warning("stopped: no snapshot of %s; their logs are replayed at the next start", not_snapshotted)
+    else:
+        log.info("stopped: every memory snapshotted")
 
 
 def _is_loopback(host: str) -> bool:

@@ -10,6 +10,11 @@ plus whichever writes in flight at the kill made it to the log whole (a client
 never learns their fate): nothing acknowledged is lost, nothing half-applied.
 A bystander memory, written once, must come back unchanged every time.
 Snapshots run every half second, so kills also land in the middle of them.
+An administrator process meanwhile creates, writes, snapshots and deletes
+memories of its own without pause, so kills also land in creates, deletes and
+explicit snapshots: an acknowledged create must come back (with at least its
+acknowledged writes), an acknowledged delete must stay deleted, and every
+memory that comes back must be whole.
 tests/test_crash.py runs a short version; this script runs the long one.
 """
 
@@ -75,6 +80,81 @@ def run_client(url: str, client: int, log_path: str, cycle, stop, paused) -> Non
                 pass
             log.flush()
             paused.put((client, seen))
+
+
+def admin_round(store, number: int):
+    """One round of administration: (operation, memory name, call). Make a memory, write it, snapshot it and
+    the crash memory, delete the previous round's memory."""
+    name, previous = f"churn-{number}", f"churn-{number - 1}"
+    yield "create", name, lambda: store.create_memory(name, **CONFIG)
+    yield "write", name, lambda: store.memory(name).query(*client_batch(50, number), update=True)
+    yield "snapshot", name, lambda: store.memory(name).snapshot()
+    yield "snapshot", MEMORY, lambda: store.memory(MEMORY).snapshot()
+    if number > 1:
+        yield "delete", previous, lambda: store.delete_memory(previous)
+
+
+def run_admin(url: str, log_path: str, cycle, stop, paused) -> None:
+    """Administer memories until the server fails; log every outcome as JSON lines."""
+    number, seen = 0, 0
+    with open(log_path, "a") as log:
+        while True:
+            while cycle.value == seen and not stop.is_set():
+                time.sleep(0.005)
+            if stop.is_set():
+                return
+            seen = cycle.value
+            try:
+                with connect(url, retries=0) as store:
+                    while not stop.is_set():
+                        number += 1
+                        for op, name, call in admin_round(store, number):
+                            try:
+                                call()
+                            except MemoryServiceError:
+                                log.write(json.dumps({"op": op, "name": name, "acked": None}) + "\n")
+                                raise
+                            log.write(json.dumps({"op": op, "name": name, "acked": True}) + "\n")
+            except MemoryServiceError:
+                pass
+            log.flush()
+            paused.put(("admin", seen))
+
+
+def check_admin(url: str, log_path: Path) -> None:
+    """Every acknowledged create is there with its acknowledged writes, every acknowledged delete is not,
+    and whatever is there is whole (recovered, readable)."""
+    expected: dict[str, str] = {}  # name -> "present", "absent" or "either" (the last action's fate unknown)
+    writes: dict[str, int] = {}
+    for line in log_path.read_text().splitlines():
+        entry = json.loads(line)
+        op, name, acked = entry["op"], entry["name"], entry["acked"]
+        if op == "create":
+            expected[name] = "present" if acked else "either"
+        elif op == "delete":
+            expected[name] = "absent" if acked else "either"
+        elif op == "write" and acked:
+            writes[name] = writes.get(name, 0) + 1
+    with connect(url) as store:
+        present = {info.name: info for info in store.list_memories() if info.name.startswith("churn-")}
+        for name, fate in expected.items():
+            if fate == "present":
+                assert name in present, f"acknowledged create of {name} lost"
+            if fate == "absent":
+                assert name not in present, f"acknowledged delete of {name} undone"
+        for name, info in present.items():
+            assert name in expected, f"{name} exists but was never created"
+            assert info.stats["commit_sequence"] >= writes.get(name, 0), f"acknowledged writes to {name} lost"
+            store.memory(name).read_slots(range(CONFIG["memory_size"]))  # whole and readable
+
+
+def admin_figures(log_path: Path) -> dict:
+    """Acknowledged administrator actions, and the kills that hit one in flight, by operation."""
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()]
+    figures = {"admin_acknowledged": sum(e["acked"] is not None for e in entries)}
+    for op in ("create", "write", "snapshot", "delete"):
+        figures[f"kills_during_{op}"] = sum(e["acked"] is None and e["op"] == op for e in entries)
+    return figures
 
 
 @dataclass
@@ -177,7 +257,9 @@ class Server:
         return self.process.wait(timeout=60)
 
 
-def run(cycles: int, clients: int = 4, sync: str = "always", seed: int = 0, work: Path | None = None) -> dict:
+def run(
+    cycles: int, clients: int = 4, sync: str = "always", seed: int = 0, work: Path | None = None, admin: bool = True
+) -> dict:
     """Run the crash test; returns its figures. Raises AssertionError on the first wrong recovery."""
     rng = random.Random(seed)
     work = Path(work or tempfile.mkdtemp(prefix="lmem-crash-"))
@@ -197,6 +279,9 @@ def run(cycles: int, clients: int = 4, sync: str = "always", seed: int = 0, work
     processes = [
         context.Process(target=run_client, args=(url, c, str(logs[c]), cycle, stop, paused)) for c in range(clients)
     ]
+    admin_log = work / "admin.jsonl"
+    if admin:
+        processes.append(context.Process(target=run_admin, args=(url, str(admin_log), cycle, stop, paused)))
     for p in processes:
         p.start()
     verifier = Verifier()
@@ -206,10 +291,12 @@ def run(cycles: int, clients: int = 4, sync: str = "always", seed: int = 0, work
             cycle.value = number
             time.sleep(rng.uniform(0.1, 1.0))
             server.kill()
-            for _ in range(clients):
+            for _ in processes:
                 paused.get(timeout=60)
             restart_seconds.append(server.start())
             verifier.check(logs, read_state(url, MEMORY))
+            if admin:
+                check_admin(url, admin_log)
             after = read_state(url, BYSTANDER)
             assert all(
                 torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v
@@ -235,6 +322,7 @@ def run(cycles: int, clients: int = 4, sync: str = "always", seed: int = 0, work
         "in_flight_applied": verifier.in_flight_applied,
         "in_flight_lost": verifier.in_flight_lost,
         "lost_acknowledged": 0,
+        **(admin_figures(admin_log) if admin else {}),
         "restart_seconds_median": sorted(restart_seconds)[len(restart_seconds) // 2],
         "work_dir": str(work),
     }

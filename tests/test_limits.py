@@ -157,11 +157,14 @@ def test_malformed_files_on_start_are_logged_and_the_rest_served(tmp_path):
     registry = MemoryRegistry(data_dir=tmp_path)
     registry.create("healthy", **CONFIG).query(*batch(3), update=True)
     registry.create("broken", **CONFIG).query(*batch(4), update=True)
-    registry.create("torn", **CONFIG).query(*batch(5), update=True)
-    registry.close()
+    torn = registry.create("torn", **CONFIG)
+    torn.query(*batch(5), update=True)
+    registry.snapshot("torn")
+    torn.query(*batch(6), update=True)
+    registry.close()  # snapshots at 1 and 2; the log from 2 on
     (tmp_path / "memories" / "broken" / "config.json").write_bytes(b"\x00garbage")
-    snapshot = next((tmp_path / "memories" / "torn").glob("snapshot-*.lmem"))
-    snapshot.write_bytes(snapshot.read_bytes()[:-50])
+    for snapshot in (tmp_path / "memories" / "torn").glob("snapshot-*.lmem"):
+        snapshot.write_bytes(snapshot.read_bytes()[:-50])
     serve = [sys.executable, "-m", "lifelong_memory.client.cli", "serve", "--port", "0", "--data-dir", str(tmp_path)]
     process = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -179,4 +182,5 @@ def test_malformed_files_on_start_are_logged_and_the_rest_served(tmp_path):
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0
     assert "memory 'broken' could not be recovered" in stderr and "config.json" in stderr
-    assert "snapshot-00000000000000000001.lmem is unusable (truncated" in stderr
+    for sequence in (1, 2):
+        assert f"snapshot-{sequence:020d}.lmem is unusable (truncated" in stderr

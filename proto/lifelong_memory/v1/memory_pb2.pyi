@@ -88,18 +88,20 @@ class MemoryConfig(_message.Message):
     def __init__(self, key_dim: _Optional[int] = ..., memory_size: _Optional[int] = ..., choose_k: _Optional[int] = ..., alpha: _Optional[float] = ..., age_noise: _Optional[float] = ..., correct_in_top: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., search_dtype: _Optional[_Union[SearchDtype, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class MemoryStats(_message.Message):
-    __slots__ = ("filled_slots", "commit_sequence", "queries", "writes", "merges")
+    __slots__ = ("filled_slots", "commit_sequence", "queries", "writes", "merges", "recent_labels")
     FILLED_SLOTS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     WRITES_FIELD_NUMBER: _ClassVar[int]
     MERGES_FIELD_NUMBER: _ClassVar[int]
+    RECENT_LABELS_FIELD_NUMBER: _ClassVar[int]
     filled_slots: int
     commit_sequence: int
     queries: int
     writes: int
     merges: int
-    def __init__(self, filled_slots: _Optional[int] = ..., commit_sequence: _Optional[int] = ..., queries: _Optional[int] = ..., writes: _Optional[int] = ..., merges: _Optional[int] = ...) -> None: ...
+    recent_labels: int
+    def __init__(self, filled_slots: _Optional[int] = ..., commit_sequence: _Optional[int] = ..., queries: _Optional[int] = ..., writes: _Optional[int] = ..., merges: _Optional[int] = ..., recent_labels: _Optional[int] = ...) -> None: ...
 
 class MemoryInfo(_message.Message):
     __slots__ = ("name", "config", "stats")

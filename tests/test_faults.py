@@ -1,0 +1,505 @@
+"""Faults a hostile or careless user can cause: administration racing writes, damaged data directories,
+a full disk, oversized queries, unbounded tables. Each case causes the fault and checks that nothing
+acknowledged is lost and that a refused call leaves every memory as it was."""
+
+from __future__ import annotations
+
+import errno
+import json
+import struct
+import threading
+
+import pytest
+import torch
+
+from lifelong_memory.client import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, connect
+from lifelong_memory.server import persistence
+from lifelong_memory.server.memory import Memory, MemoryConfig
+from lifelong_memory.server.persistence import scan_segment, segments, snapshot_chunks
+from lifelong_memory.server.registry import MemoryRegistry
+
+CONFIG = dict(key_dim=8, memory_size=48, choose_k=6, age_noise=3.0, seed=5)
+STATE = ("keys", "values", "ages", "generations", "recent_labels", "recent_slots", "rng_state")
+
+
+def batch(step: int, size: int = 4, dim: int = 8, labels: int = 12):
+    generator = torch.Generator().manual_seed(step)
+    y = torch.randint(0, labels, (size,), generator=generator)
+    return torch.nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1), y
+
+
+def write(memory, steps) -> None:
+    for step in steps:
+        memory.query(*batch(step, dim=memory.config.key_dim), update=True)
+
+
+def assert_same(a: Memory, b: Memory) -> None:
+    x, y = a.capture(), b.capture()
+    assert x.commit_sequence == y.commit_sequence
+    for name in STATE:
+        assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+def reopen(registry: MemoryRegistry, **options) -> MemoryRegistry:
+    """What a restarted server finds after a SIGKILL: the files as they are, the directory lock released."""
+    registry.storage.close()
+    return MemoryRegistry(data_dir=registry.storage.root, **options)
+
+
+def hold_search(memory: Memory) -> tuple[threading.Event, threading.Event]:
+    """Make the memory's next search wait (holding the memory's lock) until released."""
+    entered, release = threading.Event(), threading.Event()
+    search = memory.index.search
+
+    def held(queries, k):
+        entered.set()
+        assert release.wait(30)
+        return search(queries, k)
+
+    memory.index.search = held
+    return entered, release
+
+
+# ----------------------------------------------------------------- delete racing a write
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_write_racing_delete_fails_or_lands_before_it_and_never_in_another_memory(tmp_path, durable):
+    registry = MemoryRegistry(data_dir=tmp_path) if durable else MemoryRegistry()
+    doomed = registry.create("a", key_dim=16, memory_size=512, choose_k=8)
+    entered, release = hold_search(doomed)
+    outcome = {}
+
+    def write_doomed():
+        try:
+            outcome["commit"] = doomed.query(*batch(1, size=64, dim=16), update=True).commit_sequence
+        except NotFound as exc:
+            outcome["error"] = exc
+
+    writer = threading.Thread(target=write_doomed)
+    writer.start()
+    assert entered.wait(30)
+    deleter = threading.Thread(target=registry.delete, args=("a",))
+    deleter.start()
+    deleter.join(0.2)
+    assert deleter.is_alive(), "the delete must wait for the write in progress"
+    other = registry.create("b", key_dim=8, memory_size=64, choose_k=4)  # reuses whatever a delete freed
+    release.set()
+    writer.join(30)
+    deleter.join(30)
+    assert outcome.get("commit") == 1 or "error" in outcome
+    with pytest.raises(NotFound):
+        registry.get("a")
+    with pytest.raises(NotFound):
+        doomed.query(*batch(2, dim=16))
+    write(other, range(3))
+    assert other.commit_sequence == 3
+    if durable:
+        records = [r for _, path in segments(tmp_path / "memories" / "b") for r in scan_segment(path).records]
+        assert [sequence for sequence, _, _ in records] == [1, 2, 3]
+        assert all(delta.keys.shape[1] == 8 for _, _, delta in records)
+        restarted = reopen(registry)
+        assert [name for name, _ in restarted.list()] == ["b"]
+        assert_same(restarted.get("b"), other)
+
+
+def test_calls_after_a_delete_answer_not_found_on_both_transports(store):
+    memory = store.create_memory("deleted", **CONFIG)
+    store.delete_memory("deleted")
+    with pytest.raises(NotFound):
+        memory.query(*batch(0), update=True)
+    with pytest.raises(NotFound):
+        store.delete_memory("deleted")
+
+
+# ------------------------------------------------------------------------- recovery
+
+
+def three_snapshot_history(tmp_path):
+    """30 writes with snapshots at 10 and 20, then a SIGKILL: snapshots 10 and 20, segments from 11 and 21."""
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", **CONFIG)
+    live = MemoryRegistry().create("twin", **CONFIG)
+    for steps in (range(0, 10), range(10, 20)):
+        write(memory, steps)
+        write(live, steps)
+        registry.snapshot("m")
+    write(memory, range(20, 30))
+    write(live, range(20, 30))
+    folder = tmp_path / "memories" / "m"
+    assert [first for first, _ in segments(folder)] == [11, 21]
+    assert [p.name for p in sorted(folder.glob("snapshot-*"))] == [f"snapshot-{s:020d}.lmem" for s in (10, 20)]
+    return registry, live, folder
+
+
+def flip_byte(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damage_to_a_covered_segment_loses_nothing_and_deletes_nothing(tmp_path, damage):
+    registry, live, folder = three_snapshot_history(tmp_path)
+    covered, needed = (path for _, path in segments(folder))
+    if damage == "flip":
+        flip_byte(covered, covered.stat().st_size // 2)
+    else:
+        with open(covered, "r+b") as f:
+            f.truncate(covered.stat().st_size // 2)
+    covered_bytes, needed_bytes = covered.read_bytes(), needed.read_bytes()
+    recovered = reopen(registry).get("m")
+    assert_same(recovered, live)  # snapshot 20 + segment 21: writes 21-30 are all there
+    assert needed.read_bytes() == needed_bytes
+    assert covered.read_bytes() == covered_bytes  # not needed, so not touched
+
+
+def test_a_damaged_record_in_the_needed_log_stops_replay_there_and_keeps_the_files(tmp_path, caplog):
+    registry, _, folder = three_snapshot_history(tmp_path)
+    segment_11, segment_21 = (path for _, path in segments(folder))
+    snapshot_20 = folder / f"snapshot-{20:020d}.lmem"
+    flip_byte(snapshot_20, snapshot_20.stat().st_size - 100)  # so the log from 11 on is needed
+    records = scan_segment(segment_11).records
+    damaged_offset = records[4][1]  # write 15
+    flip_byte(segment_11, damaged_offset + 30)
+    original_11, original_21 = segment_11.read_bytes(), segment_21.read_bytes()
+
+    restarted = reopen(registry)
+    recovered = restarted.get("m")
+    expected = MemoryRegistry().create("twin", **CONFIG)
+    write(expected, range(14))
+    assert_same(recovered, expected)  # snapshot 10, then writes 11-14: replay stopped at the damage
+    assert f"{segment_11.name} at byte {damaged_offset}: checksum mismatch" in caplog.text
+    aside = {p.name.split(".")[0]: p for p in (folder / "damaged").iterdir()}
+    assert aside[segment_11.stem].read_bytes() == original_11  # the damaged segment, whole
+    assert aside[segment_21.stem].read_bytes() == original_21  # and what followed it
+    assert aside[snapshot_20.stem].exists()
+    assert segment_11.read_bytes() == original_11[:damaged_offset]  # its good records stay in the log
+    # The memory goes on, and a second crash recovers it exactly.
+    write(recovered, range(100, 105))
+    write(expected, range(100, 105))
+    assert_same(reopen(restarted).get("m"), expected)
+
+
+def damage_middle_record(path, index: int) -> None:
+    flip_byte(path, scan_segment(path).records[index][1] + 30)
+
+
+def tear_last_record(path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 10)
+
+
+SNAPSHOT_10, SNAPSHOT_20 = f"snapshot-{10:020d}.lmem", f"snapshot-{20:020d}.lmem"
+SEGMENT_11, SEGMENT_21 = f"wal-{11:020d}.log", f"wal-{21:020d}.log"
+
+
+@pytest.mark.parametrize(
+    "damaged, harm, recovered_at",
+    [
+        (["config.json"], lambda p: p.write_bytes(b"{not json"), None),
+        ([SNAPSHOT_20], lambda p: flip_byte(p, p.stat().st_size - 100), 30),  # snapshot 10 + log 11-30
+        ([SNAPSHOT_10], lambda p: flip_byte(p, p.stat().st_size - 100), 30),  # snapshot 20 + log 21-30
+        ([SNAPSHOT_10, SNAPSHOT_20], lambda p: p.write_bytes(p.read_bytes()[:-9]), None),  # the log from 1 is gone
+        ([SEGMENT_11], lambda p: damage_middle_record(p, 3), 30),  # covered by snapshot 20
+        ([SEGMENT_21], lambda p: damage_middle_record(p, 4), 24),  # stops at the damage
+        ([SEGMENT_21], tear_last_record, 29),  # an unfinished last append
+        ([SNAPSHOT_20, SEGMENT_11], lambda p: flip_byte(p, p.stat().st_size - 100), 19),  # 10, log to the damage at 20
+    ],
+    ids=[
+        "config",
+        "newest-snapshot",
+        "older-snapshot",
+        "both-snapshots",
+        "covered-segment",
+        "needed-segment",
+        "torn-tail",
+        "newest-snapshot-and-its-log",
+    ],
+)
+def test_damage_to_each_kind_of_file_loses_nothing_recoverable(tmp_path, damaged, harm, recovered_at):
+    registry, _, folder = three_snapshot_history(tmp_path)
+    bystander = registry.create("bystander", **CONFIG)
+    write(bystander, range(50, 53))
+    for name in damaged:
+        harm(folder / name)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    restarted = reopen(registry)
+    assert_same(restarted.get("bystander"), bystander)
+    aside = {p.name.split(".")[0]: p.read_bytes() for p in (folder / "damaged").glob("*")}
+    for name, content in before.items():  # every file is still there, or whole in damaged/
+        now = (folder / name).read_bytes() if (folder / name).exists() else None
+        if now != content and aside.get(name.split(".")[0]) != content:
+            # Only an unfinished last record may be cut: a write that was never acknowledged.
+            assert recovered_at == 29 and name == SEGMENT_21 and content.startswith(now), name
+    if recovered_at is None:
+        with pytest.raises(FailedPrecondition, match="could not be recovered"):
+            restarted.get("m")
+        return
+    expected = MemoryRegistry().create("twin", **CONFIG)
+    write(expected, range(recovered_at))
+    assert_same(restarted.get("m"), expected)
+
+
+def test_a_snapshot_of_another_memory_in_the_folder_is_set_aside(tmp_path):
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", **CONFIG)
+    live = MemoryRegistry().create("twin", **CONFIG)
+    write(memory, range(5))
+    write(live, range(5))
+    stranger = MemoryRegistry().create("other", **{**CONFIG, "key_dim": 16})
+    write(stranger, range(3))
+    foreign = tmp_path / "memories" / "m" / f"snapshot-{99:020d}.lmem"
+    foreign.write_bytes(b"".join(snapshot_chunks(stranger.capture())))
+    restarted = reopen(registry)
+    assert_same(restarted.get("m"), live)
+    assert not foreign.exists() and any((tmp_path / "memories" / "m" / "damaged").iterdir())
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("anything at all"), MemoryError()],
+    ids=["out-of-memory", "runtime-error", "memory-error"],
+)
+def test_any_failure_to_recover_one_memory_leaves_the_others_served(tmp_path, monkeypatch, failure):
+    registry = MemoryRegistry(data_dir=tmp_path)
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        write(registry.create(name, **{**CONFIG, "seed": seed}), range(3))
+        registry.snapshot(name)
+    registry.storage.close()
+    build = Memory.__init__
+
+    def fails_for_b(self, config, *args, **kwargs):
+        if config.seed == 2:
+            raise failure
+        build(self, config, *args, **kwargs)
+
+    monkeypatch.setattr(Memory, "__init__", fails_for_b)
+    restarted = MemoryRegistry(data_dir=tmp_path)
+    assert [name for name, _ in restarted.list()] == ["a", "c"]
+    with pytest.raises(FailedPrecondition, match=f"'b' could not be recovered .*{type(failure).__name__}"):
+        restarted.get("b")
+    assert sorted(p.name for p in (tmp_path / "memories" / "b").iterdir()) == [
+        "config.json",
+        f"snapshot-{3:020d}.lmem",
+        f"wal-{1:020d}.log",
+    ]  # its files are left as they were, for a retry
+
+
+# ------------------------------------------------------------------------ disk full
+
+
+def disk_full_after(budget: int):
+    """A _write_all that writes ``budget`` more bytes, then fails part-way as a full disk does."""
+    written = [0]
+    real = persistence._write_all
+
+    def write_all(fd, data):
+        room = budget - written[0]
+        if room >= len(data):
+            written[0] += len(data)
+            return real(fd, data)
+        real(fd, data[: max(room, 0)])
+        written[0] = budget
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return write_all
+
+
+def test_a_write_refused_for_a_full_disk_leaves_no_trace(tmp_path, monkeypatch):
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", **CONFIG)
+    live = MemoryRegistry().create("twin", **CONFIG)
+    write(memory, range(10))
+    write(live, range(10))
+    ((_, segment),) = segments(tmp_path / "memories" / "m")
+    size, before = segment.stat().st_size, memory.capture()
+    monkeypatch.setattr(persistence, "_write_all", disk_full_after(50))  # half a record fits
+    for attempt in range(3):
+        with pytest.raises(ResourceExhausted, match="disk full"):
+            memory.query(*batch(10 + attempt), update=True)
+    with pytest.raises(ResourceExhausted, match="disk full"):
+        memory.clear()
+    assert segment.stat().st_size == size  # cut back to the last whole record
+    assert_same(memory, live)
+    assert memory.stats()["commit_sequence"] == before.commit_sequence == 10
+    memory.query(batch(10)[0])  # reads go on: nothing is in doubt
+    monkeypatch.undo()  # space is freed: writes go on, and the refused ones were never there
+    write(memory, range(20, 25))
+    write(live, range(20, 25))
+    assert_same(memory, live)
+    assert_same(reopen(registry).get("m"), live)
+
+
+def test_create_on_a_full_disk_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    registry = MemoryRegistry(data_dir=tmp_path)
+    registry.create("kept", **CONFIG)
+    monkeypatch.setattr(persistence, "_write_all", disk_full_after(0))
+    with pytest.raises(ResourceExhausted, match="disk full.*could not be created"):
+        registry.create("new", **CONFIG)
+    assert [name for name, _ in registry.list()] == ["kept"]
+    assert [p.name for p in (tmp_path / "memories").iterdir()] == ["kept"]
+    monkeypatch.undo()
+    registry.create("new", **CONFIG)  # the name is free
+
+
+def test_delete_after_a_log_failure_completes(tmp_path, monkeypatch):
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", **CONFIG)
+    write(memory, range(3))
+
+    def broken_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(persistence.os, "fsync", broken_fsync)
+        with pytest.raises(Exception, match="not durable"):
+            write(memory, range(3, 4))
+    assert registry.close() == ["m"]  # not snapshotted at shutdown, and said so
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.get("m")
+    with monkeypatch.context() as patch:
+        patch.setattr(persistence.os, "fsync", broken_fsync)
+        with pytest.raises(Exception, match="not durable"):
+            write(memory, range(4, 5))
+    registry.delete("m")
+    assert registry.list() == [] and not (tmp_path / "memories" / "m").exists()
+    with pytest.raises(NotFound):
+        registry.get("m")
+
+
+def test_delete_that_cannot_remove_the_folder_changes_nothing(tmp_path, monkeypatch):
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", **CONFIG)
+    write(memory, range(3))
+    real_rename = persistence.os.rename
+
+    def failing_rename(src, dst, *args, **kwargs):
+        if ".deleted-" in str(dst):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(persistence.os, "rename", failing_rename)
+    with pytest.raises(Exception, match="could not be deleted; it is unchanged"):
+        registry.delete("m")
+    monkeypatch.undo()
+    assert registry.get("m") is memory
+    write(memory, range(3, 5))  # still live, still durable
+    assert reopen(registry).get("m").commit_sequence == 5
+
+
+# -------------------------------------------------------------------- bounded queries
+
+
+def test_a_query_too_big_for_its_working_memory_is_refused_before_any_work():
+    registry = MemoryRegistry(memory_budget_bytes=512 << 20)
+    memory = registry.create("m", key_dim=128, memory_size=8192)
+    write(memory, range(2))
+    searches = []
+    search = memory.index.search
+    memory.index.search = lambda q, k: searches.append(k) or search(q, k)
+    before = memory.capture()
+    queries = torch.nn.functional.normalize(torch.randn(256, 128), dim=1)
+    for fields in ({"neighbors", "neighbor_keys"}, {"neighbors", "weights"}):
+        with pytest.raises(ResourceExhausted, match="k: a query of 256 rows with k = 8192"):
+            memory.query(queries, k=8192, fields=fields)
+    with pytest.raises(ResourceExhausted, match="k: a query of 256 rows"):
+        memory.query(queries, torch.zeros(256, dtype=torch.int64), k=8192, update=True)
+    assert searches == []
+    assert_same_state(memory.capture(), before)
+    memory.query(queries, k=256, fields={"neighbors", "neighbor_keys"})  # a training-sized one is served
+
+
+def assert_same_state(x, y) -> None:
+    assert x.commit_sequence == y.commit_sequence and x.counters == y.counters
+    for name in STATE:
+        assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+def test_a_reply_over_the_message_limit_is_refused_before_any_work():
+    from lifelong_memory.server.service import ServerLimits, build_server
+
+    registry = MemoryRegistry()
+    server, port = build_server("127.0.0.1:0", registry, ServerLimits(max_message_bytes=4 << 20), max_workers=4)
+    server.start()
+    try:
+        with connect(f"grpc://127.0.0.1:{port}") as store:
+            remote = store.create_memory("m", key_dim=64, memory_size=4096, choose_k=16)
+            remote.query(*batch(0, dim=64), update=True)
+            memory = registry.get("m")
+            searches = []
+            search = memory.index.search
+            memory.index.search = lambda q, k: searches.append(k) or search(q, k)
+            queries = torch.nn.functional.normalize(torch.randn(64, 64), dim=1)
+            with pytest.raises(ResourceExhausted, match="fields: the reply to 64 rows with k = 4096"):
+                remote.query(queries, k=4096, fields={"neighbors", "neighbor_keys"})
+            assert searches == []
+            assert remote.info().stats["queries"] == 4
+            remote.query(queries, k=2048, fields={"neighbors"})  # 2.6 MB: served
+    finally:
+        server.stop(grace=None)
+
+
+# --------------------------------------------------------------- the recent-label table
+
+
+def test_the_recent_label_table_holds_at_most_memory_size_labels(tmp_path):
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", key_dim=8, memory_size=16, choose_k=4)
+    for step in range(200):  # 800 distinct labels, four per write
+        queries = batch(step, dim=8)[0]
+        memory.query(queries, torch.arange(4 * step, 4 * step + 4), update=True)
+        assert len(memory.recent) <= 16
+    assert list(memory.recent) == list(range(784, 800))  # the most recently written labels, oldest first
+    assert memory.stats()["recent_labels"] == 16
+    _, path, size = registry.snapshot("m")
+    assert size < 8192  # proportional to the memory, not to the labels ever seen
+    restarted = reopen(registry).get("m")
+    assert list(restarted.recent.items()) == list(memory.recent.items())
+    small = MemoryConfig(key_dim=8, memory_size=16).footprint_bytes(1)
+    large = MemoryConfig(key_dim=8, memory_size=32).footprint_bytes(1)
+    assert large - small >= 16 * 160  # the table is counted in the memory budget
+
+
+def test_a_label_written_again_moves_to_the_end_of_the_table():
+    memory = MemoryRegistry().create("m", key_dim=8, memory_size=4, choose_k=2, age_noise=0.0)
+    for label in (0, 1, 2, 3):
+        memory.query(batch(label, size=1)[0], torch.tensor([label]), update=True)
+    memory.query(batch(9, size=1)[0], torch.tensor([0]), update=True)  # label 0 again
+    memory.query(batch(10, size=1)[0], torch.tensor([7]), update=True)  # a fifth label: 1 is forgotten
+    assert list(memory.recent) == [2, 3, 0, 7]
+
+
+# ---------------------------------------------------------------------- smaller ones
+
+
+def test_an_import_header_announcing_a_huge_array_is_invalid_argument(store, tmp_path):
+    source = MemoryRegistry().create("src", **CONFIG)
+    write(source, range(3))
+    data = b"".join(snapshot_chunks(source.capture()))
+    prefix = len(persistence.SNAPSHOT_MAGIC) + 12  # magic, format version, header length
+    (header_length,) = struct.unpack_from("<Q", data, prefix - 8)
+    header = json.loads(data[prefix : prefix + header_length])
+    header["arrays"][4]["shape"] = [2**62]  # recent_labels
+    new_header = json.dumps(header).encode()
+    crafted = data[: prefix - 8] + struct.pack("<Q", len(new_header)) + new_header + data[prefix + header_length :]
+    path = tmp_path / "crafted.lmem"
+    path.write_bytes(crafted)
+    with pytest.raises(InvalidArgument, match="data: .*truncated"):
+        store.import_memory("crafted", path)
+    assert "crafted" not in {info.name for info in store.list_memories()}
+
+
+def test_shards_are_capped(store):
+    with pytest.raises(InvalidArgument, match=r"config.shards: must be in \[1, 256\]"):
+        store.create_memory("sharded", key_dim=8, memory_size=200_000, shards=200_000)
+
+
+def test_the_budget_error_says_exactly_what_is_missing():
+    registry = MemoryRegistry(memory_budget_bytes=MemoryConfig(key_dim=64, memory_size=1000).footprint_bytes(4096))
+    with pytest.raises(ResourceExhausted) as error:
+        registry.create("m", key_dim=64, memory_size=1001)
+    needed = MemoryConfig(key_dim=64, memory_size=1001).footprint_bytes(4096)
+    assert f"({needed:,} bytes)" in str(error.value) and f"({registry.memory_budget_bytes:,} bytes)" in str(error.value)
