@@ -15,7 +15,7 @@ from lifelong_memory.server.persistence import Durability, segments
 from lifelong_memory.server.registry import MemoryRegistry
 
 CONFIG = dict(key_dim=8, memory_size=48, choose_k=6, age_noise=3.0, seed=5)
-STATE = ("keys", "values", "ages", "generations", "recent_labels", "recent_slots", "rng_state")
+STATE = ("keys", "values", "ages", "generations", "recent_labels", "recent_slots")
 
 
 def batch(step: int, size: int = 4):
