@@ -11,6 +11,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -392,3 +393,42 @@ def test_oldest_ties_go_to_the_lower_slot():
     chosen = memory._oldest(6, merging, torch.tensor([12, 1, -1, 2, 4, 7]))
     # 12 is merged into (excluded, though the oldest); 1 is some other row's positive, not excluded.
     assert chosen.tolist() == [1, 2, 4, 7, 0, 6]
+
+
+# ------------------------------------------------------------------ the image's torch build, the extras
+
+
+@pytest.mark.parametrize(
+    "index, ok",
+    [
+        ("https://download.pytorch.org/whl/cpu", True),
+        ("https://pypi.org/simple", True),  # names no build: not checked
+        ("https://download.pytorch.org/whl/cu126", False),  # this CPU torch is not the CUDA 12.6 build
+    ],
+)
+def test_the_image_build_refuses_a_torch_of_another_build(index, ok):
+    if torch.version.cuda is not None:
+        pytest.skip("written for this project's CPU torch")
+    result = subprocess.run(
+        ["sh", "docker/check-torch-build.sh", index],
+        capture_output=True,
+        text=True,
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert (result.returncode == 0) == ok, result.stderr
+    if not ok:
+        assert "is the cpu build, but TORCH_INDEX_URL asks for cu126" in result.stderr
+
+
+def test_faiss_comes_from_exactly_one_extra():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+
+    def faiss_in(requirements):
+        return [r for r in requirements if r.split(">")[0].split("=")[0] in index_module.FAISS_DISTRIBUTIONS]
+
+    assert faiss_in(project["dependencies"]) == []
+    extras = project["optional-dependencies"]
+    assert len(faiss_in(extras["cpu"])) == 1 and len(faiss_in(extras["gpu"])) == 1
+    assert faiss_in(extras["cpu"]) != faiss_in(extras["gpu"])
