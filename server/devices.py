@@ -16,9 +16,10 @@ from lifelong_memory.server.errors import InvalidArgument
 # Bigger batches are searched in row chunks; measured on the CPU (docs/benchmarks.md), where a bigger
 # buffer only adds page faults and cache misses.
 CPU_SCORE_BUFFER_BYTES = 1 << 30
-# On a GPU the chunk is a share of the device's memory instead: an H200's 1/8 holds 440 rows of a
-# 10M-slot shard, where the CPU's 1 GiB would split a batch into 25-row matrix products.
-CUDA_SCORE_BUFFER_SHARE = 8
+# On a GPU the chunk is a share of the device's memory instead: an H200's 1/32 (4.4 GiB) holds 112 rows
+# of a 10M-slot shard, where the CPU's 1 GiB would split a batch into 25-row matrix products; a 10M x 112
+# x 128 product per chunk keeps a GPU busy, and the buffer is allocated up front for every memory.
+CUDA_SCORE_BUFFER_SHARE = 32
 # Share of the memory free at start that memories may take: the rest is for the process itself (the CUDA
 # context, gRPC buffers, a query's temporaries).
 BUDGET_SHARE = 0.9

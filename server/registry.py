@@ -15,6 +15,8 @@ import re
 import threading
 from pathlib import Path
 
+import torch
+
 from lifelong_memory.server.devices import BUDGET_SHARE, memory_available
 from lifelong_memory.server.errors import (
     AlreadyExists,
@@ -154,6 +156,9 @@ class MemoryRegistry:
                 raise NotFound(f"memory {name!r} not found")
             if self.storage is not None:
                 self.storage.delete(name, memory)
+        if memory is not None and memory.device.type == "cuda":
+            del memory
+            torch.cuda.empty_cache()  # give the device back what the deleted memory held (nvidia-smi, others)
 
     def snapshot(self, name: str, field: str = "name") -> tuple[int, Path, int]:
         """Snapshot a memory now: (commit sequence, file, bytes)."""

@@ -185,9 +185,9 @@ def test_score_buffers_are_sized_per_device(cuda_host):
     cuda_host(total=141 * GIB)
     ten_million = 10 * 1024 * 1024
     assert score_rows(ten_million, 4, "cpu", 4096) == 25  # the CPU's 1 GiB, tuned for its caches
-    assert score_rows(ten_million, 4, "cuda:0", 4096) == 141 * GIB // 8 // (ten_million * 4)  # 451 rows
+    assert score_rows(ten_million, 4, "cuda:0", 4096) == 112  # 1/32 of an H200
     assert score_rows(1000, 4, "cuda:0", 4096) == 4096  # a whole batch where it fits
-    assert score_buffer_bytes("cuda:0") == 141 * GIB // 8
+    assert score_buffer_bytes("cuda:0") == 141 * GIB // 32
 
 
 def test_each_device_has_its_own_budget(cuda_host):
