@@ -804,15 +804,17 @@ def _signed64(value: int) -> int:
 
 
 def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors, as unsigned 64-bit arithmetic: products wrap, and right
-    shifts are made logical by masking the sign bits an arithmetic shift copies in."""
-
-    def shifted(x: torch.Tensor, bits: int) -> torch.Tensor:
-        return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-    z = (z ^ shifted(z, 30)) * _signed64(MIX_1)
-    z = (z ^ shifted(z, 27)) * _signed64(MIX_2)
-    return z ^ shifted(z, 31)
+    """splitmix64's finaliser on an int64 tensor, in place, as unsigned 64-bit arithmetic: products wrap,
+    and right shifts are made logical by masking the sign bits an arithmetic shift copies in. In place
+    with one scratch tensor: at a million slots this is faster than torch.rand."""
+    shifted = torch.empty_like(z)
+    for bits, multiplier in ((30, MIX_1), (27, MIX_2), (31, None)):
+        torch.bitwise_right_shift(z, bits, out=shifted)
+        shifted.bitwise_and_((1 << (64 - bits)) - 1)
+        z.bitwise_xor_(shifted)
+        if multiplier is not None:
+            z.mul_(_signed64(multiplier))
+    return z
 
 
 def _mix64_int(z: int) -> int:
@@ -832,11 +834,15 @@ def age_noise(seed: int, commit: int, slots: torch.Tensor, half_width: float) ->
     with mix64 splitmix64's finaliser. tests/reference_memory.py evaluates it independently in numpy.
     """
     stream = _mix64_int((seed + commit * GOLDEN_GAMMA) & ((1 << 64) - 1))
-    h = _mix64((slots + 1) * _signed64(GOLDEN_GAMMA) + _signed64(stream))
-    uniform = ((h >> (64 - NOISE_BITS)) & ((1 << NOISE_BITS) - 1)).to(torch.float32)
-    scale = torch.tensor(np.float32(2 * half_width / 2**NOISE_BITS), device=slots.device)
-    offset = torch.tensor(np.float32(half_width), device=slots.device)
-    return uniform * scale - offset
+    h = torch.mul(slots, _signed64(GOLDEN_GAMMA))
+    h.add_(_signed64(GOLDEN_GAMMA + stream))  # (slot + 1) * G + stream
+    _mix64(h)
+    h.bitwise_right_shift_(64 - NOISE_BITS)
+    h.bitwise_and_((1 << NOISE_BITS) - 1)
+    noise = h.to(torch.float32)
+    noise.mul_(torch.tensor(np.float32(2 * half_width / 2**NOISE_BITS), device=slots.device))
+    noise.sub_(torch.tensor(np.float32(half_width), device=slots.device))
+    return noise
 
 
 def _descending_then_lower_slot(score: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
@@ -847,9 +853,12 @@ def _descending_then_lower_slot(score: torch.Tensor, indices: torch.Tensor, coun
     high half of an int64 and the index, reversed, in the low half: one top-k of that key is the answer,
     and no two keys are equal. +0.0 stands in for -0.0, which compares equal to it."""
     bits = (score + 0.0).view(torch.int32)
-    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    reversed_index = len(score) - 1 - indices
-    top = torch.topk((monotone << 32) | reversed_index, count).values
+    bits.bitwise_xor_(torch.bitwise_right_shift(bits, 31).bitwise_and_(0x7FFFFFFF))
+    key = bits.to(torch.int64)
+    key.bitwise_left_shift_(32)
+    key.sub_(indices)
+    key.add_(len(score) - 1)  # the index, reversed, in the low half
+    top = torch.topk(key, count).values
     return len(score) - 1 - (top & 0xFFFFFFFF)
 
 
