@@ -6,11 +6,15 @@
 # Build arguments:
 #   BASE_IMAGE       any Debian-like image with python3 (>= 3.10) and its venv module
 #   WHEELHOUSE       empty: packages from the registries; /wheelhouse: only the wheels in the build
-#                    context's wheelhouse/ folder (pip --no-index), for a machine with no registry
+#                    context's wheelhouse/ folder (pip --no-index), for a machine with no registry;
+#                    docker/fill-wheelhouse.sh fills it for the TORCH_INDEX_URL and EXTRAS given here
 #   TORCH            the torch requirement, pinned like the Makefile's
-#   TORCH_INDEX_URL  where torch comes from without a wheelhouse: PyTorch's CPU index by default,
-#                    because PyPI's Linux torch wheels are CUDA builds of several GB
-#   EXTRAS           more extras of the project, e.g. gpu (compose.gpu.yaml)
+#   TORCH_INDEX_URL  the torch build: PyTorch's CPU index by default (PyPI's Linux torch wheels are
+#                    CUDA builds of several GB, and torch 2.13's is CUDA 13: driver >= 580, newer GPUs
+#                    only); https://download.pytorch.org/whl/cu126 for CUDA 12.6 (compose.gpu.yaml).
+#                    The build checks that the torch it installed, from a wheelhouse too, is that build
+#   EXTRAS           the project's extras: cpu (default: faiss-cpu) or gpu (faiss-gpu-cu12), never both,
+#                    they share one faiss/ folder; the trainer image adds trainers
 # Plain `docker build` is enough: nothing here needs BuildKit.
 
 ARG BASE_IMAGE=python:3.11-slim
@@ -21,15 +25,17 @@ FROM ${BASE_IMAGE} AS build
 ARG WHEELHOUSE=
 ARG TORCH=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG EXTRAS=
+ARG EXTRAS=cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 COPY docker/pip-install.sh /usr/local/bin/pip-install
+COPY docker/check-torch-build.sh /usr/local/bin/check-torch-build
 # Always copied (the folder holds a tracked README); used only when WHEELHOUSE is set.
 COPY wheelhouse/ /wheelhouse/
 # torch first and pinned, so that the project's torch>=2.3 finds it installed and pulls nothing more.
 # Its C++ headers and test binaries (about 150 MB) serve only to build extensions and test torch itself.
 RUN pip-install --index-url "$TORCH_INDEX_URL" "$TORCH" \
+    && check-torch-build "$TORCH_INDEX_URL" \
     && rm -rf /opt/venv/lib/python3*/site-packages/torch/include /opt/venv/lib/python3*/site-packages/torch/test
 COPY pyproject.toml README.md /src/
 COPY proto/ /src/proto/
@@ -40,7 +46,7 @@ RUN pip-install "/src${EXTRAS:+[$EXTRAS]}"
 
 FROM build AS build-trainer
 ARG WHEELHOUSE=
-ARG EXTRAS=
+ARG EXTRAS=cpu
 RUN pip-install "/src[trainers${EXTRAS:+,$EXTRAS}]"
 
 # ---- runtime: the base image, an unprivileged user, and folders that named volumes take over

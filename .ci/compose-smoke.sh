@@ -95,20 +95,16 @@ if ! docker image inspect "$base_image" >/dev/null 2>&1; then
     rm -rf "$scratch/rootfs"
 fi
 
+phase "the GPU override merges with compose.yaml"
+# Its configuration only: no GPU here to run it on.
+docker-compose -f compose.yaml -f compose.gpu.yaml config -q
+
 phase "wheelhouse"
-# pip inside a build container cannot reach PyPI here, so the wheels come from the host: the project's
-# dependencies with the trainers' extras, its build requirements, and torch pinned. This machine's pip
-# configuration finds the CPU build of that torch on disk; a CUDA build would drag in several GB.
-mapfile -t build_requires < <("$venv/bin/python" -c \
-    'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")')
-"$venv/bin/python" -m pip download --quiet --only-binary=:all: --dest wheelhouse \
-    "$torch" "${build_requires[@]}" '.[trainers]' 2>"$scratch/pip.log" || { cat "$scratch/pip.log"; exit 1; }
-cuda_wheels=$(find wheelhouse \( -name 'nvidia*' -o -name 'triton*' -o -name 'torch-*' \) ! -name 'torch-*+cpu-*')
-if [[ -n $cuda_wheels ]]; then
-    echo "wheelhouse: expected torch's CPU build, found CUDA wheels: $cuda_wheels" >&2
-    exit 1
-fi
-echo "$(find wheelhouse -name '*.whl' | wc -l) wheels, $(du -sh wheelhouse | cut -f1)"
+# pip inside a build container cannot reach PyPI here, so the wheels come from the host: torch pinned, the
+# project's dependencies with the trainers' and the cpu extras, its build requirements. This machine's
+# pip configuration (TORCH_INDEX_URL empty) finds the CPU build of that torch on disk.
+TORCH=$torch TORCH_INDEX_URL='' TORCH_BUILD=cpu EXTRAS=trainers,cpu docker/fill-wheelhouse.sh "$venv/bin/python" \
+    2>"$scratch/pip.log" || { cat "$scratch/pip.log"; exit 1; }
 
 phase "build images"
 export BASE_IMAGE=$base_image WHEELHOUSE=/wheelhouse

@@ -7,6 +7,11 @@ Run from the repository root (the project installed in .venv):
     .venv/bin/python benchmarks/bench_memory.py --sizes 8192,1048576 --batches 16,256 --out /tmp/r.json
     .venv/bin/python benchmarks/bench_memory.py --device cuda --max-n 10485760   # on a GPU machine
 
+Before each N the memory it needs is checked against what the device has free (an N that does not fit is
+skipped and recorded, not half run: N = 10,485,760 with B up to 256 needs about 82 GiB of GPU memory), and the
+JSON is rewritten after every (N, B) group ("complete": false until the end), so a run that dies half-way
+keeps what it measured.
+
 Everything is measured in one process run, side by side, d=128, k=256. For each N one memory per search
 dtype (float32, bfloat16) is created in an embedded store (``connect("local")``) and, identically, on a
 server this script starts as a subprocess (``lmem serve`` on a free 127.0.0.1 port; stopped by PID at the
@@ -60,7 +65,10 @@ from pathlib import Path
 import torch
 
 from lifelong_memory.client import QueryResult, connect
-from lifelong_memory.server.memory import QueryTicket
+from lifelong_memory.client.store import LocalTransport, Store
+from lifelong_memory.server.devices import canonical_device, check_usable
+from lifelong_memory.server.memory import MemoryConfig, QueryTicket
+from lifelong_memory.server.registry import MemoryRegistry, available_memory_bytes
 
 KEY_DIM = 128
 CHOOSE_K = 256
@@ -125,13 +133,14 @@ def default_out_path() -> Path:
 class Server:
     """``lmem serve`` in a subprocess on a free 127.0.0.1 port; stopped by its PID."""
 
-    def __init__(self):
+    def __init__(self, max_batch: int):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.log = tempfile.NamedTemporaryFile(prefix="bench-lmem-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "lifelong_memory.client.cli", "serve", "--port", str(self.port)]
-        cmd += ["--log-level", "WARNING"]
+        # Score buffers are allocated up front for batches of --max-batch rows: no more than measured.
+        cmd += ["--log-level", "WARNING", "--max-batch", str(max_batch)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
         deadline = time.monotonic() + 120
         ready = threading.Event()
@@ -241,10 +250,36 @@ def measure(cases: list[Case], sync, min_time: float, min_reps: int, slice_s: fl
 # ----------------------------------------------------------------------------- bench
 
 
-def bench_size(n, batches, device, stores, args, generator) -> list[dict]:
-    """All cases for one N: memories per dtype, embedded and on the server, then each B."""
+def synchronize_every_device() -> None:
+    """Wait for every CUDA device, not only the current one: a memory's shards may be on several."""
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
+
+
+def bytes_needed(n: int, batches: list[int], device: str) -> int:
+    """What one N takes on ``device`` at most: a memory per dtype, embedded and on the server (one device),
+    the raw baseline's keys in both dtypes and its two score matrices of the largest B."""
+    memories = sum(
+        MemoryConfig(key_dim=KEY_DIM, memory_size=n, choose_k=CHOOSE_K, search_dtype=dtype, device=device)
+        .validated()
+        .footprint(max(batches))[device]
+        for dtype in DTYPES
+    )
+    raw = n * KEY_DIM * (4 + 2) + max(batches) * n * (4 + 2) * 2
+    return 2 * memories + raw
+
+
+def bytes_free(device: str) -> int:
+    if device == "cpu":
+        return available_memory_bytes()
+    return torch.cuda.mem_get_info(torch.device(device))[0]
+
+
+def bench_size(n, batches, device, stores, args, generator, write) -> list[dict]:
+    """All cases for one N: memories per dtype, embedded and on the server, then each B. ``write(rows)``
+    saves what is measured so far, after every B."""
     local, remote = stores
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronize_every_device if device.startswith("cuda") else (lambda: None)
     mems = {}
     print(f"\n[N={n:,}] creating and filling memories (not timed) ...", flush=True)
     t0 = time.perf_counter()
@@ -328,10 +363,10 @@ def bench_size(n, batches, device, stores, args, generator) -> list[dict]:
                     }
                 )
             print_group(rows, n, b)
+            write(rows)
     for dtype in DTYPES:
         local.delete_memory(f"bench-{n}-{dtype}")
         remote.delete_memory(f"bench-{n}-{dtype}")
-    gc.collect()
     return rows
 
 
@@ -496,8 +531,11 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     if args.min_time is None:
         args.min_time = 0.5 if args.quick else 1.5
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda, but CUDA is not available")
+    try:
+        args.device = canonical_device(args.device, "--device")
+        check_usable(args.device, "--device")
+    except ValueError as exc:
+        parser.error(str(exc))
     out_path = args.out or default_out_path()
 
     info = machine_info(args.device)
@@ -516,19 +554,20 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     # SIGTERM unwinds like Ctrl-C, so the server subprocess is stopped in the finally below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    server = Server()
     rows: list[dict] = []
-    try:
-        with connect("local") as local, connect(server.url) as remote:
-            for n in sizes:
-                rows += bench_size(n, batches, args.device, (local, remote), args, generator)
-    finally:
-        server.stop()
+    skipped: list[dict] = []
 
-    result_targets = targets(rows)
-    print_targets(result_targets)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    report = {
+    def write(measured: list[dict], result_targets: list[dict] | None = None) -> None:
+        """The report so far, replacing the file atomically: a run that dies keeps every finished group."""
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        report = report_header | {"results": measured, "skipped": skipped, "complete": result_targets is not None}
+        if result_targets is not None:
+            report["targets"] = result_targets
+        partial = out_path.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(partial, out_path)
+
+    report_header = {
         "benchmark": "bench_memory",
         "started": started,
         "machine": info,
@@ -545,10 +584,29 @@ def main(argv=None) -> int:
             "seed": args.seed,
             "fill": "two-phase update with a ticket relying on no slot, batches of 4096, distinct labels",
         },
-        "results": rows,
-        "targets": result_targets,
     }
-    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    server = Server(max(batches))
+    try:
+        local_store = Store(LocalTransport(MemoryRegistry(max_batch=max(batches), max_memories=len(DTYPES))))
+        with local_store as local, connect(server.url) as remote:
+            for n in sizes:
+                needed, free = bytes_needed(n, batches, args.device), bytes_free(args.device)
+                if needed > free:
+                    reason = f"needs about {needed / 2**30:.1f} GiB on {args.device}, {free / 2**30:.1f} GiB are free"
+                    print(f"\n[N={n:,}] skipped: {reason}", flush=True)
+                    skipped.append({"N": n, "reason": reason})
+                    continue
+                rows += bench_size(n, batches, args.device, (local, remote), args, generator, write)
+                gc.collect()  # this N's memories and baseline, before the next N's free-memory check
+                if args.device != "cpu":
+                    torch.cuda.empty_cache()
+    finally:
+        server.stop()
+        write(rows)
+
+    result_targets = targets(rows)
+    print_targets(result_targets)
+    write(rows, result_targets)
     print(f"\nwrote {out_path}")
     return 0
 

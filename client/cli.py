@@ -1,6 +1,6 @@
 """lmem: run and administer lifelong memory servers.
 
-lmem serve [--host 127.0.0.1] [--port 50051] [--shards S] [--device cpu] [--backend torch]
+lmem serve [--host 127.0.0.1] [--port 50051] [--shards S] [--device cpu] [--devices cuda:0,cuda:1] [--backend torch]
 lmem ls | create NAME [--key-dim ...] | describe NAME | rm NAME      (--url grpc://host:port)
 lmem snapshot NAME | export NAME FILE | import NAME FILE [--backend ...]   (durability, portability)
 lmem stats | watch | slots | neighbors | labels LABEL | plot  NAME   (inspection; --json on every command)
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from lifelong_memory.client.store import MemoryClient, MemoryInfo, Store, connect
-from lifelong_memory.server.errors import InvalidArgument, MemoryServiceError
+from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, MemoryServiceError
+from lifelong_memory.server.index import check_one_faiss
 from lifelong_memory.server.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from lifelong_memory.server.memory import (
     BACKENDS,
@@ -51,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--shards", type=int, help="default shards per memory")
-    serve.add_argument("--device", help="default device per memory: cpu or cuda:N")
+    serve.add_argument(
+        "--device",
+        help="default device per memory: cpu or cuda:N; checked at start (exit 2 if this host lacks it); also "
+        "where a recovered memory goes whose device this host lacks",
+    )
+    serve.add_argument("--devices", type=device_list, help="default devices of the shards, e.g. cuda:0,cuda:1")
     serve.add_argument("--backend", choices=BACKENDS, help="default search backend")
     serve.add_argument("--search-dtype", choices=sorted(SEARCH_DTYPES), help="default search dtype")
     serve.add_argument("--max-batch", type=int, default=4096, help="most query rows per request")
@@ -118,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("file")
         if name == "create":
             for field in dataclasses.fields(MemoryConfig):
-                sub.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
+                kind = device_list if field.name == "devices" else type(field.default)
+                sub.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None)
         if name == "import":  # how the imported memory is searched; what it holds comes from the file
             sub.add_argument("--device")
+            sub.add_argument("--devices", type=device_list)
             sub.add_argument("--backend", choices=BACKENDS)
             sub.add_argument("--search-dtype", choices=sorted(SEARCH_DTYPES))
             sub.add_argument("--shards", type=int)
@@ -164,6 +172,11 @@ def connect_from_args(args: argparse.Namespace) -> Store:
         raise InvalidArgument("--url", str(exc)) from None
 
 
+def device_list(text: str) -> tuple[str, ...]:
+    """--devices cuda:0,cuda:1"""
+    return tuple(part.strip() for part in text.split(","))
+
+
 def tcp_port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -189,12 +202,18 @@ def _serve(args, argv: list[str] | None) -> int:
         for name, value in (
             ("shards", args.shards),
             ("device", args.device),
+            ("devices", args.devices),
             ("backend", args.backend),
             ("search_dtype", args.search_dtype),
         )
         if value is not None
     }
     limits = ServerLimits(max_batch=args.max_batch, max_message_bytes=args.max_message_mb * 1024 * 1024)
+    try:
+        check_serving_devices(defaults)
+    except (InvalidArgument, FailedPrecondition) as exc:  # loudly, before anything is served
+        print(f"lmem serve: cannot serve: {exc}", file=sys.stderr)
+        return 2
     try:
         auth = TokenAuth.from_file(args.tokens) if args.tokens else None
         if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
@@ -234,6 +253,17 @@ def _serve(args, argv: list[str] | None) -> int:
     return 0
 
 
+def check_serving_devices(defaults: dict) -> None:
+    """The server's default device and devices exist on this host and faiss is installed once: a server
+    that could not create the memories it was started for fails at start, not at every CreateMemory."""
+    try:
+        MemoryConfig(**defaults).validated().check_usable()
+    except InvalidArgument as exc:  # named by the flag that set the field
+        flag = "--" + exc.field.removeprefix("config.").split("[")[0].replace("_", "-")
+        raise InvalidArgument(flag, str(exc).split(": ", 1)[1]) from None
+    check_one_faiss()
+
+
 def _admin(store, args) -> int:
     if args.command == "ls":
         _print([_as_dict(info) for info in store.list_memories()], args.json, table=True)
@@ -258,7 +288,7 @@ def _admin(store, args) -> int:
     elif args.command == "import":
         overrides = {
             name: getattr(args, name)
-            for name in ("device", "backend", "search_dtype", "shards")
+            for name in ("device", "devices", "backend", "search_dtype", "shards")
             if getattr(args, name) is not None
         }
         try:

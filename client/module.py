@@ -70,8 +70,10 @@ class MemoryModule(nn.Module):
         nn.init.trunc_normal_(self.query_proj, std=0.01, a=-0.02, b=0.02)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """The normalised query for ``x``, as sent to the memory."""
-        return l2_normalize(x @ self.query_proj)
+        """The normalised query for ``x``, as sent to the memory: in float32 whatever the model's dtype
+        (a bf16 or fp16 row misses unit length by more than the memory accepts), the gradient flowing
+        back into ``x`` and the projection in their own dtypes."""
+        return l2_normalize(x.float() @ self.query_proj.float())
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, update: bool | None = None) -> MemoryOutput:
         """Look ``x`` [B, input_dim] up; with labels also the loss, and (by default) the memory update."""

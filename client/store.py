@@ -555,6 +555,11 @@ def _config_message(config: dict) -> pb.MemoryConfig:
             if config[name] not in by_name:
                 raise InvalidArgument(f"config.{name}", f"must be one of {sorted(by_name)}, got {config[name]!r}")
             setattr(message, name, by_name[config[name]])
+    if "devices" in config:
+        devices = config["devices"]
+        if isinstance(devices, str) or not all(isinstance(d, str) for d in devices):
+            raise InvalidArgument("config.devices", f"must be a list of device strings, got {devices!r}")
+        message.devices.extend(devices)
     return message
 
 

@@ -3,21 +3,26 @@
 An index covers a contiguous range of slots. ``search`` returns, per query,
 the k slots with the largest inner product (global slot ids) and their
 similarities computed in float32; ``update`` overwrites stored keys in place.
-Backends (torch, faiss) and sharding compose behind the same two methods.
-The order of tied results is unspecified: the memory canonicalises it.
+Backends (torch, faiss), sharding and the placement of shards on several
+devices compose behind the same two methods: the memory's semantics never ask
+where a shard lives. The order of tied results is unspecified: the memory
+canonicalises it.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from lifelong_memory.server.devices import canonical_device, score_buffer_bytes
+from lifelong_memory.server.errors import FailedPrecondition
+
 RESCORE_ROWS = 16
-# Largest score matrix one search holds per shard; bigger batches are searched in row chunks so a
-# big memory never needs batch x size scores at once (256 rows of a million float32 slots).
-SCORE_BUFFER_BYTES = 1 << 30
+# The distributions that install the `faiss` package; two of them would share one faiss/ folder.
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12")
 
 
 class Index(Protocol):
@@ -26,37 +31,43 @@ class Index(Protocol):
     def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None: ...
 
 
-class TorchFlatIndex:
-    """Matrix product + top-k in torch, on the keys' device.
+def score_rows(slots: int, element_bytes: int, device: str, max_batch: int) -> int:
+    """Query rows one search of a ``slots``-slot shard scores at once on ``device``: all of a batch of
+    ``max_batch`` rows where the device's score-buffer size allows, else chunks of this many rows."""
+    return max(1, min(max_batch, score_buffer_bytes(device) // (slots * element_bytes)))
 
-    ``keys`` is a view of the memory's float32 key rows [start, start + n), so
-    float32 search needs no copy and no update. With bfloat16 search a bf16
-    copy is searched and the chosen candidates are rescored in float32.
+
+class TorchFlatIndex:
+    """Matrix product + top-k in torch, on the device of ``keys``.
+
+    ``keys`` holds the float32 key rows [start, start + n): a view of the
+    memory's own keys when the shard lives on the memory's device (float32
+    search then needs no copy and no update), else the shard's own copy
+    (``owns_keys``). With bfloat16 search a bf16 copy is searched and the
+    chosen candidates are rescored in float32. The score buffer for ``rows``
+    query rows is allocated here, up front; larger batches are searched in
+    chunks of ``rows``.
     """
 
-    def __init__(self, keys: torch.Tensor, start: int, search_dtype: torch.dtype = torch.float32):
+    def __init__(self, keys: torch.Tensor, start: int, search_dtype: torch.dtype, rows: int, owns_keys: bool):
         self.keys = keys
         self.start = start
         self.search_dtype = search_dtype
+        self.owns_keys = owns_keys
         self.search_keys = keys if search_dtype == torch.float32 else keys.to(search_dtype)
-        self._scores = torch.empty(0, len(keys), dtype=search_dtype, device=keys.device)
-
-    def _score_buffer(self, batch: int) -> torch.Tensor:
-        # Grown on demand and reused, so a training loop allocates nothing per step.
-        if self._scores.shape[0] < batch:
-            self._scores = torch.empty(batch, len(self.keys), dtype=self.search_dtype, device=self.keys.device)
-        return self._scores[:batch]
+        self._scores = torch.empty(rows, len(keys), dtype=search_dtype, device=keys.device)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k, len(self.keys))
-        rows = max(1, SCORE_BUFFER_BYTES // (len(self.keys) * self.search_keys.element_size()))
+        queries = queries.to(self.keys.device)
+        rows = len(self._scores)
         if len(queries) <= rows:
             return self._search(queries, k)
         parts = [self._search(queries[start : start + rows], k) for start in range(0, len(queries), rows)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self._score_buffer(len(queries))
+        scores = self._scores[: len(queries)]
         torch.mm(queries.to(self.search_dtype), self.search_keys.T, out=scores)
         similarities, local = torch.topk(scores, k, dim=1)
         if self.search_dtype != torch.float32:
@@ -73,16 +84,54 @@ class TorchFlatIndex:
         return similarities
 
     def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Follow a write of the memory's keys: its own copies only (a view already sees the write)."""
+        local = (slots - self.start).to(self.keys.device)
+        keys = keys.to(self.keys.device)
+        if self.owns_keys:
+            self.keys[local] = keys
         if self.search_keys is not self.keys:
-            self.search_keys[slots - self.start] = keys.to(self.search_dtype)
+            self.search_keys[local] = keys.to(self.search_dtype)
+
+
+def import_faiss():
+    """The faiss module, once it is clear which faiss this environment has (FailedPrecondition if none,
+    or if two distributions share its faiss/ folder: then the import breaks or silently stays CPU-only)."""
+    check_one_faiss()
+    try:
+        import faiss
+    except ImportError:
+        raise FailedPrecondition(
+            "the faiss backend needs faiss: pip install 'lifelong-memory[cpu]' (or [gpu])"
+        ) from None
+    return faiss
+
+
+def check_one_faiss() -> None:
+    """FailedPrecondition if two faiss distributions are installed (they share one faiss/ folder)."""
+    installed = installed_faiss_distributions()
+    if len(installed) > 1:
+        raise FailedPrecondition(
+            f"{' and '.join(installed)} are both installed into one faiss/ folder; uninstall all of them "
+            "(pip uninstall) and install one: lifelong-memory[cpu] or lifelong-memory[gpu], never both"
+        )
+
+
+def installed_faiss_distributions() -> list[str]:
+    found = []
+    for name in FAISS_DISTRIBUTIONS:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
 
 
 class FaissFlatIndex:
     """faiss IndexFlatIP whose stored vectors are overwritten in place (CPU)."""
 
     def __init__(self, keys: torch.Tensor, start: int):
-        import faiss
-
+        faiss = import_faiss()
         n, dim = keys.shape
         self.start = start
         self.index = faiss.IndexFlatIP(dim)
@@ -101,37 +150,58 @@ class FaissFlatIndex:
 
 
 class ShardedIndex:
-    """Slot-range shards searched independently, merged into one global top-k."""
+    """Slot-range shards searched independently, merged into one global top-k on the memory's device."""
 
-    def __init__(self, shards: list[Index], bounds: list[int]):
+    def __init__(self, shards: list[Index], bounds: list[int], device: torch.device):
         self.shards = shards
         self.bounds = bounds  # shard i covers slots [bounds[i], bounds[i + 1])
+        self.device = device
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if len(self.shards) == 1:
-            return self.shards[0].search(queries, k)
+            similarities, slots = self.shards[0].search(queries, k)
+            return similarities.to(self.device), slots.to(self.device)
         parts = [shard.search(queries, k) for shard in self.shards]
-        similarities = torch.cat([p[0] for p in parts], dim=1)
-        slots = torch.cat([p[1] for p in parts], dim=1)
+        similarities = torch.cat([p[0].to(self.device) for p in parts], dim=1)
+        slots = torch.cat([p[1].to(self.device) for p in parts], dim=1)
         similarities, best = torch.topk(similarities, k, dim=1)
         return similarities, torch.gather(slots, 1, best)
 
     def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
-        owner = torch.bucketize(slots, torch.tensor(self.bounds[1:-1], device=slots.device), right=True)
+        """``slots``: global slot ids on the CPU (so finding their shards costs the GPU nothing); ``keys``
+        their new rows, on the memory's device."""
+        owner = torch.searchsorted(torch.tensor(self.bounds[1:-1]), slots, right=True)
         for i, shard in enumerate(self.shards):
-            mine = owner == i
-            if bool(mine.any()):
-                shard.update(slots[mine], keys[mine])
+            rows = torch.nonzero(owner == i).flatten()
+            if len(rows):
+                shard.update(slots[rows], keys[rows.to(keys.device)])
 
 
-def build_index(keys: torch.Tensor, backend: str, search_dtype: torch.dtype, shards: int) -> ShardedIndex:
-    """One index over ``keys`` (the memory's float32 key matrix), split into ``shards`` slot ranges."""
-    size = len(keys)
-    bounds = [size * i // shards for i in range(shards + 1)]
+def shard_bounds(size: int, shards: int) -> list[int]:
+    """Shard i covers slots [bounds[i], bounds[i + 1])."""
+    return [size * i // shards for i in range(shards + 1)]
+
+
+def build_index(
+    keys: torch.Tensor, backend: str, search_dtype: torch.dtype, shard_devices: list[str], max_batch: int
+) -> ShardedIndex:
+    """One index over ``keys`` (the memory's float32 key matrix), split into one slot range per entry of
+    ``shard_devices`` and placed there; score buffers sized for batches of ``max_batch`` rows."""
+    bounds = shard_bounds(len(keys), len(shard_devices))
+    home = canonical_device(str(keys.device))
+    element_bytes = torch.empty(0, dtype=search_dtype).element_size()
     parts: list[Index] = []
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        if backend == "torch":
-            parts.append(TorchFlatIndex(keys[start:stop], start, search_dtype))
-        else:
-            parts.append(FaissFlatIndex(keys[start:stop], start))
-    return ShardedIndex(parts, bounds)
+    for start, stop, device in zip(bounds[:-1], bounds[1:], shard_devices, strict=True):
+        rows = keys[start:stop]
+        if backend == "faiss":
+            parts.append(FaissFlatIndex(rows, start))
+            continue
+        owns_keys = device != home
+        if owns_keys:
+            rows = rows.to(device, copy=True)
+        parts.append(
+            TorchFlatIndex(
+                rows, start, search_dtype, score_rows(stop - start, element_bytes, device, max_batch), owns_keys
+            )
+        )
+    return ShardedIndex(parts, bounds, keys.device)

@@ -11,12 +11,15 @@ Conventions: keys are float32 unit rows, values int64 labels (>= 0), EMPTY (-1)
 marks a slot never written, which matches no label; slot id -1 means "none".
 Ties are broken towards the lower slot index everywhere, so a memory with
 age_noise 0 is fully determined by its inputs, and a seeded one by its seed.
+The age noise is a pure function of (seed, commit, slot) (see age_noise), the
+same on every device and for any shard count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import numbers
 import threading
@@ -25,10 +28,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
+from lifelong_memory.server.devices import canonical_device, check_usable, is_out_of_memory
 from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from lifelong_memory.server.index import SCORE_BUFFER_BYTES, build_index
+from lifelong_memory.server.index import build_index, score_rows, shard_bounds
 
 EMPTY = -1
 NO_SLOT = -1
@@ -40,11 +45,16 @@ MAX_TOP_LABELS = 10000
 # Each shard costs a search call per query: more than this only adds overhead on any one machine.
 MAX_SHARDS = 256
 MIB = 1 << 20
-# Bytes one entry of the recent-label table costs in the process (an OrderedDict entry and two ints).
+DEFAULT_MAX_BATCH = 4096
+# Bytes per slot besides its key: value, age, generation, the slot id the noise hashes, and the noise,
+# score and sort key one write computes for every slot.
+SLOT_BYTES = 8 + 4 + 8 + 8 + 4 + 4 + 8 + 8
+# Host bytes one entry of the recent-label table costs (an OrderedDict entry and two ints), whatever the device.
 RECENT_ENTRY_BYTES = 160
 # Working memory of a query per (row, neighbour), measured on the CPU: search output, canonical order,
 # pool and gathered values (80 bytes), plus 4 * key_dim with neighbour keys.
 QUERY_BYTES_PER_NEIGHBOR = 80
+CONFIG_TYPES = {"int": numbers.Integral, "float": numbers.Real, "str": str, "tuple[str, ...]": (tuple, list)}
 
 
 @dataclass(frozen=True)
@@ -60,9 +70,12 @@ class MemoryConfig:
     search_dtype: str = "float32"
     backend: str = "torch"
     shards: int = 1
+    devices: tuple[str, ...] = ()  # where the shards' searches run: empty, all on device
 
     def validated(self) -> MemoryConfig:
-        """This config with choose_k capped at memory_size; InvalidArgument names a bad field."""
+        """This config with choose_k capped at memory_size and device names canonical; InvalidArgument
+        names a bad field. Only the config itself is checked: whether this host has its devices is
+        check_usable's question, asked where a memory is placed."""
 
         def check(ok: bool, field: str, message: str) -> None:
             if not ok:
@@ -70,8 +83,7 @@ class MemoryConfig:
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            kind = {"int": numbers.Integral, "float": numbers.Real, "str": str}[f.type]
-            check(isinstance(value, kind), f.name, f"must be {f.type}, got {value!r}")
+            check(isinstance(value, CONFIG_TYPES[f.type]), f.name, f"must be {f.type}, got {value!r}")
         check(1 <= self.key_dim <= 65536, "key_dim", f"must be in [1, 65536], got {self.key_dim}")
         check(1 <= self.memory_size <= 2**31, "memory_size", f"must be in [1, 2^31], got {self.memory_size}")
         check(self.choose_k >= 1, "choose_k", f"must be >= 1, got {self.choose_k}")
@@ -92,34 +104,60 @@ class MemoryConfig:
         check(self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
         most_shards = min(MAX_SHARDS, self.memory_size)
         check(1 <= self.shards <= most_shards, "shards", f"must be in [1, {most_shards}], got {self.shards}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as exc:
-            raise InvalidArgument("config.device", f"not a torch device: {self.device!r}") from exc
-        check(device.type in ("cpu", "cuda"), "device", f"must be cpu or cuda:N, got {self.device!r}")
-        if device.type == "cuda":
-            check(torch.cuda.is_available(), "device", f"{self.device} requested but CUDA is not available")
+        device = canonical_device(self.device)
+        devices = tuple(canonical_device(d, f"config.devices[{i}]") for i, d in enumerate(self.devices))
+        check(
+            len(devices) <= self.shards,
+            "devices",
+            f"{len(devices)} devices for {self.shards} shards: each device needs a shard (raise shards)",
+        )
+        if any(d != "cpu" for d in (device, *devices)):
             check(self.backend == "torch", "backend", "the faiss backend runs on the CPU; use torch on CUDA")
         check(
             self.backend == "torch" or self.search_dtype == "float32",
             "search_dtype",
             "bfloat16 search needs the torch backend",
         )
-        return dataclasses.replace(self, choose_k=choose_k, seed=int(self.seed))
+        return dataclasses.replace(self, choose_k=choose_k, seed=int(self.seed), device=device, devices=devices)
+
+    def check_usable(self) -> None:
+        """InvalidArgument naming the field unless this host has the config's devices."""
+        check_usable(self.device, "config.device")
+        for i, device in enumerate(self.devices):
+            check_usable(device, f"config.devices[{i}]")
+
+    def shard_devices(self) -> list[str]:
+        """The device of each shard: ``devices`` in consecutive blocks of shards (shard i on
+        devices[i * len(devices) // shards]), or all on ``device``."""
+        if not self.devices:
+            return [self.device] * self.shards
+        return [self.devices[i * len(self.devices) // self.shards] for i in range(self.shards)]
 
     @property
     def softmax_temperature(self) -> float:
         return softmax_temperature(self.choose_k, self.alpha)
 
-    def footprint_bytes(self, max_batch: int) -> int:
-        """Bytes a memory of this config holds at most: its slots and recent-label table, the index's own
-        copy of the keys (bf16 or faiss) and the search's score buffers for batches of up to ``max_batch`` rows."""
-        size, dim = self.memory_size, self.key_dim
-        slots = size * (dim * 4 + 8 + 4 + 8 + RECENT_ENTRY_BYTES)  # the recent-label table holds <= size entries
-        index_copy = {"torch": size * dim * 2 if self.search_dtype == "bfloat16" else 0, "faiss": size * dim * 4}
+    def footprint(self, max_batch: int) -> dict[str, int]:
+        """Bytes a memory of this config holds at most, per device: its slots on ``device``; the
+        recent-label table (at most memory_size labels) in host memory; per shard the index's own copies
+        of its keys (bf16; float32 on another device; faiss) and the score buffer for batches of up to
+        ``max_batch`` rows, on the shard's device. Call it once the devices are known to be usable (a CUDA
+        score buffer is sized from the device's memory)."""
+        dim = self.key_dim
+        needed = {self.device: self.memory_size * (dim * 4 + SLOT_BYTES)}
+        needed["cpu"] = needed.get("cpu", 0) + self.memory_size * RECENT_ENTRY_BYTES
         score_element = 2 if self.search_dtype == "bfloat16" else 4
-        scores = min(max_batch * size * score_element, self.shards * SCORE_BUFFER_BYTES)
-        return slots + index_copy[self.backend] + (scores if self.backend == "torch" else 0)
+        bounds = shard_bounds(self.memory_size, self.shards)
+        for start, stop, device in zip(bounds[:-1], bounds[1:], self.shard_devices(), strict=True):
+            rows = stop - start
+            if self.backend == "faiss":
+                shard = rows * dim * 4
+            else:
+                shard = rows * dim * 2 if self.search_dtype == "bfloat16" else 0
+                shard += rows * dim * 4 if device != self.device else 0
+                shard += score_rows(rows, score_element, device, max_batch) * rows * score_element
+            needed[device] = needed.get(device, 0) + shard
+        return needed
 
 
 def query_working_bytes(key_dim: int, batch: int, k: int, fields: frozenset[str]) -> int:
@@ -257,7 +295,6 @@ class MemoryState:
     generations: torch.Tensor  # int64 [M]
     recent_labels: torch.Tensor  # int64 [L]
     recent_slots: torch.Tensor  # int64 [L]
-    rng_state: torch.Tensor  # uint8: the age-noise generator
     counters: dict[str, int]
 
 
@@ -288,13 +325,33 @@ class _Read:
     incorrect: torch.Tensor | None = None
 
 
+def _out_of_memory_is_resource_exhausted(method):
+    """An allocation that fails inside a call is RESOURCE_EXHAUSTED, and the memory is as it was: every
+    call allocates what it needs before it changes anything (see _apply, _commit)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise ResourceExhausted(
+                f"out of memory on {self.config.device} in {method.__name__} (the memory is unchanged): {exc}"
+            ) from None
+
+    return wrapper
+
+
 class Memory:
     """One memory: keys, values, ages, recent slots and the index over the keys.
 
     Thread-safe: each call holds the memory's lock, so writes commit in one
     order, reads see only committed state and a fused query + update is atomic.
     With a ``journal`` every write is recorded under the lock and acknowledged
-    (returned) only once the journal says it is durable.
+    (returned) only once the journal says it is durable. Everything the memory
+    needs, score buffers for batches of ``max_batch`` rows included, is
+    allocated here; an allocation that fails is ResourceExhausted.
     """
 
     def __init__(
@@ -302,39 +359,48 @@ class Memory:
         config: MemoryConfig,
         state: MemoryState | None = None,
         journal: Journal | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
         max_query_bytes: int | None = None,
     ):
         self.config = config.validated()
         # Working memory one query may use (None: unbounded); a larger query is refused before any work.
         self.max_query_bytes = max_query_bytes
         cfg = self.config
+        cfg.check_usable()
         self.device = torch.device(cfg.device)
         size, dim = cfg.memory_size, cfg.key_dim
-        try:  # a failed allocation is RuntimeError on the CPU (torch.OutOfMemoryError, one too, on CUDA)
+        try:
             self.keys = torch.zeros(size, dim, dtype=torch.float32, device=self.device)
             self.values = torch.full((size,), EMPTY, dtype=torch.int64, device=self.device)
             self.ages = torch.zeros(size, dtype=torch.float32, device=self.device)
             # Commit sequence of each slot's last write, merge or clear: how a
             # two-phase update tells that a slot changed under it.
             self.generations = torch.zeros(size, dtype=torch.int64, device=self.device)
+            self._slot_ids = torch.arange(size, device=self.device)
+            # label -> slot of its last write or merge, least recently written first; at most memory_size labels.
+            self.recent: OrderedDict[int, int] = OrderedDict()
+            self.commit_sequence = 0
+            self.empty_slots = size
+            self.counters = {"queries": 0, "writes": 0, "merges": 0}
+            if state is not None:
+                self._load(state)
+            self.index = build_index(
+                self.keys, cfg.backend, SEARCH_DTYPES[cfg.search_dtype], cfg.shard_devices(), max_batch
+            )
         except (RuntimeError, MemoryError) as exc:
-            raise ResourceExhausted(f"cannot allocate {size} slots of dimension {dim} on {cfg.device}: {exc}") from None
-        # label -> slot of its last write or merge, least recently written first; at most memory_size labels.
-        self.recent: OrderedDict[int, int] = OrderedDict()
-        self.commit_sequence = 0
-        self.empty_slots = size
-        self.counters = {"queries": 0, "writes": 0, "merges": 0}
-        self._rng = torch.Generator(device=self.device)
-        self._rng.manual_seed(cfg.seed)
-        if state is not None:
-            self._load(state)
+            if not is_out_of_memory(exc):
+                raise
+            raise ResourceExhausted(
+                f"config.memory_size: cannot allocate {size} slots of dimension {dim} on {cfg.device} "
+                f"(shards on {sorted(set(cfg.shard_devices()))}): {exc}"
+            ) from None
         self._lock = threading.Lock()
         self._retired = False
         self.journal = journal
-        self.index = build_index(self.keys, cfg.backend, SEARCH_DTYPES[cfg.search_dtype], cfg.shards)
 
     # ----------------------------------------------------------------- public
 
+    @_out_of_memory_is_resource_exhausted
     def query(
         self,
         queries,
@@ -366,6 +432,7 @@ class Memory:
             self._wait_durable(result.commit_sequence)
         return result
 
+    @_out_of_memory_is_resource_exhausted
     def update(self, queries, labels, ticket: QueryTicket) -> UpdateResult:
         """Two-phase update: apply labels to the result of an earlier query.
 
@@ -383,16 +450,17 @@ class Memory:
             current = torch.where(relied >= 0, self.generations[relied.clamp(min=0)], -1)
             stale = (current != generations).any(dim=1)
             top = relied[:, :c]
-            incorrect = ~((self.values[top.clamp(min=0)] == y[:, None]) & (top >= 0)).any(dim=1)
+            labels = y.to(self.device)
+            incorrect = ~((self.values[top.clamp(min=0)] == labels[:, None]) & (top >= 0)).any(dim=1)
             positive = relied[:, c].clone()
-            holds_label = (positive >= 0) & (self.values[positive.clamp(min=0)] == y)
+            holds_label = (positive >= 0) & (self.values[positive.clamp(min=0)] == labels)
             forged = ~stale & ~incorrect & ~holds_label
             if bool(forged.any()):
                 row = int(forged.nonzero()[0])
                 raise InvalidArgument("ticket.relied_slots", f"row {row}: the positive slot does not hold the label")
             revalidated = int(stale.sum())
             if revalidated:
-                fresh = self._read(q[stale], y[stale], k, ticket.use_recent)
+                fresh = self._read(q[stale], y[stale.cpu()], k, ticket.use_recent)
                 incorrect[stale] = fresh.incorrect
                 positive[stale] = fresh.positive_slots
             written = self._apply(q, y, incorrect, positive)
@@ -400,6 +468,7 @@ class Memory:
         self._wait_durable(sequence)
         return UpdateResult(sequence, written, incorrect, revalidated)
 
+    @_out_of_memory_is_resource_exhausted
     def read_slots(self, slots) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(commit_sequence, keys, values, ages, generations) of the given slot ids."""
         slots = torch.as_tensor(slots, dtype=torch.int64).to(self.device)
@@ -416,8 +485,9 @@ class Memory:
                 self.generations[slots].clone(),
             )
 
+    @_out_of_memory_is_resource_exhausted
     def clear(self) -> None:
-        """Forget everything; the age-noise generator restarts from the seed."""
+        """Forget everything (the commit sequence goes on, and with it the age noise)."""
         with self._locked():
             if self.journal is not None:
                 self.journal.append(self.commit_sequence + 1, None)
@@ -433,6 +503,7 @@ class Memory:
             commit()
             self._retired = True
 
+    @_out_of_memory_is_resource_exhausted
     def replay(self, sequence: int, delta: Delta | None) -> None:
         """Redo a write from the journal (None: a clear), exactly as it was first committed."""
         with self._lock:
@@ -441,9 +512,10 @@ class Memory:
             if delta is None:
                 self._clear()
             else:
-                self._age_noise()  # the draw the write made, so the generator goes on from where it did
-                self._commit(_to_device(delta, self.device))
+                newly_filled = int((self.values[delta.targets.to(self.device)] == EMPTY).sum())
+                self._commit(delta, newly_filled)
 
+    @_out_of_memory_is_resource_exhausted
     def capture(self) -> MemoryState:
         """A consistent copy of the whole memory, on the CPU (for snapshots and export)."""
         with self._locked():
@@ -457,7 +529,6 @@ class Memory:
                 generations=self.generations.to("cpu", copy=True),
                 recent_labels=recent[:, 0].clone(),
                 recent_slots=recent[:, 1].clone(),
-                rng_state=self._rng.get_state(),
                 counters=dict(self.counters),
             )
 
@@ -470,6 +541,7 @@ class Memory:
                 **self.counters,
             }
 
+    @_out_of_memory_is_resource_exhausted
     def inspect(self, age_bins: int = 10, top_labels: int = 10) -> MemoryReport:
         """Fill, age histogram, label counts and key-norm sanity of the filled slots, and the counters."""
         _check_count(age_bins, "age_bins", 1, MAX_AGE_BINS)
@@ -508,6 +580,7 @@ class Memory:
             keys_non_finite=int((~finite).sum()),
         )
 
+    @_out_of_memory_is_resource_exhausted
     def find_label(self, label: int) -> LabelSlots:
         """The slots holding ``label``, with their ages, and the label's recent slot."""
         if not isinstance(label, numbers.Integral) or isinstance(label, bool) or label < 0:
@@ -559,7 +632,7 @@ class Memory:
             raise InvalidArgument("queries", f"must have shape [B, {self.config.key_dim}], got {list(q.shape)}")
         if len(q) == 0:
             raise InvalidArgument("queries", "the batch is empty")
-        q = q.to(self.device).contiguous()
+        # Checked where the caller's rows are (the CPU, from the wire): no GPU round trip per check.
         finite = torch.isfinite(q).all(dim=1)
         if not bool(finite.all()):
             raise InvalidArgument("queries", f"row {int((~finite).nonzero()[0])} is not finite")
@@ -571,9 +644,10 @@ class Memory:
                 f"row {row} has norm {float(q[row].norm()):.6g}; rows must be unit length "
                 f"(within {UNIT_NORM_TOLERANCE})",
             )
-        return q
+        return q.to(self.device).contiguous()
 
     def _check_labels(self, labels, batch: int, *, required: bool) -> torch.Tensor | None:
+        """The labels on the CPU (the recent-slot table is a Python dict), or None."""
         if labels is None:
             if required:
                 raise InvalidArgument("labels", "required to update the memory")
@@ -583,9 +657,10 @@ class Memory:
             raise InvalidArgument("labels", f"must be int64, got {y.dtype}")
         if y.shape != (batch,):
             raise InvalidArgument("labels", f"must have shape [{batch}] to match queries, got {list(y.shape)}")
+        y = y.cpu()
         if bool((y < 0).any()):
             raise InvalidArgument("labels", "must be non-negative")
-        return y.to(self.device)
+        return y
 
     def _check_k(self, k: int | None, field: str = "k") -> int:
         if k is None or (isinstance(k, numbers.Integral) and k == 0):
@@ -650,15 +725,17 @@ class Memory:
         by_similarity = torch.argsort(similarities, dim=1, descending=True, stable=True)
         return slots.gather(1, by_similarity), similarities.gather(1, by_similarity)
 
-    def _read(self, q: torch.Tensor, y: torch.Tensor | None, k: int, use_recent: bool) -> _Read:
+    def _read(self, q: torch.Tensor, labels: torch.Tensor | None, k: int, use_recent: bool) -> _Read:
+        """``labels`` on the CPU."""
         slots, similarities = self._search(q, k)
         read = _Read(slots, similarities, self.values[slots])
-        if y is None:
+        if labels is None:
             return read
+        y = labels.to(self.device)
         pool_slots, pool_similarities, pool_values = slots, similarities, read.values
         valid = torch.ones_like(slots, dtype=torch.bool)
         if use_recent:
-            recent = torch.tensor([self.recent.get(label, NO_SLOT) for label in y.tolist()], device=self.device)
+            recent = torch.tensor([self.recent.get(label, NO_SLOT) for label in labels.tolist()]).to(self.device)
             has_recent = recent >= 0
             recent_keys = self.keys[recent.clamp(min=0)]
             recent_similarities = (q * recent_keys).sum(dim=1)
@@ -705,69 +782,60 @@ class Memory:
     def _keys_or_zeros(self, slots: torch.Tensor) -> torch.Tensor:
         return torch.where((slots >= 0)[:, None], self.keys[slots.clamp(min=0)], 0.0)
 
-    def _age_noise(self) -> torch.Tensor | None:
-        """Uniform noise in [-age_noise, age_noise) per slot: one draw from the generator per write."""
-        noise = self.config.age_noise
-        if noise == 0:
-            return None
-        return torch.rand(self.ages.shape, generator=self._rng, device=self.device) * (2 * noise) - noise
-
-    def _oldest(self, count: int, exclude: torch.Tensor) -> torch.Tensor:
-        """The ``count`` slots with the largest age + noise, in decreasing order, ties to the lower slot."""
+    def _oldest(self, count: int, merging: torch.Tensor, positive_slots: torch.Tensor) -> torch.Tensor:
+        """The ``count`` slots of largest age + noise, in decreasing order, ties to the lower slot, leaving
+        out the slots this batch's merging rows merge into. One top-k over a key that orders by exactly
+        that (no ties left to break), so the choice needs no round trip to the host."""
         score = self.ages.clone()
-        noise = self._age_noise()
-        if noise is not None:
-            score += noise
-        score[exclude] = -math.inf
-        threshold = torch.topk(score, count).values[-1]
-        above = torch.nonzero(score > threshold).flatten()
-        tied = torch.nonzero(score == threshold).flatten()[: count - len(above)]
-        chosen = torch.cat([above, tied])  # ascending slot within each part
-        chosen = chosen[torch.argsort(chosen, stable=True)]
-        return chosen[torch.argsort(score[chosen], descending=True, stable=True)]
+        if self.config.age_noise:
+            score += age_noise(self.config.seed, self.commit_sequence + 1, self._slot_ids, self.config.age_noise)
+        # amin with +inf leaves a slot alone: rows that do not merge exclude nothing, whatever their slot.
+        excluded = torch.where(merging, -math.inf, math.inf)
+        score.scatter_reduce_(0, positive_slots.clamp(min=0), excluded, reduce="amin")
+        return _descending_then_lower_slot(score, self._slot_ids, count)
 
-    def _apply(
-        self, q: torch.Tensor, y: torch.Tensor, incorrect: torch.Tensor, positive_slots: torch.Tensor
-    ) -> torch.Tensor:
-        """The memory update for one batch; returns the slot each row wrote or merged into."""
-        merging = ~incorrect
-        noise_state = self._rng.get_state() if self.journal is not None else None
-        oldest = self._oldest(len(q), exclude=positive_slots[merging])
+    def _apply(self, q: torch.Tensor, y: torch.Tensor, incorrect: torch.Tensor, positive_slots: torch.Tensor):
+        """The memory update for one batch (``y`` on the CPU); returns the slot each row wrote or merged
+        into. Everything is computed before the memory changes, with one copy to the host, and the journal
+        records the write before it is applied: a write the journal refuses leaves no trace."""
+        oldest = self._oldest(len(q), ~incorrect, positive_slots)
         slots = torch.where(incorrect, oldest, positive_slots)
         merged_keys = _l2_normalize(q + self.keys[positive_slots.clamp(min=0)])
         new_keys = torch.where(incorrect[:, None], q, merged_keys)
+        was_empty = self.values[slots] == EMPTY
+        host_slots, host_incorrect, host_was_empty = torch.stack([slots, incorrect.long(), was_empty.long()]).cpu()
         # Rows apply in batch order: where two rows touch one slot, the later wins.
-        order = torch.argsort(slots, stable=True)
-        sorted_slots = slots[order]
+        order = torch.argsort(host_slots, stable=True)
+        sorted_slots = host_slots[order]
         last = torch.ones_like(sorted_slots, dtype=torch.bool)
         last[:-1] = sorted_slots[1:] != sorted_slots[:-1]
         rows, targets = order[last], sorted_slots[last]
-        delta = Delta(targets, new_keys[rows], y[rows], y, slots, int(incorrect.sum()))
+        delta = Delta(targets, new_keys[rows.to(self.device)], y[rows], y, host_slots, int(host_incorrect.sum()))
         if self.journal is not None:
-            try:
-                self.journal.append(self.commit_sequence + 1, delta)
-            except BaseException:
-                self._rng.set_state(noise_state)  # a refused write leaves no trace, not even its noise draw
-                raise
-        self._commit(delta)
+            self.journal.append(self.commit_sequence + 1, delta)
+        self._commit(delta, int(host_was_empty[rows].sum()))
         return slots
 
-    def _commit(self, delta: Delta) -> None:
-        """Make one write part of the memory: the only place slots change, live or replayed."""
-        targets = delta.targets
-        self.empty_slots -= int((self.values[targets] == EMPTY).sum())
-        self.keys[targets] = delta.keys
-        self.values[targets] = delta.values
+    def _commit(self, delta: Delta, newly_filled: int) -> None:
+        """Make one write part of the memory: the only place slots change, live or replayed.
+        ``newly_filled``: how many of its targets were empty."""
+        targets = delta.targets.to(self.device)
+        keys, values = delta.keys.to(self.device), delta.values.to(self.device)
+        recent = list(zip(delta.labels.tolist(), delta.slots.tolist(), strict=True))
+        # Nothing above changed the memory: an allocation failing there leaves it as it was.
+        self.empty_slots -= newly_filled
+        self.keys[targets] = keys
+        self.values[targets] = values
         self.ages += 1
         self.ages[targets] = 0
         self.commit_sequence += 1
         self.generations[targets] = self.commit_sequence
-        for label, slot in zip(delta.labels.tolist(), delta.slots.tolist(), strict=True):
+        for label, slot in recent:
             self.recent[label] = slot
             self.recent.move_to_end(label)
         while len(self.recent) > self.config.memory_size:  # forget the least recently written labels
             self.recent.popitem(last=False)
-        self.index.update(targets, delta.keys)
+        self.index.update(delta.targets, keys)
         self.counters["writes"] += delta.writes
         self.counters["merges"] += len(delta.labels) - delta.writes
 
@@ -779,8 +847,7 @@ class Memory:
         self.empty_slots = self.config.memory_size
         self.commit_sequence += 1
         self.generations.fill_(self.commit_sequence)
-        self._rng.manual_seed(self.config.seed)
-        self.index.update(torch.arange(self.config.memory_size, device=self.device), self.keys)
+        self.index.update(torch.arange(self.config.memory_size), self.keys)
 
     def _load(self, state: MemoryState) -> None:
         """Take a captured state, already checked against the config (persistence.read_snapshot), before the
@@ -793,15 +860,77 @@ class Memory:
         self.commit_sequence = state.commit_sequence
         self.empty_slots = int((self.values == EMPTY).sum())
         self.counters = {**self.counters, **state.counters}
-        try:
-            self._rng.set_state(state.rng_state)
-        except RuntimeError:  # a state from another device type (an import onto cuda): reseed, deterministically
-            self._rng.manual_seed((self.config.seed + state.commit_sequence) % 2**63)
 
 
-def _to_device(delta: Delta, device: torch.device) -> Delta:
-    moved = {f.name: getattr(delta, f.name) for f in dataclasses.fields(Delta)}
-    return Delta(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+# splitmix64 (Steele, Lea and Flood 2014): its increment and its finaliser's multipliers.
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+MIX_1, MIX_2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+NOISE_BITS = 24  # a float32 holds 24-bit integers exactly
+
+
+def _signed64(value: int) -> int:
+    """A 64-bit pattern as the int64 torch holds it."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on an int64 tensor, in place, as unsigned 64-bit arithmetic: products wrap,
+    and right shifts are made logical by masking the sign bits an arithmetic shift copies in. In place
+    with one scratch tensor: at a million slots this is faster than torch.rand."""
+    shifted = torch.empty_like(z)
+    for bits, multiplier in ((30, MIX_1), (27, MIX_2), (31, None)):
+        torch.bitwise_right_shift(z, bits, out=shifted)
+        shifted.bitwise_and_((1 << (64 - bits)) - 1)
+        z.bitwise_xor_(shifted)
+        if multiplier is not None:
+            z.mul_(_signed64(multiplier))
+    return z
+
+
+def _mix64_int(z: int) -> int:
+    mask = (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * MIX_1) & mask
+    z = ((z ^ (z >> 27)) * MIX_2) & mask
+    return z ^ (z >> 31)
+
+
+def age_noise(seed: int, commit: int, slots: torch.Tensor, half_width: float) -> torch.Tensor:
+    """The age noise of write ``commit`` for ``slots`` (int64), float32 in [-half_width, half_width].
+
+    A pure function, the same on every device, for any shard count and whatever else the memory did:
+        stream = mix64(seed + commit * G)                    (Python integers, mod 2^64)
+        h      = mix64(stream + (slot + 1) * G)              (mod 2^64; G = 0x9E3779B97F4A7C15)
+        noise  = float32(h >> 40) * float32(2 a / 2^24) - float32(a)      (float32 arithmetic)
+    with mix64 splitmix64's finaliser. tests/reference_memory.py evaluates it independently in numpy.
+    """
+    stream = _mix64_int((seed + commit * GOLDEN_GAMMA) & ((1 << 64) - 1))
+    h = torch.mul(slots, _signed64(GOLDEN_GAMMA))
+    h.add_(_signed64(GOLDEN_GAMMA + stream))  # (slot + 1) * G + stream
+    _mix64(h)
+    h.bitwise_right_shift_(64 - NOISE_BITS)
+    h.bitwise_and_((1 << NOISE_BITS) - 1)
+    noise = h.to(torch.float32)
+    noise.mul_(torch.tensor(np.float32(2 * half_width / 2**NOISE_BITS), device=slots.device))
+    noise.sub_(torch.tensor(np.float32(half_width), device=slots.device))
+    return noise
+
+
+def _descending_then_lower_slot(score: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` indices of largest float32 ``score``, in decreasing order, ties to the lower index
+    (``indices``: arange(len(score)), on its device).
+
+    The float's bits, made monotone as an int32 (a negative float's magnitude bits flipped), go in the
+    high half of an int64 and the index, reversed, in the low half: one top-k of that key is the answer,
+    and no two keys are equal. +0.0 stands in for -0.0, which compares equal to it."""
+    bits = (score + 0.0).view(torch.int32)
+    bits.bitwise_xor_(torch.bitwise_right_shift(bits, 31).bitwise_and_(0x7FFFFFFF))
+    key = bits.to(torch.int64)
+    key.bitwise_left_shift_(32)
+    key.sub_(indices)
+    key.add_(len(score) - 1)  # the index, reversed, in the low half
+    top = torch.topk(key, count).values
+    return len(score) - 1 - (top & 0xFFFFFFFF)
 
 
 def _check_count(value, field: str, low: int, high: int) -> None:

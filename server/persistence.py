@@ -40,15 +40,24 @@ from typing import BinaryIO
 import torch
 from prometheus_client import Counter, Histogram
 
-from lifelong_memory.server.errors import MemoryServiceError, NotFound, ResourceExhausted, Unavailable
-from lifelong_memory.server.memory import Delta, Memory, MemoryConfig, MemoryState
+from lifelong_memory.server.errors import (
+    InvalidArgument,
+    MemoryServiceError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from lifelong_memory.server.memory import DEFAULT_MAX_BATCH, Delta, Memory, MemoryConfig, MemoryState
 
 log = logging.getLogger("lifelong_memory.server.persistence")
 
 SYNC_POLICIES = ("always", "interval", "off")
 SNAPSHOT_MAGIC = b"LMEMSNAP"
 SNAPSHOT_END = b"LMEMEND!"
-SNAPSHOT_VERSION = 1
+# 2: no age-noise generator state (the noise is a function of seed, commit and slot). Format 1 files,
+# which end their arrays with that state, are still read; the state is skipped.
+SNAPSHOT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 WAL_MAGIC = b"LMEMWAL1"
 # Record header: crc32 of everything after it, payload length, commit sequence, kind.
 RECORD_HEADER = struct.Struct("<IIQB")
@@ -63,8 +72,9 @@ STATE_ARRAYS = {
     "generations": torch.int64,
     "recent_labels": torch.int64,
     "recent_slots": torch.int64,
-    "rng_state": torch.uint8,
 }
+# Arrays of older formats that are read and dropped.
+DROPPED_ARRAYS = {1: {"rng_state": torch.uint8}}
 DTYPE_NAMES = {torch.float32: "float32", torch.int64: "int64", torch.uint8: "uint8"}
 
 WAL_BYTES = Counter("lmem_wal_written_bytes", "Bytes appended to a memory's write-ahead log", ["memory"])
@@ -179,20 +189,23 @@ def read_snapshot(f: BinaryIO) -> MemoryState:
     if take(len(SNAPSHOT_MAGIC), "the magic") != SNAPSHOT_MAGIC:
         raise SnapshotError("not a lifelong-memory snapshot (bad magic)")
     version, header_length = struct.unpack("<IQ", take(12, "the header length"))
-    if version != SNAPSHOT_VERSION:
-        raise SnapshotError(f"snapshot format {version} is not supported (this server reads {SNAPSHOT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise SnapshotError(f"snapshot format {version} is not supported (this server reads {list(READABLE_VERSIONS)})")
     if header_length > 1 << 20:
         raise SnapshotError(f"header of {header_length} bytes is implausible")
     try:
         header = json.loads(take(header_length, "the header"))
+        # Only parsed and checked in itself: whether this host has its device is asked where the memory is
+        # placed, after an import's overrides (a snapshot from a GPU server restores on a CPU host).
         config = MemoryConfig(**header["config"]).validated()
         names = [a["name"] for a in header["arrays"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise SnapshotError(f"bad header: {exc}") from None
-    if names != list(STATE_ARRAYS):
-        raise SnapshotError(f"arrays {names} are not {list(STATE_ARRAYS)}")
+    expected = {**STATE_ARRAYS, **DROPPED_ARRAYS.get(version, {})}
+    if names != list(expected):
+        raise SnapshotError(f"arrays {names} are not {list(expected)}")
     arrays = {}
-    for spec, (name, dtype) in zip(header["arrays"], STATE_ARRAYS.items(), strict=True):
+    for spec, (name, dtype) in zip(header["arrays"], expected.items(), strict=True):
         shape = spec["shape"]
         if spec["dtype"] != DTYPE_NAMES[dtype] or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise SnapshotError(f"array {name}: bad dtype or shape {spec}")
@@ -213,6 +226,8 @@ def read_snapshot(f: BinaryIO) -> MemoryState:
         raise SnapshotError("checksum mismatch: the file is damaged")
     if f.read(1):
         raise SnapshotError("trailing bytes after the end marker")
+    for name in DROPPED_ARRAYS.get(version, {}):
+        del arrays[name]
     _check_state(config, arrays)
     try:
         sequence, counters = int(header["commit_sequence"]), {k: int(v) for k, v in header["counters"].items()}
@@ -658,31 +673,39 @@ class DataDirectory:
         except OSError as exc:
             log.warning("could not remove %s now (%s); it is removed at the next start", path, exc)
 
-    def recover(self) -> list[Recovered]:
-        """Bring back every memory in the directory: newest valid snapshot, then its log. A memory that
-        cannot be brought back, for whatever reason, is reported and the others still are."""
+    def recover(self, fallback_device: str | None = None, max_batch: int = DEFAULT_MAX_BATCH) -> list[Recovered]:
+        """Bring back every memory in the directory: newest valid snapshot, then its log. A memory whose
+        device this host does not have goes to ``fallback_device`` (``lmem serve --device``), if given. A
+        memory that cannot be brought back, for whatever reason, is reported and the others still are."""
         for leftover in self.memories_dir.glob(".*"):  # half-made creates, half-done deletes
             shutil.rmtree(leftover, ignore_errors=True)
         results = []
         for folder in sorted(p for p in self.memories_dir.iterdir() if p.is_dir()):
             try:
-                results.append(self._recover(folder))
+                results.append(self._recover(folder, fallback_device, max_batch))
             except Exception as exc:  # noqa: BLE001 - one memory's failure, of any kind, must not stop the others
                 error = str(exc) if isinstance(exc, RecoveryError) else f"{type(exc).__name__}: {exc}"
                 log.error("memory %r could not be recovered from %s: %s", folder.name, folder, error)
                 results.append(Recovered(folder.name, None, error=error))
         return results
 
-    def _recover(self, folder: Path) -> Recovered:
+    def _recover(self, folder: Path, fallback_device: str | None, max_batch: int) -> Recovered:
         for stale in folder.glob(".*.tmp"):
             stale.unlink()
         try:
             config = MemoryConfig(**json.loads((folder / "config.json").read_text())).validated()
         except (OSError, ValueError, TypeError) as exc:
             raise RecoveryError(f"config.json: {exc}") from None
+        try:
+            config.check_usable()
+        except InvalidArgument as exc:
+            if fallback_device is None:
+                raise RecoveryError(f"{exc}; start the server with --device to place it on another device") from None
+            log.warning("memory %r: %s; placing it on %s (--device)", folder.name, exc, fallback_device)
+            config = dataclasses.replace(config, device=fallback_device, devices=()).validated()
         damaged: list[str] = []
         state = self._newest_usable_snapshot(folder, config, damaged)
-        memory = Memory(config, state)
+        memory = Memory(config, state, max_batch=max_batch)
         result = Recovered(folder.name, memory, snapshot_sequence=memory.commit_sequence, damaged=damaged)
         found = segments(folder)
         # Only the log after the state counts: a segment whose successor starts at or before the next write

@@ -15,6 +15,9 @@ import re
 import threading
 from pathlib import Path
 
+import torch
+
+from lifelong_memory.server.devices import BUDGET_SHARE, memory_available
 from lifelong_memory.server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -30,7 +33,7 @@ log = logging.getLogger("lifelong_memory.server.registry")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(MemoryConfig))
 # What an import may change: where and how the memory is searched, never what it holds.
-IMPORT_OVERRIDES = frozenset({"device", "backend", "search_dtype", "shards"})
+IMPORT_OVERRIDES = frozenset({"device", "devices", "backend", "search_dtype", "shards"})
 GIB = 1 << 30
 
 
@@ -40,8 +43,10 @@ class MemoryRegistry:
     ``defaults`` override MemoryConfig's defaults for fields a create request
     leaves unset (how ``lmem serve --backend faiss --shards 4`` applies).
     ``memory_budget_bytes`` (default: 90% of the memory available at start)
-    bounds the sum of the memories' footprints for batches of ``max_batch`` rows.
-    ``max_query_bytes`` (default: an eighth of the budget, at most 1 GiB) bounds the working memory
+    bounds the sum of the memories' footprints on the CPU for batches of
+    ``max_batch`` rows; each CUDA device has its own budget, 90% of what it has
+    free when the first memory is placed on it.
+    ``max_query_bytes`` (default: an eighth of the CPU budget, at most 1 GiB) bounds the working memory
     of one query, checked before any work.
     """
 
@@ -63,8 +68,9 @@ class MemoryRegistry:
         self.defaults = defaults
         self.max_memories = max_memories
         self.max_batch = max_batch
-        self.memory_budget_bytes = memory_budget_bytes or int(0.9 * available_memory_bytes())
+        self.memory_budget_bytes = memory_budget_bytes or int(BUDGET_SHARE * available_memory_bytes())
         self.max_query_bytes = max_query_bytes or min(GIB, self.memory_budget_bytes // 8)
+        self._device_budgets = {"cpu": self.memory_budget_bytes}
         self._memories: dict[str, Memory] = {}
         self._unrecovered: dict[str, str] = {}
         self._deleting: set[str] = set()
@@ -73,7 +79,7 @@ class MemoryRegistry:
         self._stopping = threading.Event()
         self._snapshotter = None
         if self.storage is not None:
-            for recovered in self.storage.recover():
+            for recovered in self.storage.recover(self.defaults.get("device"), max_batch):
                 if recovered.memory is not None:
                     recovered.memory.max_query_bytes = self.max_query_bytes
                     self._memories[recovered.name] = recovered.memory
@@ -99,25 +105,35 @@ class MemoryRegistry:
         return self._add(name, dataclasses.replace(state.config, **overrides).validated(), state)
 
     def _add(self, name: str, config: MemoryConfig, state: MemoryState | None) -> Memory:
-        needed = config.footprint_bytes(self.max_batch)
+        config.check_usable()
+        needed = config.footprint(self.max_batch)
         with self._lock:
             if name in self._memories or name in self._unrecovered:
                 raise AlreadyExists(f"memory {name!r} already exists")
             if len(self._memories) >= self.max_memories:
                 raise ResourceExhausted(f"this server holds at most {self.max_memories} memories")
-            used = sum(m.config.footprint_bytes(self.max_batch) for m in self._memories.values())
-            if used + needed > self.memory_budget_bytes:
-                raise ResourceExhausted(
-                    f"config.memory_size: {config.memory_size} slots of dimension {config.key_dim} need "
-                    f"{_mib(needed)}; {_mib(max(0, self.memory_budget_bytes - used))} of this server's "
-                    f"{_mib(self.memory_budget_bytes)} memory budget are left"
-                )
+            for device, bytes_needed in sorted(needed.items()):
+                budget = self._device_budget(device)
+                used = sum(m.config.footprint(self.max_batch).get(device, 0) for m in self._memories.values())
+                if used + bytes_needed > budget:
+                    raise ResourceExhausted(
+                        f"config.memory_size: {config.memory_size} slots of dimension {config.key_dim} need "
+                        f"{_mib(bytes_needed)} on {device}; {_mib(max(0, budget - used))} of this server's "
+                        f"{_mib(budget)} memory budget there are left"
+                    )
             # Built under the lock so two creates of one name cannot both succeed.
-            memory = Memory(config, state, max_query_bytes=self.max_query_bytes)
+            memory = Memory(config, state, max_batch=self.max_batch, max_query_bytes=self.max_query_bytes)
             if self.storage is not None:
                 self.storage.create(name, memory)
             self._memories[name] = memory
             return memory
+
+    def _device_budget(self, device: str) -> int:
+        """The budget of ``device`` (canonical, usable): the CPU's is memory_budget_bytes; a GPU's is set
+        when the first memory goes there, while none of this server's memories hold any of it."""
+        if device not in self._device_budgets:
+            self._device_budgets[device] = int(BUDGET_SHARE * memory_available(device))
+        return self._device_budgets[device]
 
     def get(self, name: str, field: str = "name") -> Memory:
         """The memory called ``name``; ``field`` is the request field that named it, for errors."""
@@ -158,6 +174,9 @@ class MemoryRegistry:
         finally:
             with self._lock:
                 self._deleting.discard(name)
+        if memory is not None and memory.device.type == "cuda":
+            del memory
+            torch.cuda.empty_cache()  # give the device back what the deleted memory held (nvidia-smi, others)
 
     def snapshot(self, name: str, field: str = "name") -> tuple[int, Path, int]:
         """Snapshot a memory now: (commit sequence, file, bytes)."""

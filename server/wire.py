@@ -88,6 +88,7 @@ def config_to_proto(config: MemoryConfig) -> pb.MemoryConfig:
         search_dtype={v: k for k, v in SEARCH_DTYPES.items()}[config.search_dtype],
         backend={v: k for k, v in BACKENDS.items()}[config.backend],
         shards=config.shards,
+        devices=config.devices,
     )
 
 
@@ -113,6 +114,8 @@ def config_from_proto(message: pb.MemoryConfig) -> dict:
             if number not in names:
                 raise InvalidArgument(f"config.{name}", f"unknown value {number}; known: {sorted(names.values())}")
             config[name] = names[number]
+    if message.devices:  # empty: unset (every shard on device, or an import keeps the file's)
+        config["devices"] = tuple(message.devices)
     return config
 
 

@@ -22,6 +22,25 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.sqrt(np.maximum(np.sum(x * x, axis=-1, keepdims=True), 1e-12))).astype(np.float32)
 
 
+def splitmix64_finalizer(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function on uint64 arrays (numpy's uint64 arithmetic wraps mod 2^64)."""
+    z = np.asarray(z, dtype=np.uint64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def age_noise(seed: int, commit: int, memory_size: int, half_width: float) -> np.ndarray:
+    """The spec's noise of write number ``commit`` for every slot, float32: a function of (seed, commit,
+    slot) through splitmix64, uniform on 2^24 steps of [-half_width, half_width)."""
+    gamma = np.uint64(0x9E3779B97F4A7C15)
+    stream = splitmix64_finalizer(np.array([(seed + commit * 0x9E3779B97F4A7C15) % 2**64], dtype=np.uint64))[0]
+    with np.errstate(over="ignore"):
+        h = splitmix64_finalizer(stream + (np.arange(memory_size, dtype=np.uint64) + np.uint64(1)) * gamma)
+    steps = (h >> np.uint64(40)).astype(np.float32)
+    return steps * np.float32(2 * half_width / 2**24) - np.float32(half_width)
+
+
 def memory_loss(positive_similarities, negative_similarities, alpha: float) -> np.ndarray:
     """Per-row memory loss relu(neg - pos + alpha) - alpha (floor -alpha)."""
     pos = np.asarray(positive_similarities, dtype=np.float64)
@@ -60,6 +79,7 @@ class ReferenceMemory:
     merges: int = 0
     writes: int = 0
     overwrites: int = 0  # writes into a slot that already held a label
+    commits: int = 0  # updates so far: the commit number the age noise is drawn for
     keys: np.ndarray = field(init=False)
     values: np.ndarray = field(init=False)
     ages: np.ndarray = field(init=False)
@@ -70,9 +90,6 @@ class ReferenceMemory:
         self.values = np.full(self.memory_size, EMPTY, dtype=np.int64)
         self.ages = np.zeros(self.memory_size, dtype=np.float32)
         self.recent = {}
-        # Only used when age_noise > 0; the service's RNG stream is not part of the spec, so only
-        # age_noise = 0 runs are comparable with it.
-        self._rng = np.random.default_rng(self.seed)
 
     # ------------------------------------------------------------------ read
     def _k(self, k: int | None) -> int:
@@ -169,8 +186,9 @@ class ReferenceMemory:
         # Old slots for writes: the B slots with the largest A + u, excluding slots merged into by this
         # batch's correct rows, in decreasing A + u with ties towards the lower slot index. Row b uses the
         # b-th of them, whether or not the other rows are correct.
-        noise = self._rng.uniform(-self.age_noise, self.age_noise, self.memory_size) if self.age_noise > 0 else 0.0
-        score = self.ages.astype(np.float64) + noise
+        self.commits += 1
+        noise = age_noise(self.seed, self.commits, self.memory_size, self.age_noise) if self.age_noise > 0 else 0.0
+        score = self.ages + noise  # float32, as the spec adds them
         candidates = np.array([s for s in range(self.memory_size) if s not in merged], dtype=np.int64)
         order = np.argsort(-score[candidates], kind="stable")  # stable: ties keep the lower slot first
         oldest = candidates[order][:batch]

@@ -128,21 +128,30 @@ STREAM_CASES = [
     pytest.param("torch", 3, 2, True, id="torch-shards3-top2"),
     pytest.param("faiss", 1, 1, False, id="faiss-shards1-norecent"),
 ]
+# Seeded age noise: the reference evaluates the spec's hash of (seed, commit, slot) on its own, so the
+# written slots must agree exactly, for any shard count and placement of the shards. (age_noise, seed, devices)
+NOISY_CASES = [
+    pytest.param("torch", 1, 1, True, (2.0, 5, ()), id="torch-shards1-noise"),
+    pytest.param("faiss", 3, 1, True, (8.0, 2**63 - 1, ()), id="faiss-shards3-noise-largest-seed"),
+    pytest.param("torch", 4, 2, True, (2.0, 5, ("cpu", "cpu")), id="torch-shards4-two-devices-noise"),
+]
 M, B, STEPS, VOCAB, NOISE = 64, 8, 48, 48, 1.0
 
 
-def config(backend, shards, correct_in_top, memory_size=M):
+def config(backend, shards, correct_in_top, memory_size=M, noise=(0.0, 0, ())):
+    age_noise, seed, devices = noise
     return dict(
         key_dim=D,
         memory_size=memory_size,
         choose_k=K,
         alpha=ALPHA,
-        age_noise=0.0,
+        age_noise=age_noise,
         correct_in_top=correct_in_top,
-        seed=0,
+        seed=seed,
         backend=backend,
         search_dtype="float32",
         shards=shards,
+        devices=devices,
     )
 
 
@@ -244,6 +253,12 @@ def test_stream_matches_reference(client_driver, backend, shards, correct_in_top
     run_stream(client_driver(**cfg), reference_for(cfg), use_recent=use_recent, seed=shards * 10 + correct_in_top)
 
 
+@pytest.mark.parametrize("backend, shards, correct_in_top, use_recent, noise", NOISY_CASES)
+def test_noisy_stream_matches_reference(client_driver, backend, shards, correct_in_top, use_recent, noise):
+    cfg = config(backend, shards, correct_in_top, noise=noise)
+    run_stream(client_driver(**cfg), reference_for(cfg), use_recent=use_recent, seed=shards * 10 + correct_in_top)
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_empty_memory_fills_in_order(client_driver, shards):
     cfg = config("torch", shards, 1, memory_size=32)
@@ -263,6 +278,12 @@ def test_query_without_labels(client_driver):
 @pytest.mark.parametrize("backend, shards, correct_in_top, use_recent", STREAM_CASES)
 def test_stream_matches_reference_core(backend, shards, correct_in_top, use_recent):
     cfg = config(backend, shards, correct_in_top)
+    run_stream(CoreDriver(**cfg), reference_for(cfg), use_recent=use_recent, seed=shards * 10 + correct_in_top)
+
+
+@pytest.mark.parametrize("backend, shards, correct_in_top, use_recent, noise", NOISY_CASES)
+def test_noisy_stream_matches_reference_core(backend, shards, correct_in_top, use_recent, noise):
+    cfg = config(backend, shards, correct_in_top, noise=noise)
     run_stream(CoreDriver(**cfg), reference_for(cfg), use_recent=use_recent, seed=shards * 10 + correct_in_top)
 
 

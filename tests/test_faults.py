@@ -19,7 +19,7 @@ from lifelong_memory.server.persistence import scan_segment, segments, snapshot_
 from lifelong_memory.server.registry import MemoryRegistry
 
 CONFIG = dict(key_dim=8, memory_size=48, choose_k=6, age_noise=3.0, seed=5)
-STATE = ("keys", "values", "ages", "generations", "recent_labels", "recent_slots", "rng_state")
+STATE = ("keys", "values", "ages", "generations", "recent_labels", "recent_slots")
 
 
 def batch(step: int, size: int = 4, dim: int = 8, labels: int = 12):
@@ -458,8 +458,8 @@ def test_the_recent_label_table_holds_at_most_memory_size_labels(tmp_path):
     assert size < 8192  # proportional to the memory, not to the labels ever seen
     restarted = reopen(registry).get("m")
     assert list(restarted.recent.items()) == list(memory.recent.items())
-    small = MemoryConfig(key_dim=8, memory_size=16).footprint_bytes(1)
-    large = MemoryConfig(key_dim=8, memory_size=32).footprint_bytes(1)
+    small = MemoryConfig(key_dim=8, memory_size=16).footprint(1)["cpu"]
+    large = MemoryConfig(key_dim=8, memory_size=32).footprint(1)["cpu"]
     assert large - small >= 16 * 160  # the table is counted in the memory budget
 
 
@@ -498,8 +498,8 @@ def test_shards_are_capped(store):
 
 
 def test_the_budget_error_says_exactly_what_is_missing():
-    registry = MemoryRegistry(memory_budget_bytes=MemoryConfig(key_dim=64, memory_size=1000).footprint_bytes(4096))
+    registry = MemoryRegistry(memory_budget_bytes=MemoryConfig(key_dim=64, memory_size=1000).footprint(4096)["cpu"])
     with pytest.raises(ResourceExhausted) as error:
         registry.create("m", key_dim=64, memory_size=1001)
-    needed = MemoryConfig(key_dim=64, memory_size=1001).footprint_bytes(4096)
+    needed = MemoryConfig(key_dim=64, memory_size=1001).footprint(4096)["cpu"]
     assert f"({needed:,} bytes)" in str(error.value) and f"({registry.memory_budget_bytes:,} bytes)" in str(error.value)

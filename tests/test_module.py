@@ -107,3 +107,21 @@ def test_a_failed_step_does_not_break_the_next(store):
     assert error.value.field == "labels"
     out = module(torch.randn(BATCH, INPUT_DIM), torch.zeros(BATCH, dtype=torch.long))
     assert out.loss is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_model_trains_with_the_memory(store, dtype):
+    """A bf16/fp16 backbone, and the module itself cast to that dtype: the query is projected and normalised
+    in float32, so the memory takes it, and the gradients reach every parameter in the model's dtype."""
+    torch.manual_seed(0)
+    backbone = nn.Linear(INPUT_DIM, 32).to(dtype)
+    module = MemoryModule(store, KEY_DIM, 32, name=f"low-{str(dtype)[6:]}", memory_size=64, choose_k=8).to(dtype)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x = torch.randn(BATCH, INPUT_DIM, generator=generator).to(dtype)
+        out = module(backbone(x), torch.randint(0, 5, (BATCH,), generator=generator))
+        out.loss.backward()
+    assert out.query.dtype == torch.float32
+    torch.testing.assert_close(out.query.norm(dim=1), torch.ones(BATCH))
+    assert module.query_proj.grad.dtype == dtype and backbone.weight.grad.dtype == dtype
+    assert float(backbone.weight.grad.abs().sum()) > 0 and module.memory.info().stats["filled_slots"] > 0

@@ -302,6 +302,8 @@ def train(config, encoder, module, optimizer, eval_memory, split_data, rng, firs
                 "optimizer": optimizer.state_dict(),
                 "numpy_rng": rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(),
+                # Dropout on a GPU draws from each device's own generator, which the CPU state does not cover.
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "episode_batch": episode_batch,
                 "metrics": metrics,
                 "config": config,
@@ -352,6 +354,9 @@ def main() -> None:
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"].cpu())
+        if torch.cuda.is_available():  # as many GPUs as both the saving and this machine have
+            for index, cuda_state in enumerate(state.get("cuda_rng", [])[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state.cpu(), index)
         first = state["episode_batch"] + 1
         metrics = state["metrics"]
         print(f"resumed from {source} after episode batch {state['episode_batch']}")

@@ -62,7 +62,7 @@ class Array(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class MemoryConfig(_message.Message):
-    __slots__ = ("key_dim", "memory_size", "choose_k", "alpha", "age_noise", "correct_in_top", "seed", "device", "search_dtype", "backend", "shards")
+    __slots__ = ("key_dim", "memory_size", "choose_k", "alpha", "age_noise", "correct_in_top", "seed", "device", "search_dtype", "backend", "shards", "devices")
     KEY_DIM_FIELD_NUMBER: _ClassVar[int]
     MEMORY_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHOOSE_K_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class MemoryConfig(_message.Message):
     SEARCH_DTYPE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     key_dim: int
     memory_size: int
     choose_k: int
@@ -85,7 +86,8 @@ class MemoryConfig(_message.Message):
     search_dtype: SearchDtype
     backend: Backend
     shards: int
-    def __init__(self, key_dim: _Optional[int] = ..., memory_size: _Optional[int] = ..., choose_k: _Optional[int] = ..., alpha: _Optional[float] = ..., age_noise: _Optional[float] = ..., correct_in_top: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., search_dtype: _Optional[_Union[SearchDtype, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., shards: _Optional[int] = ...) -> None: ...
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key_dim: _Optional[int] = ..., memory_size: _Optional[int] = ..., choose_k: _Optional[int] = ..., alpha: _Optional[float] = ..., age_noise: _Optional[float] = ..., correct_in_top: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., search_dtype: _Optional[_Union[SearchDtype, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., shards: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MemoryStats(_message.Message):
     __slots__ = ("filled_slots", "commit_sequence", "queries", "writes", "merges", "recent_labels")
