@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import struct
+import subprocess
 import threading
 
 import pytest
@@ -330,6 +332,46 @@ def test_a_write_refused_for_a_full_disk_leaves_no_trace(tmp_path, monkeypatch):
     write(memory, range(20, 25))
     write(live, range(20, 25))
     assert_same(memory, live)
+    assert_same(reopen(registry).get("m"), live)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs), to fill up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_really_full_disk_refuses_writes_and_creates_without_a_trace(small_disk):
+    registry = MemoryRegistry(data_dir=small_disk / "data")
+    memory = registry.create("m", **CONFIG)
+    live = MemoryRegistry().create("twin", **CONFIG)
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # take every free block
+        with pytest.raises(OSError) as full:
+            while True:
+                f.write(b"\0" * 4096)
+    assert full.value.errno == errno.ENOSPC
+    refused = None
+    for step in range(200):  # what is left of the log's last block fills first
+        try:
+            memory.query(*batch(step), update=True)
+        except ResourceExhausted as exc:
+            refused = exc
+            break
+        live.query(*batch(step), update=True)
+    assert refused is not None and "disk full" in str(refused)
+    assert_same(memory, live)  # the refused write is nowhere
+    with pytest.raises(ResourceExhausted, match="disk full.*could not be created"):
+        registry.create("another", **CONFIG)
+    assert [p.name for p in (small_disk / "data" / "memories").iterdir()] == ["m"]
+    filler.unlink()  # room again: writes go on
+    write(memory, range(300, 305))
+    write(live, range(300, 305))
     assert_same(reopen(registry).get("m"), live)
 
 
