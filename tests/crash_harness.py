@@ -55,9 +55,10 @@ def client_batch(client: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.nn.functional.normalize(queries, dim=1), labels
 
 
-def run_client(url: str, client: int, log_path: str, cycle, stop, paused) -> None:
-    """Write until the server fails, report it, wait for the next cycle; log every outcome as JSON lines."""
-    step, seen = 0, 0
+def each_cycle(who, log_path: str, cycle, stop, paused, work) -> None:
+    """Run ``work(log)`` in every cycle until it fails (the server was killed), report the pause, wait for
+    the next cycle; ``work`` logs every outcome as JSON lines."""
+    seen = 0
     with open(log_path, "a") as log:
         while True:
             while cycle.value == seen and not stop.is_set():
@@ -66,20 +67,31 @@ def run_client(url: str, client: int, log_path: str, cycle, stop, paused) -> Non
                 return
             seen = cycle.value
             try:
-                with connect(url, retries=0) as store, store.memory(MEMORY).stream() as stream:
-                    while not stop.is_set():
-                        step += 1
-                        queries, labels = client_batch(client, step)
-                        try:
-                            result = stream.query(queries, labels, update=True, fields=())
-                        except MemoryServiceError:
-                            log.write(json.dumps({"step": step, "acked": None}) + "\n")
-                            raise
-                        log.write(json.dumps({"step": step, "acked": result.commit_sequence}) + "\n")
+                work(log)
             except MemoryServiceError:
                 pass
             log.flush()
-            paused.put((client, seen))
+            paused.put((who, seen))
+
+
+def run_client(url: str, client: int, log_path: str, cycle, stop, paused) -> None:
+    """Stream fused query + updates into the crash memory."""
+    step = 0
+
+    def write(log) -> None:
+        nonlocal step
+        with connect(url, retries=0) as store, store.memory(MEMORY).stream() as stream:
+            while not stop.is_set():
+                step += 1
+                queries, labels = client_batch(client, step)
+                try:
+                    result = stream.query(queries, labels, update=True, fields=())
+                except MemoryServiceError:
+                    log.write(json.dumps({"step": step, "acked": None}) + "\n")
+                    raise
+                log.write(json.dumps({"step": step, "acked": result.commit_sequence}) + "\n")
+
+    each_cycle(client, log_path, cycle, stop, paused, write)
 
 
 def admin_round(store, number: int):
@@ -95,30 +107,23 @@ def admin_round(store, number: int):
 
 
 def run_admin(url: str, log_path: str, cycle, stop, paused) -> None:
-    """Administer memories until the server fails; log every outcome as JSON lines."""
-    number, seen = 0, 0
-    with open(log_path, "a") as log:
-        while True:
-            while cycle.value == seen and not stop.is_set():
-                time.sleep(0.005)
-            if stop.is_set():
-                return
-            seen = cycle.value
-            try:
-                with connect(url, retries=0) as store:
-                    while not stop.is_set():
-                        number += 1
-                        for op, name, call in admin_round(store, number):
-                            try:
-                                call()
-                            except MemoryServiceError:
-                                log.write(json.dumps({"op": op, "name": name, "acked": None}) + "\n")
-                                raise
-                            log.write(json.dumps({"op": op, "name": name, "acked": True}) + "\n")
-            except MemoryServiceError:
-                pass
-            log.flush()
-            paused.put(("admin", seen))
+    """Create, write, snapshot and delete memories, round after round."""
+    number = 0
+
+    def administer(log) -> None:
+        nonlocal number
+        with connect(url, retries=0) as store:
+            while not stop.is_set():
+                number += 1
+                for op, name, call in admin_round(store, number):
+                    try:
+                        call()
+                    except MemoryServiceError:
+                        log.write(json.dumps({"op": op, "name": name, "acked": None}) + "\n")
+                        raise
+                    log.write(json.dumps({"op": op, "name": name, "acked": True}) + "\n")
+
+    each_cycle("admin", log_path, cycle, stop, paused, administer)
 
 
 def check_admin(url: str, log_path: Path) -> None:
