@@ -57,14 +57,33 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-batch", type=int, default=4096, help="most query rows per request")
     serve.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, MiB")
     serve.add_argument("--max-memories", type=int, default=64)
-    serve.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
+    serve.add_argument("--workers", type=int, default=16, help="threads that run the memories' work (default 16)")
+    serve.add_argument("--max-calls", type=int, default=1024, help="most calls in progress at once (default 1024)")
+    serve.add_argument(
+        "--max-calls-per-peer",
+        type=int,
+        default=256,
+        help="most calls in progress at once from one client address (default 256)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        help="close a call whose client sends no message for this many seconds, e.g. an idle QueryStream (default 300)",
+    )
     serve.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
     serve.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text, or json lines (default text)")
     serve.add_argument(
         "--metrics-port",
         type=tcp_port,
         default=os.environ.get("LMEM_METRICS_PORT", "0"),
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: $LMEM_METRICS_PORT; 0: off)",
+        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (default: $LMEM_METRICS_PORT; 0: off)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default=os.environ.get("LMEM_METRICS_HOST", "127.0.0.1"),
+        help="address the metrics bind; they need no token and name every memory "
+        "(default: $LMEM_METRICS_HOST, else 127.0.0.1)",
     )
     durable = serve.add_argument_group("durability")
     durable.add_argument(
@@ -169,7 +188,7 @@ def tcp_port(text: str) -> int:
 def _serve(args, argv: list[str] | None) -> int:
     from lifelong_memory.server.auth import TokenAuth, server_credentials
     from lifelong_memory.server.registry import MemoryRegistry
-    from lifelong_memory.server.service import ServerLimits, serve
+    from lifelong_memory.server.service import ServerLimits, format_address, serve
 
     if "OMP_WAIT_POLICY" not in os.environ:
         # Idle OpenMP threads would otherwise spin on the few cores the trainers and gRPC's threads need
@@ -189,7 +208,13 @@ def _serve(args, argv: list[str] | None) -> int:
         )
         if value is not None
     }
-    limits = ServerLimits(max_batch=args.max_batch, max_message_bytes=args.max_message_mb * 1024 * 1024)
+    limits = ServerLimits(
+        max_batch=args.max_batch,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        max_calls=args.max_calls,
+        max_calls_per_peer=args.max_calls_per_peer,
+        idle_timeout=args.idle_timeout,
+    )
     try:
         auth = TokenAuth.from_file(args.tokens) if args.tokens else None
         if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
@@ -214,11 +239,12 @@ def _serve(args, argv: list[str] | None) -> int:
         return 2
     try:
         serve(
-            f"{args.host}:{args.port}",
+            format_address(args.host, args.port),
             registry,
             limits,
             args.workers,
             args.metrics_port,
+            metrics_host=args.metrics_host,
             auth=auth,
             credentials=credentials,
         )
