@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from lifelong_memory.client.store import MemoryClient, MemoryInfo, Store, connect
+from lifelong_memory.client.store import DEFAULT_TIMEOUT, MemoryClient, MemoryInfo, Store, connect
 from lifelong_memory.server.errors import InvalidArgument, MemoryServiceError
 from lifelong_memory.server.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from lifelong_memory.server.memory import (
@@ -40,6 +41,7 @@ EXIT_CODES = {
     "UNAVAILABLE": 5,
     "PERMISSION_DENIED": 6,
     "UNAUTHENTICATED": 7,
+    "DEADLINE_EXCEEDED": 8,
 }
 
 
@@ -57,17 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-batch", type=int, default=4096, help="most query rows per request")
     serve.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, MiB")
     serve.add_argument("--max-memories", type=int, default=64)
-    serve.add_argument("--workers", type=int, default=16, help="threads that run the memories' work (default 16)")
-    serve.add_argument("--max-calls", type=int, default=1024, help="most calls in progress at once (default 1024)")
+    serve.add_argument(
+        "--workers", type=positive_int, default=16, help="threads that run the memories' work (default 16)"
+    )
+    serve.add_argument(
+        "--max-calls", type=positive_int, default=1024, help="most calls in progress at once (default 1024)"
+    )
     serve.add_argument(
         "--max-calls-per-peer",
-        type=int,
+        type=positive_int,
         default=256,
         help="most calls in progress at once from one client address (default 256)",
     )
     serve.add_argument(
         "--idle-timeout",
-        type=float,
+        type=positive_seconds,
         default=300.0,
         help="close a call whose client sends no message for this many seconds, e.g. an idle QueryStream (default 300)",
     )
@@ -162,6 +168,12 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-cert", help="PEM file of the CA that signed the server's certificate (grpcs://)")
     parser.add_argument("--client-cert", help="this client's PEM certificate, for mutual TLS")
     parser.add_argument("--client-key", help="this client's PEM private key, for mutual TLS")
+    parser.add_argument(
+        "--timeout",
+        type=non_negative_seconds,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds to wait for each answer, an export or import as a whole (default {DEFAULT_TIMEOUT:g}; 0: none)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -173,9 +185,31 @@ def connect_from_args(args: argparse.Namespace) -> Store:
             ca_cert=args.ca_cert,
             client_cert=args.client_cert,
             client_key=args.client_key,
+            timeout=args.timeout or None,
         )
     except (ValueError, OSError) as exc:
         raise InvalidArgument("--url", str(exc)) from None
+
+
+def non_negative_seconds(text: str) -> float:
+    seconds = float(text)
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds >= 0")
+    return seconds
+
+
+def positive_seconds(text: str) -> float:
+    seconds = non_negative_seconds(text)
+    if seconds == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return seconds
+
+
+def positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is not >= 1")
+    return number
 
 
 def tcp_port(text: str) -> int:

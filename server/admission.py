@@ -40,7 +40,13 @@ class Admission(grpc.aio.ServerInterceptor):
     coroutine in every case (responses of a stream are written with ``context.write``)."""
 
     def __init__(
-        self, *, max_calls: int, max_calls_per_peer: int, idle_timeout: float, auth: TokenAuth | None, guarded_service: str
+        self,
+        *,
+        max_calls: int,
+        max_calls_per_peer: int,
+        idle_timeout: float,
+        auth: TokenAuth | None,
+        guarded_service: str,
     ):
         self.max_calls = max_calls
         self.max_calls_per_peer = max_calls_per_peer
@@ -107,8 +113,12 @@ class Admission(grpc.aio.ServerInterceptor):
 def _reading_requests(handler: grpc.RpcMethodHandler, call) -> grpc.RpcMethodHandler:
     """A handler of ``handler``'s method that gets the requests as a stream, whatever the method's kind
     (the bytes on the wire are the same): gRPC then reads nothing before ``call`` asks for it."""
-    factory = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
-    return factory(call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    factory = (
+        grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
+    )
+    return factory(
+        call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
