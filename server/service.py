@@ -371,6 +371,9 @@ class MemoryServer:
         async def stop():
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
+            # Calls the server cancelled may still be unwinding: let them end before the loop closes.
+            calls = asyncio.all_tasks() - {asyncio.current_task()}
+            await asyncio.gather(*calls, return_exceptions=True)
 
         self._run(stop())
         self.workers.shutdown(wait=True, cancel_futures=True)
