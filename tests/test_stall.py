@@ -37,7 +37,8 @@ QUERY_PATH = "/lifelong_memory.v1.MemoryService/Query"
 
 
 @contextlib.contextmanager
-def running_server(limits: ServerLimits = ServerLimits(), auth: TokenAuth | None = None):
+def running_server(limits: ServerLimits | None = None, auth: TokenAuth | None = None):
+    limits = limits or ServerLimits()
     server, port = build_server("127.0.0.1:0", MemoryRegistry(), limits, max_workers=WORKERS, auth=auth)
     server.start()
     try:
