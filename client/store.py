@@ -570,19 +570,29 @@ def _config_message(config: dict) -> pb.MemoryConfig:
 
 
 class _GrpcStream:
-    """Request/response pairs over one QueryStream call: one round trip per query, no per-call setup."""
+    """Request/response pairs over one QueryStream call: one round trip per query, no per-call setup.
+
+    A query finding the call ended (the server closed it as idle, or it failed) opens a new one first:
+    nothing was sent on the old call, so nothing is repeated."""
 
     _CLOSE = object()
 
     def __init__(self, stub, name: str):
+        self._stub = stub
         self._name = name
+        self._open()
+
+    def _open(self) -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._responses = stub.QueryStream(iter(self._requests.get, self._CLOSE))
+        self._responses = self._stub.QueryStream(iter(self._requests.get, self._CLOSE))
 
     def query(self, queries, labels=None, *, k=None, use_recent=True, update=False, fields=ALL_FIELDS):
         request = query_request(
             self._name, _as_queries(queries), _as_labels(labels), k or 0, use_recent, update, frozenset(fields)
         )
+        if self._responses.done():
+            self._requests.put(self._CLOSE)  # ends the old call's request reader
+            self._open()
         self._requests.put(request)
         try:
             return wire.result_from_proto(next(self._responses))

@@ -159,6 +159,17 @@ def test_idle_stream_is_closed_and_frees_its_place():
             assert store.memory(memory.name).info().stats["commit_sequence"] == 0
 
 
+def test_client_stream_opens_a_new_call_after_the_server_closed_an_idle_one():
+    with running_server(ServerLimits(idle_timeout=0.5)) as port, connect(f"grpc://127.0.0.1:{port}") as store:
+        memory = store.create_memory("resumed", **CONFIG)
+        with memory.stream() as stream:
+            assert stream.query(unit_rows(3), torch.arange(3), update=True).commit_sequence == 1
+            closed = threading.Event()
+            stream._responses.add_done_callback(lambda call: closed.set())  # the gRPC call under the stream
+            assert closed.wait(HOLD_DEADLINE), "the server never closed the idle stream"
+            assert stream.query(unit_rows(4), torch.arange(3), update=True).commit_sequence == 2
+
+
 def test_half_sent_message_is_closed_when_the_client_goes_quiet():
     with running_server(ServerLimits(idle_timeout=0.5)) as port, RawHttp2(port) as connection:
         stream = connection.start_call(QUERY_PATH)
