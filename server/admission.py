@@ -130,15 +130,24 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 
 async def _arriving_within(requests, context, timeout: float):
     """The client's messages; the call is closed (UNAVAILABLE) when none comes for ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    call = asyncio.current_task()
     iterator = aiter(requests)
     while True:
+        # A timer that cancels the waiting call, rather than asyncio.wait_for: no task per message.
+        expired = []
+        timer = loop.call_later(timeout, lambda: expired.append(call.cancel()))
         try:
-            message = await asyncio.wait_for(anext(iterator), timeout)
+            message = await anext(iterator)
         except StopAsyncIteration:
             return
-        except asyncio.TimeoutError:
+        except asyncio.CancelledError:
+            if not expired:  # the call itself was cancelled
+                raise
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"no message from the client for {timeout:g} s: the server closed this idle call; open a new one",
             )
+        finally:
+            timer.cancel()
         yield message
