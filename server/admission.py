@@ -133,9 +133,9 @@ async def _arriving_within(requests, context, timeout: float):
     loop = asyncio.get_running_loop()
     call = asyncio.current_task()
     iterator = aiter(requests)
+    expired = []  # the timer's mark: its cancellation, not the call's own (the call ends either way)
     while True:
         # A timer that cancels the waiting call, rather than asyncio.wait_for: no task per message.
-        expired = []
         timer = loop.call_later(timeout, lambda: expired.append(call.cancel()))
         try:
             message = await anext(iterator)

@@ -136,6 +136,17 @@ def test_calls_past_the_cap_are_resource_exhausted_until_one_ends(limits, flag):
             assert eventually(lambda: store.list_memories() == [])
 
 
+def test_one_connection_carries_at_most_max_streams_per_connection_calls():
+    # Without the limit, the fifth call would wait like the others until the idle timeout ends them all.
+    limits = ServerLimits(max_streams_per_connection=4, idle_timeout=10.0)
+    with running_server(limits) as port, RawHttp2(port) as connection:
+        connection.wait_for_settings()
+        calls = [connection.start_call(QUERY_PATH) for _ in range(5)]
+        connection.wait_until_started(calls[:4])
+        connection.wait_until_ended(calls[4])  # refused by HTTP/2, past the connection's limit
+        assert connection.ended == {calls[4]}
+
+
 def test_idle_stream_is_closed_and_frees_its_place():
     limits = ServerLimits(max_calls_per_peer=1, idle_timeout=0.5)
     with running_server(limits) as port:
@@ -270,6 +281,11 @@ class RawHttp2:
 
     def reset(self, stream: int) -> None:
         self.socket.sendall(frame(RST_STREAM, 0, stream, struct.pack(">I", 0x8)))  # CANCEL
+
+    def wait_for_settings(self) -> None:
+        """Return once the server's settings have come (and been acknowledged): its limits apply from then."""
+        while self._read_frame()[:2] != (SETTINGS, 0):
+            pass
 
     def wait_until_started(self, streams: list[int]) -> None:
         """Return once the server has started every call in ``streams`` (it sends their response headers
