@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from lifelong_memory.client.store import MemoryClient, MemoryInfo, Store, connect
+from lifelong_memory.client.store import DEFAULT_TIMEOUT, MemoryClient, MemoryInfo, Store, connect
 from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, MemoryServiceError
 from lifelong_memory.server.index import check_one_faiss
 from lifelong_memory.server.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
@@ -41,6 +42,7 @@ EXIT_CODES = {
     "UNAVAILABLE": 5,
     "PERMISSION_DENIED": 6,
     "UNAUTHENTICATED": 7,
+    "DEADLINE_EXCEEDED": 8,
 }
 
 
@@ -65,17 +67,40 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-memories", type=int, default=64)
     serve.add_argument(
         "--max-query-mb",
-        type=int,
+        type=positive_int,
         help="working memory one query may use, MiB (default: an eighth of the memory budget, at most 1024)",
     )
-    serve.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
+    serve.add_argument(
+        "--workers", type=positive_int, default=16, help="threads that run the memories' work (default 16)"
+    )
+    serve.add_argument(
+        "--max-calls", type=positive_int, default=1024, help="most calls in progress at once (default 1024)"
+    )
+    serve.add_argument(
+        "--max-calls-per-peer",
+        type=positive_int,
+        default=256,
+        help="most calls in progress at once from one client address (default 256)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=positive_seconds,
+        default=300.0,
+        help="close a call whose client sends no message for this many seconds, e.g. an idle QueryStream (default 300)",
+    )
     serve.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
     serve.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text, or json lines (default text)")
     serve.add_argument(
         "--metrics-port",
         type=tcp_port,
         default=os.environ.get("LMEM_METRICS_PORT", "0"),
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: $LMEM_METRICS_PORT; 0: off)",
+        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (default: $LMEM_METRICS_PORT; 0: off)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default=os.environ.get("LMEM_METRICS_HOST", "127.0.0.1"),
+        help="address the metrics bind; they need no token and name every memory "
+        "(default: $LMEM_METRICS_HOST, else 127.0.0.1)",
     )
     durable = serve.add_argument_group("durability")
     durable.add_argument(
@@ -156,6 +181,12 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-cert", help="PEM file of the CA that signed the server's certificate (grpcs://)")
     parser.add_argument("--client-cert", help="this client's PEM certificate, for mutual TLS")
     parser.add_argument("--client-key", help="this client's PEM private key, for mutual TLS")
+    parser.add_argument(
+        "--timeout",
+        type=non_negative_seconds,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds to wait for each answer, an export or import as a whole (default {DEFAULT_TIMEOUT:g}; 0: none)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -167,6 +198,7 @@ def connect_from_args(args: argparse.Namespace) -> Store:
             ca_cert=args.ca_cert,
             client_cert=args.client_cert,
             client_key=args.client_key,
+            timeout=args.timeout or None,
         )
     except (ValueError, OSError) as exc:
         raise InvalidArgument("--url", str(exc)) from None
@@ -175,6 +207,27 @@ def connect_from_args(args: argparse.Namespace) -> Store:
 def device_list(text: str) -> tuple[str, ...]:
     """--devices cuda:0,cuda:1"""
     return tuple(part.strip() for part in text.split(","))
+
+
+def non_negative_seconds(text: str) -> float:
+    seconds = float(text)
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds >= 0")
+    return seconds
+
+
+def positive_seconds(text: str) -> float:
+    seconds = non_negative_seconds(text)
+    if seconds == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return seconds
+
+
+def positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is not >= 1")
+    return number
 
 
 def tcp_port(text: str) -> int:
@@ -187,7 +240,7 @@ def tcp_port(text: str) -> int:
 def _serve(args, argv: list[str] | None) -> int:
     from lifelong_memory.server.auth import TokenAuth, server_credentials
     from lifelong_memory.server.registry import MemoryRegistry
-    from lifelong_memory.server.service import ServerLimits, serve
+    from lifelong_memory.server.service import ServerLimits, format_address, serve
 
     if "OMP_WAIT_POLICY" not in os.environ:
         # Idle OpenMP threads would otherwise spin on the few cores the trainers and gRPC's threads need
@@ -208,7 +261,13 @@ def _serve(args, argv: list[str] | None) -> int:
         )
         if value is not None
     }
-    limits = ServerLimits(max_batch=args.max_batch, max_message_bytes=args.max_message_mb * 1024 * 1024)
+    limits = ServerLimits(
+        max_batch=args.max_batch,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        max_calls=args.max_calls,
+        max_calls_per_peer=args.max_calls_per_peer,
+        idle_timeout=args.idle_timeout,
+    )
     try:
         check_serving_devices(defaults)
     except (InvalidArgument, FailedPrecondition) as exc:  # loudly, before anything is served
@@ -239,11 +298,12 @@ def _serve(args, argv: list[str] | None) -> int:
         return 2
     try:
         serve(
-            f"{args.host}:{args.port}",
+            format_address(args.host, args.port),
             registry,
             limits,
             args.workers,
             args.metrics_port,
+            metrics_host=args.metrics_host,
             auth=auth,
             credentials=credentials,
         )

@@ -23,7 +23,7 @@ import grpc
 import torch
 
 from lifelong_memory.server import wire
-from lifelong_memory.server.errors import ERRORS_BY_CODE, InvalidArgument, MemoryServiceError
+from lifelong_memory.server.errors import ERRORS_BY_CODE, DeadlineExceeded, InvalidArgument, MemoryServiceError
 from lifelong_memory.server.memory import (
     ALL_FIELDS,
     LabelSlots,
@@ -45,6 +45,7 @@ from lifelong_memory.server.service import DEFAULT_MAX_MESSAGE_BYTES
 from lifelong_memory.v1 import memory_pb2 as pb
 from lifelong_memory.v1 import memory_pb2_grpc as pb_grpc
 
+DEFAULT_TIMEOUT = 30.0  # seconds: the deadline of each remote call unless connect() is given another
 # (commit_sequence, keys, values, ages, generations), as Memory.read_slots returns them.
 SlotsRead = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -194,7 +195,7 @@ def connect(
     client_key: str | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     retries: int = 5,
-    timeout: float | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> Store:
     """``"local"`` for an embedded store; ``"grpc://host:port"`` for a server, ``"grpcs://host:port"`` over TLS.
 
@@ -202,9 +203,10 @@ def connect(
 
     ``token`` is sent as ``authorization: Bearer <token>`` on every call. Over TLS, ``ca_cert`` (PEM
     path) verifies the server (default: the system's roots); ``client_cert`` and ``client_key`` are
-    this client's certificate for servers that require mutual TLS. ``timeout`` (seconds) is the deadline
-    of each unary call (DeadlineExceeded past it: a write may or may not have been applied, as with any
-    write in flight when a connection fails); streams have none.
+    this client's certificate for servers that require mutual TLS. ``timeout`` (seconds, default 30; None:
+    none) is the deadline of each call, an export or import being one call (DeadlineExceeded past it: a
+    write may or may not have been applied, as with any write in flight when a connection fails); a
+    QueryStream has none, since it lasts as long as its training loop.
     """
     if url == "local":
         return Store(LocalTransport(MemoryRegistry(data_dir=data_dir)))
@@ -391,8 +393,17 @@ class GrpcTransport:
             self.channel = grpc.secure_channel(target, credentials, options=options)
         channel = self.channel if token is None else grpc.intercept_channel(self.channel, _BearerToken(token))
         self.stub = pb_grpc.MemoryServiceStub(channel)
+        self.target = target
         self.retries = retries
         self.timeout = timeout
+
+    def _raise_from(self, error: grpc.RpcError):
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.timeout is not None:
+            raise DeadlineExceeded(
+                f"no answer from {self.target} within the deadline of {self.timeout:g} s (connect(timeout=...), "
+                "lmem --timeout); a write may or may not have been applied"
+            ) from None
+        _raise_from(error)
 
     def _call(self, method, request, *, idempotent: bool):
         """One RPC; idempotent ones retry on UNAVAILABLE with jittered exponential backoff."""
@@ -404,7 +415,7 @@ class GrpcTransport:
             except grpc.RpcError as error:
                 attempt += 1
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= attempts:
-                    _raise_from(error)
+                    self._raise_from(error)
                 time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
 
     @staticmethod
@@ -480,10 +491,10 @@ class GrpcTransport:
 
     def export(self, name):
         try:
-            for chunk in self.stub.ExportMemory(pb.ExportMemoryRequest(name=name)):
+            for chunk in self.stub.ExportMemory(pb.ExportMemoryRequest(name=name), timeout=self.timeout):
                 yield chunk.data
         except grpc.RpcError as error:
-            _raise_from(error)
+            self._raise_from(error)
 
     def import_file(self, name, path, overrides):
         header = pb.ImportHeader(name=name, config=_config_message(overrides))
@@ -564,19 +575,29 @@ def _config_message(config: dict) -> pb.MemoryConfig:
 
 
 class _GrpcStream:
-    """Request/response pairs over one QueryStream call: one round trip per query, no per-call setup."""
+    """Request/response pairs over one QueryStream call: one round trip per query, no per-call setup.
+
+    A query finding the call ended (the server closed it as idle, or it failed) opens a new one first:
+    nothing was sent on the old call, so nothing is repeated."""
 
     _CLOSE = object()
 
     def __init__(self, stub, name: str):
+        self._stub = stub
         self._name = name
+        self._open()
+
+    def _open(self) -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._responses = stub.QueryStream(iter(self._requests.get, self._CLOSE))
+        self._responses = self._stub.QueryStream(iter(self._requests.get, self._CLOSE))
 
     def query(self, queries, labels=None, *, k=None, use_recent=True, update=False, fields=ALL_FIELDS):
         request = query_request(
             self._name, _as_queries(queries), _as_labels(labels), k or 0, use_recent, update, frozenset(fields)
         )
+        if self._responses.done():
+            self._requests.put(self._CLOSE)  # ends the old call's request reader
+            self._open()
         self._requests.put(request)
         try:
             return wire.result_from_proto(next(self._responses))

@@ -44,12 +44,13 @@ class TokenAuth:
 
     def authorize(self, metadata, write: bool) -> str:
         """The caller's role; Unauthenticated without a known token, PermissionDenied for a write it may not do."""
-        role = self._role(metadata)
+        role = self.authenticate(metadata)
         if write and role != READ_WRITE:
             raise PermissionDenied("this token is read-only: it may query without update and inspect, not write")
         return role
 
-    def _role(self, metadata) -> str:
+    def authenticate(self, metadata) -> str:
+        """The caller's role; Unauthenticated without a known token."""
         values = [value for key, value in metadata or () if key == "authorization"]
         if not values:
             raise Unauthenticated("this server requires a token: send metadata 'authorization: Bearer <token>'")

@@ -7,7 +7,7 @@ query-row counters. The write-ahead log's own metrics live with it, in server/pe
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 import logging
 import time
 
@@ -70,62 +70,44 @@ def serve_metrics(host: str, port: int, memories: MemoryRegistry) -> None:
     start_http_server(port, addr=host.strip("[]"))  # "[::]" is how gRPC spells the IPv6 any-address
 
 
-class RpcObserver(grpc.ServerInterceptor):
+class RpcObserver(grpc.aio.ServerInterceptor):
     """Gives each call a request id (the client's x-request-id, else a fresh one) that every log line
     about it carries and the client gets back in the initial metadata; counts and times the call by
-    method and status code; records the rows of each query batch."""
+    method and status code; records the rows of each query batch.
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    It wraps the handlers server/admission.py returns: coroutines that take their requests as a stream."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
         request_id = request_id_from(handler_call_details.invocation_metadata)
-        streaming = handler.request_streaming, handler.response_streaming
-        kind = "_".join("stream" if part else "unary" for part in streaming)  # the handler's behaviour field
-        return handler._replace(**{kind: _observed(getattr(handler, kind), method, request_id, *streaming)})
+        kind = "stream_stream" if handler.response_streaming else "stream_unary"
+        return handler._replace(**{kind: _observed(getattr(handler, kind), method, request_id)})
 
 
-def _observed(behavior, method: str, request_id: str, request_streaming: bool, response_streaming: bool):
-    def call(request, context):
-        scope = contextvars.copy_context()
-        scope.run(REQUEST_ID.set, request_id)
-        context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
-        if request_streaming:
-            request = _batch_rows_of_each(request, method)
-        else:
-            _record_batch(request, method)
+def _observed(behavior, method: str, request_id: str):
+    async def call(requests, context):
+        REQUEST_ID.set(request_id)  # in this call's own task: its log lines, and its worker jobs (copied)
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         start = time.perf_counter()
         try:
-            response = scope.run(behavior, request, context)
-        except BaseException:
-            scope.run(_record_call, method, context, start, True)
+            response = await behavior(_batch_rows_of_each(requests, method), context)
+        except asyncio.CancelledError:  # the client went away, or its deadline passed
+            _record_call(method, context.code() or grpc.StatusCode.CANCELLED, start)
             raise
-        if response_streaming:
-            return _responses(response, scope, method, context, start)
-        scope.run(_record_call, method, context, start, False)
+        except BaseException:  # an abort (its status is set), or an error the servicer did not turn into one
+            _record_call(method, context.code() or grpc.StatusCode.UNKNOWN, start)
+            raise
+        _record_call(method, context.code() or grpc.StatusCode.OK, start)
         return response
 
     return call
 
 
-def _responses(responses, scope: contextvars.Context, method: str, context, start: float):
-    """The response stream, each step run with the call's request id; recorded when it ends."""
-    failed = True
-    try:
-        while True:
-            try:
-                response = scope.run(next, responses)
-            except StopIteration:
-                break
-            yield response
-        failed = False
-    finally:
-        scope.run(_record_call, method, context, start, failed)
-
-
-def _batch_rows_of_each(requests, method: str):
-    for request in requests:
+async def _batch_rows_of_each(requests, method: str):
+    async for request in requests:
         _record_batch(request, method)
         yield request
 
@@ -135,13 +117,7 @@ def _record_batch(request, method: str) -> None:
         BATCH_ROWS.labels(method).observe(request.queries.shape[0])
 
 
-def _record_call(method: str, context, start: float, failed: bool) -> None:
-    code = context.code()  # set by abort() or set_code()
-    if code is None:
-        if not failed:
-            code = grpc.StatusCode.OK
-        else:  # an exception the servicer did not turn into a status, or the client went away
-            code = grpc.StatusCode.UNKNOWN if context.is_active() else grpc.StatusCode.CANCELLED
+def _record_call(method: str, code: grpc.StatusCode, start: float) -> None:
     seconds = time.perf_counter() - start
     LATENCY.labels(method, code.name).observe(seconds)
     REQUESTS.labels(method, code.name).inc()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -133,3 +136,47 @@ def test_a_second_server_cannot_take_the_port_or_the_data_directory(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+@contextlib.contextmanager
+def serving(*args: str):
+    """``lmem serve ARGS`` until the block ends; yields the lines it printed on starting."""
+    process = subprocess.Popen([*LMEM, "serve", "--log-level", "WARNING", *args], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [process.stdout.readline()]
+        if "--metrics-port" in args:
+            lines.append(process.stdout.readline())
+        yield lines
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_ipv6_any_address(tmp_path):
+    port = free_port()
+    with serving("--host", "::", "--port", str(port)) as lines:
+        assert lines[0].strip() == f"lmem: serving on [::]:{port}"
+        with connect(f"grpc://[::1]:{port}") as store:
+            assert store.list_memories() == []
+
+
+def metrics_answer(host: str, port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=30) as response:
+            return b"lmem_rpc_requests" in response.read()
+    except urllib.error.URLError as exc:
+        assert isinstance(exc.reason, ConnectionRefusedError), exc
+        return False
+
+
+def test_metrics_stay_on_the_loopback_address_unless_asked(tmp_path):
+    (tmp_path / "tokens").write_text("read-write some-token\n")
+    for metrics_host, reachable_from_elsewhere in ((None, False), ("0.0.0.0", True)):
+        metrics_port = free_port()
+        options = ["--host", "0.0.0.0", "--port", "0", "--tokens", str(tmp_path / "tokens")]
+        options += ["--metrics-port", str(metrics_port)] + (["--metrics-host", metrics_host] if metrics_host else [])
+        with serving(*options) as lines:
+            assert lines[1].strip() == f"lmem: metrics on http://{metrics_host or '127.0.0.1'}:{metrics_port}/metrics"
+            assert metrics_answer("127.0.0.1", metrics_port)
+            # 127.0.0.2 is this machine too, but not the address 127.0.0.1: it reaches only a wider binding.
+            assert metrics_answer("127.0.0.2", metrics_port) == reachable_from_elsewhere

@@ -92,33 +92,37 @@ def test_too_many_memories(server):
             store.create_memory("fourth", **CONFIG)
 
 
-def occupy_workers(service, release: threading.Event, workers: int = 4) -> list:
-    """Open streams until every worker thread serves one (each has answered), blocked until ``release``."""
-    streams = []
+def occupy_workers(service, registry, release: threading.Event, monkeypatch, workers: int = 4) -> list:
+    """Start ReadSlots calls until every worker thread runs one, each blocked inside the memory until ``release``."""
+    memory = registry.get("bystander")
+    read_slots = memory.read_slots
+    entered = threading.Semaphore(0)
+
+    def blocked_read_slots(slots):
+        entered.release()
+        release.wait()
+        return read_slots(slots)
+
+    monkeypatch.setattr(memory, "read_slots", blocked_read_slots)
+    request = pb.ReadSlotsRequest(memory="bystander", slots=wire.encode_array(torch.arange(2)))
+    calls = [service.ReadSlots.future(request) for _ in range(workers)]
     for _ in range(workers):
-
-        def requests():
-            yield pb.QueryRequest(memory="bystander", queries=wire.encode_array(batch(9)[0]))
-            release.wait()
-
-        stream = service.QueryStream(requests())
-        next(stream)
-        streams.append(stream)
-    return streams
+        assert entered.acquire(timeout=60), "a ReadSlots call never reached a worker"
+    return calls
 
 
-def test_write_whose_deadline_passes_in_the_queue_is_not_applied(server):
-    url, _ = server
+def test_write_whose_deadline_passes_in_the_queue_is_not_applied(server, monkeypatch):
+    url, registry = server
     channel, service = stub(url)
     with channel, connect(url, timeout=0.5) as store:
         memory = store.memory("bystander")
         release = threading.Event()
-        streams = occupy_workers(service, release)
+        reads = occupy_workers(service, registry, release, monkeypatch)
         with pytest.raises(DeadlineExceeded):
             memory.query(*batch(1), update=True)
         release.set()
-        for s in streams:
-            s.cancel()
+        for read in reads:
+            assert read.result(timeout=60).commit_sequence == 1
     time.sleep(0.5)  # time enough for a queued write to run, had it not been dropped
     with connect(url) as store:
         assert store.memory("bystander").info().stats["commit_sequence"] == 1
