@@ -218,6 +218,8 @@ def run_trainer(out: pathlib.Path, cache: pathlib.Path, *flags: str) -> list[dic
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path, setting):
     straight = run_trainer(tmp_path / "straight", tmp_path / "cache", *setting, "--episode-batches", "3")
     run_trainer(tmp_path / "resumed", tmp_path / "cache", *setting, "--episode-batches", "2")
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # a validation logged after the last checkpoint
+        f.write(json.dumps({"episode_batch": 3, "train_loss": 9.0, "shots": []}) + "\n")
     resumed = run_trainer(tmp_path / "resumed", tmp_path / "cache", *setting, "--episode-batches", "3", "--resume")
     assert [m["episode_batch"] for m in resumed] == [1, 2, 3]
     for a, b in zip(straight, resumed, strict=True):

@@ -259,8 +259,8 @@ def plot(metrics: list[dict], path: pathlib.Path) -> None:
 def train(config, encoder, module, optimizer, eval_memory, split_data, rng, first, metrics, checkpoint_path) -> None:
     """Episode batches from ``first`` on, validating, plotting and checkpointing as configured."""
     out = checkpoint_path.parent
-    if first == 1:  # a fresh run starts a fresh metrics file
-        (out / "metrics.jsonl").write_text("")
+    # The metrics file restarts from the checkpoint's: validations after it, from a stopped run, are redone.
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     started, losses = time.time(), []
     for episode_batch in range(first, config["episode_batches"] + 1):
         images, labels = omniglot_data.sample_episodes(
