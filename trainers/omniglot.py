@@ -7,6 +7,7 @@ accuracy is measured on test episodes, each with its own cleared memory.
 
     python -m lifelong_memory.trainers.omniglot --data ../shared/data/omniglot
     python -m lifelong_memory.trainers.omniglot --memory grpc://127.0.0.1:50051   # same numbers
+    python -m lifelong_memory.trainers.omniglot --init authors --input raw      # the authors' encoder set-up
     python -m lifelong_memory.trainers.omniglot --evaluate runs/omniglot/checkpoint.pt
 
 Every option below is a plain value with its default; each has a --flag.
