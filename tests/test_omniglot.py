@@ -52,6 +52,86 @@ def test_splits_and_rotations(characters):
     assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
 
 
+def test_raw_input_is_the_authors_pixels_and_ink_input_is_ours(characters):
+    background, _, _ = characters
+    images = background.images[:5]
+    raw = omniglot_data.as_model_input(images, "raw")
+    ink = omniglot_data.as_model_input(images, "ink")
+    assert raw.dtype == ink.dtype == np.float32
+    np.testing.assert_array_equal(raw, images)  # 0-255 as the authors feed them
+    assert np.median(raw) == 255 and raw.min() < 50, "white background, dark strokes"
+    assert np.median(ink) == 0 and ink.max() > 0.8 and ink.min() >= 0, "0 background, ink towards 1"
+    np.testing.assert_allclose(ink, 1 - raw / 255, atol=1e-6)
+    with pytest.raises(ValueError, match="input must be one of"):
+        omniglot_data.as_model_input(images, "scaled")
+
+
+def test_split_sizes_and_composition(characters):
+    background, evaluation, _ = characters
+    reference = omniglot_data.load_split(DATA, "reference", "raw", progress=False)
+    assert reference.train.shape == (964 * 4, 20, 28, 28) and reference.test.shape == (659, 20, 28, 28)
+    np.testing.assert_array_equal(reference.test, evaluation.images)
+    del reference
+    paper = omniglot_data.load_split(DATA, "paper", "raw", progress=False)
+    assert paper.train.shape == (1200 * 4, 20, 28, 28) and paper.test.shape == (423 * 4, 20, 28, 28)
+    # Training: the 964 background characters, then the first 236 evaluation ones, each at four rotations.
+    np.testing.assert_array_equal(paper.train[:4], omniglot_data.with_rotations(background.images[:1]))
+    np.testing.assert_array_equal(paper.train[-4:], omniglot_data.with_rotations(evaluation.images[235:236]))
+    # Test: the remaining 423 evaluation characters, each at four rotations.
+    np.testing.assert_array_equal(paper.test, omniglot_data.with_rotations(evaluation.images[236:]))
+
+
+@pytest.mark.parametrize(
+    ("init", "expected_std"),
+    # He-normal: sqrt(2 / fan_in) per layer. The authors': a normal of std 0.1 redrawn beyond 2 std,
+    # whose std is 0.1 * 0.8796.
+    [("he", None), ("authors", 0.1 * 0.8796)],
+)
+def test_encoder_initialisation(init, expected_std):
+    torch.manual_seed(0)
+    encoder = omniglot.Encoder(rep_dim=128, dropout_keep=1.0, init=init)
+    layers = [m for m in encoder.features if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == 5
+    for layer in layers:
+        weight = layer.weight.detach()
+        fan_in = weight[0].numel()
+        std = expected_std or (2 / fan_in) ** 0.5
+        assert float(weight.std()) == pytest.approx(std, rel=0.1), (init, layer)
+        assert torch.count_nonzero(layer.bias) == 0
+        if init == "authors":
+            assert float(weight.abs().max()) <= 0.2
+    with pytest.raises(ValueError, match="init must be"):
+        omniglot.Encoder(rep_dim=8, dropout_keep=1.0, init="xavier")
+
+
+@pytest.mark.parametrize(
+    ("init", "input", "low", "high"),
+    [("authors", "raw", 0.95, 1.0), ("he", "raw", 0.95, 1.0), ("authors", "ink", 0.5, 0.9), ("he", "ink", 0.5, 0.9)],
+)
+def test_raw_input_starts_with_nearly_parallel_queries(characters, init, input, low, high):
+    """Why the authors' curve starts flat: at initialisation, with raw input (white background) under either
+    initialisation, all test characters get nearly the same query; with ink input they are spread."""
+    _, evaluation, _ = characters
+    torch.manual_seed(0)
+    encoder = omniglot.Encoder(rep_dim=128, dropout_keep=1.0, init=init).eval()
+    module = MemoryModule(connect("local"), 128, name=f"cosine-{init}", memory_size=64, choose_k=8)
+    with torch.no_grad():
+        queries = module.project(
+            encoder(torch.from_numpy(omniglot_data.as_model_input(evaluation.images[:40, 0], input)))
+        )
+    cosine = queries @ queries.T
+    mean_pairwise = float((cosine.sum() - cosine.diagonal().sum()) / (40 * 39))
+    assert low <= mean_pairwise <= high
+
+
+def test_a_checkpoint_is_only_resumed_or_evaluated_under_its_own_settings():
+    config = {"split": "reference", "input": "ink", "init": "he", "rep_dim": 128}
+    omniglot.check_same_experiment(config, {"split": "reference", "rep_dim": 128}, "old.pt")  # before the options
+    omniglot.check_same_experiment(config, dict(config), "same.pt")
+    with pytest.raises(SystemExit, match=r"run.pt was trained with --input raw \(given ink\), --init authors"):
+        omniglot.check_same_experiment(config, {**config, "input": "raw", "init": "authors"}, "run.pt")
+
+
 def test_episodes_follow_the_reference_protocol():
     classes = np.arange(40 * 20, dtype=np.float32).reshape(40, 20, 1, 1)  # each image names its class and drawer
     rng = np.random.default_rng(0)
@@ -138,10 +218,13 @@ def run_trainer(out: pathlib.Path, cache: pathlib.Path, *flags: str) -> list[dic
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
-    straight = run_trainer(tmp_path / "straight", tmp_path / "cache", "--episode-batches", "3")
-    run_trainer(tmp_path / "resumed", tmp_path / "cache", "--episode-batches", "2")
-    resumed = run_trainer(tmp_path / "resumed", tmp_path / "cache", "--episode-batches", "3", "--resume")
+@pytest.mark.parametrize("setting", [(), ("--init", "authors", "--input", "raw")], ids=["ours", "authors"])
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, setting):
+    straight = run_trainer(tmp_path / "straight", tmp_path / "cache", *setting, "--episode-batches", "3")
+    run_trainer(tmp_path / "resumed", tmp_path / "cache", *setting, "--episode-batches", "2")
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # a validation logged after the last checkpoint
+        f.write(json.dumps({"episode_batch": 3, "train_loss": 9.0, "shots": []}) + "\n")
+    resumed = run_trainer(tmp_path / "resumed", tmp_path / "cache", *setting, "--episode-batches", "3", "--resume")
     assert [m["episode_batch"] for m in resumed] == [1, 2, 3]
     for a, b in zip(straight, resumed, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)

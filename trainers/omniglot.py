@@ -7,6 +7,7 @@ accuracy is measured on test episodes, each with its own cleared memory.
 
     python -m lifelong_memory.trainers.omniglot --data ../shared/data/omniglot
     python -m lifelong_memory.trainers.omniglot --memory grpc://127.0.0.1:50051   # same numbers
+    python -m lifelong_memory.trainers.omniglot --init authors --input raw      # the authors' encoder set-up
     python -m lifelong_memory.trainers.omniglot --evaluate runs/omniglot/checkpoint.pt
 
 Every option below is a plain value with its default; each has a --flag.
@@ -35,6 +36,8 @@ split = "reference"  # "reference" (authors' code) or "paper" (Table 1, 1,200 tr
 memory = "local"  # "local" (embedded) or "grpc://host:port"
 memory_name = "omniglot"
 rep_dim = 128  # 256 replicates the paper's numbers, say the authors
+init = "he"  # encoder weights: "he" (He-normal) or "authors" (truncated normal, std 0.1, as their code)
+input = "ink"  # "ink" (in [0, 1], ink = 1 on 0) or "raw" (0-255 pixels, white background 255, as their code)
 episode_width = 5
 episode_length = 30
 batch_episodes = 16
@@ -63,7 +66,7 @@ AUTHORS_README = {500: 0.836, 4000: 0.960}
 AUTHORS_MEASURED = {
     500: (0.54, 0.62),
     1000: (0.86, 0.88),
-    1500: (0.93, 0.93),
+    1500: (0.940, 0.948),
     2000: (0.93, 0.93),
     2500: (0.956, 0.964),
     4000: (0.956, 0.964),
@@ -86,7 +89,7 @@ def configure() -> dict:
 class Encoder(nn.Module):
     """conv3x3(1->64), conv3x3(64->64), maxpool, conv3x3(64->128), conv3x3(128->128), maxpool, linear."""
 
-    def __init__(self, rep_dim: int, dropout_keep: float):
+    def __init__(self, rep_dim: int, dropout_keep: float, init: str = "he"):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, 64, 3, padding=1),
@@ -103,10 +106,17 @@ class Encoder(nn.Module):
             nn.Linear(7 * 7 * 128, rep_dim),
         )
         self.dropout = nn.Dropout(1.0 - dropout_keep)
-        # Zero biases, as the reference; He-normal weights so every layer passes the signal on at scale.
+        # Zero biases, as the reference. He-normal weights pass the signal on at scale through every layer;
+        # the authors' truncated normal (std 0.1, redrawn beyond 2 std, as TensorFlow's) starts all
+        # embeddings nearly parallel, which is their code's flat start.
+        if init not in ("he", "authors"):
+            raise ValueError(f"init must be 'he' or 'authors', got {init!r}")
         for layer in self.features:
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                if init == "he":
+                    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                else:
+                    nn.init.trunc_normal_(layer.weight, std=0.1, a=-0.2, b=0.2)
                 nn.init.zeros_(layer.bias)
         self.to(memory_format=torch.channels_last)
 
@@ -250,8 +260,8 @@ def plot(metrics: list[dict], path: pathlib.Path) -> None:
 def train(config, encoder, module, optimizer, eval_memory, split_data, rng, first, metrics, checkpoint_path) -> None:
     """Episode batches from ``first`` on, validating, plotting and checkpointing as configured."""
     out = checkpoint_path.parent
-    if first == 1:  # a fresh run starts a fresh metrics file
-        (out / "metrics.jsonl").write_text("")
+    # The metrics file restarts from the checkpoint's: validations after it, from a stopped run, are redone.
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     started, losses = time.time(), []
     for episode_batch in range(first, config["episode_batches"] + 1):
         images, labels = omniglot_data.sample_episodes(
@@ -312,6 +322,21 @@ def train(config, encoder, module, optimizer, eval_memory, split_data, rng, firs
             os.replace(checkpoint_path.with_suffix(".tmp"), checkpoint_path)
 
 
+# What a checkpoint's weights and metrics depend on, with the value a checkpoint from before the option meant.
+EXPERIMENT_SETTINGS = {"split": "reference", "input": "ink", "init": "he", "rep_dim": 128}
+
+
+def check_same_experiment(config: dict, saved: dict, source) -> None:
+    """Resuming or evaluating a checkpoint under other settings would mix two experiments: refuse, naming them."""
+    differ = [
+        f"--{key.replace('_', '-')} {saved.get(key, default)} (given {config[key]})"
+        for key, default in EXPERIMENT_SETTINGS.items()
+        if saved.get(key, default) != config[key]
+    ]
+    if differ:
+        raise SystemExit(f"{source} was trained with " + ", ".join(differ) + "; pass the same settings")
+
+
 def main() -> None:
     config = configure()
     torch.manual_seed(config["seed"])
@@ -322,8 +347,11 @@ def main() -> None:
     data_dir = pathlib.Path(config["data"])
     if config["download"]:
         omniglot_data.download(data_dir)
-    split_data = omniglot_data.load_split(data_dir, config["split"])
-    print(f"{config['split']} split: {len(split_data.train)} training classes, {len(split_data.test)} test classes")
+    split_data = omniglot_data.load_split(data_dir, config["split"], config["input"])
+    print(
+        f"{config['split']} split: {len(split_data.train)} training classes, {len(split_data.test)} test classes; "
+        f"input {config['input']}, init {config['init']}"
+    )
 
     store = connect(config["memory"])
     memory_config = dict(
@@ -337,7 +365,7 @@ def main() -> None:
     for name in (config["memory_name"], config["memory_name"] + "-eval"):
         if name in names:  # this trainer owns its memories: start from fresh ones
             store.delete_memory(name)
-    encoder = Encoder(config["rep_dim"], config["dropout_keep"]).to(config["device"])
+    encoder = Encoder(config["rep_dim"], config["dropout_keep"], config["init"]).to(config["device"])
     module = MemoryModule(store, config["rep_dim"], name=config["memory_name"], **memory_config).to(config["device"])
     eval_memory = store.create_memory(config["memory_name"] + "-eval", key_dim=config["rep_dim"], **memory_config)
     parameters = [*encoder.parameters(), *module.parameters()]
@@ -349,6 +377,7 @@ def main() -> None:
     source = config["evaluate"] or (checkpoint_path if config["resume"] and checkpoint_path.exists() else None)
     if source:
         state = torch.load(source, weights_only=False, map_location=config["device"])
+        check_same_experiment(config, state["config"], source)
         encoder.load_state_dict(state["encoder"])
         module.load_state_dict(state["memory_module"])
         optimizer.load_state_dict(state["optimizer"])
@@ -364,7 +393,7 @@ def main() -> None:
     if not config["evaluate"]:
         train(config, encoder, module, optimizer, eval_memory, split_data, rng, first, metrics, checkpoint_path)
 
-    runs = omniglot_data.load_lake_runs(data_dir)
+    runs = omniglot_data.load_lake_runs(data_dir, config["input"])
     results = final_evaluation(encoder, module, eval_memory, split_data, runs, config)
     (out / "evaluation.json").write_text(json.dumps(results, indent=2))
     print_evaluation(results)

@@ -13,6 +13,9 @@ Two splits:
   characters, the first 1,200 (background then evaluation, in archive order)
   for training and the other 423 for testing, both augmented by the four
   rotations as classes of their own (4,800 / 1,692 classes).
+
+Two model inputs: ``ink`` (ours: float32 in [0, 1], ink = 1 on a 0 background)
+and ``raw`` (the authors' code: the 0-255 pixels as float32, background 255).
 """
 
 from __future__ import annotations
@@ -48,9 +51,12 @@ class Characters:
     names: list[str]  # "Alphabet/characterNN"
 
 
+INPUTS = ("ink", "raw")
+
+
 @dataclass
 class Split:
-    """Classes [classes, 20, 28, 28] float32 in [0, 1], 1 = ink."""
+    """Classes [classes, 20, 28, 28] float32, as ``as_model_input`` makes them."""
 
     train: np.ndarray
     test: np.ndarray
@@ -144,12 +150,16 @@ def with_rotations(images: np.ndarray) -> np.ndarray:
     return np.stack(rotated, axis=1).reshape(-1, *images.shape[1:])
 
 
-def as_model_input(images: np.ndarray) -> np.ndarray:
-    """uint8 with white background -> float32 in [0, 1] with ink = 1."""
-    return (1.0 - images.astype(np.float32) / 255.0).astype(np.float32)
+def as_model_input(images: np.ndarray, input: str = "ink") -> np.ndarray:
+    """uint8 with white background -> float32: "ink" in [0, 1] with ink = 1, "raw" the pixels unchanged."""
+    if input == "ink":
+        return (1.0 - images.astype(np.float32) / 255.0).astype(np.float32)
+    if input == "raw":
+        return images.astype(np.float32)
+    raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
 
 
-def load_split(data_dir: pathlib.Path, split: str = "reference", progress: bool = True) -> Split:
+def load_split(data_dir: pathlib.Path, split: str = "reference", input: str = "ink", progress: bool = True) -> Split:
     background = load_characters(require(data_dir, ARCHIVES[0]), progress)
     evaluation = load_characters(require(data_dir, ARCHIVES[1]), progress)
     if split == "reference":
@@ -160,7 +170,7 @@ def load_split(data_dir: pathlib.Path, split: str = "reference", progress: bool 
         test = with_rotations(everything[PAPER_TRAIN_CHARACTERS:])
     else:
         raise ValueError(f"split must be 'reference' or 'paper', got {split!r}")
-    return Split(as_model_input(train), as_model_input(test))
+    return Split(as_model_input(train, input), as_model_input(test, input))
 
 
 @dataclass
@@ -172,7 +182,7 @@ class LakeRun:
     answers: np.ndarray  # [20] int64: index into train of each test item's class
 
 
-def load_lake_runs(data_dir: pathlib.Path) -> list[LakeRun]:
+def load_lake_runs(data_dir: pathlib.Path, input: str = "ink") -> list[LakeRun]:
     runs = []
     with zipfile.ZipFile(require(data_dir, LAKE_RUNS)) as zipped:
         folders = sorted({n.split("/")[0] for n in zipped.namelist() if n.startswith("run")})
@@ -182,7 +192,7 @@ def load_lake_runs(data_dir: pathlib.Path) -> list[LakeRun]:
             train = np.stack([to_28(zipped.read(name)) for name in train_names])
             test = np.stack([to_28(zipped.read(test)) for test, _ in pairs])
             answers = np.array([train_names.index(train_name) for _, train_name in pairs])
-            runs.append(LakeRun(as_model_input(train), as_model_input(test), answers))
+            runs.append(LakeRun(as_model_input(train, input), as_model_input(test, input), answers))
     return runs
 
 
