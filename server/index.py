@@ -23,14 +23,17 @@ from lifelong_memory.server.errors import FailedPrecondition
 
 RESCORE_ROWS = 16
 # torch.topk on the CPU sorts a row once k is more than about 1/64 of it; numpy's introselect (argpartition)
-# is then 2-5x faster, up to rows of about 256 * k (measured at B = 16, k = 64 to 1024, one thread).
+# is then 2-5x faster, up to rows of about 256 * k (measured at B = 16, k = 64 to 1024, one thread), unless
+# thousands of scores tie at the k-th: the zeros of empty slots while fewer than k slots score above 0. It is
+# then 10x slower and torch.topk 4x faster than usual, so an index partitions only with fewer than k empty slots.
 PARTITION_MAX_ROWS_PER_K = 256
 # The distributions that install the `faiss` package; two of them would share one faiss/ folder.
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12")
 
 
 class Index(Protocol):
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def search(self, queries: torch.Tensor, k: int, empty_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``empty_slots``: how many slots of the memory hold a zero key (they tie at similarity 0)."""
 
     def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None: ...
 
@@ -61,19 +64,20 @@ class TorchFlatIndex:
         self.search_keys = keys if search_dtype == torch.float32 else keys.to(search_dtype)
         self._scores = torch.empty(rows, len(keys), dtype=search_dtype, device=keys.device)
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, empty_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k, len(self.keys))
         queries = queries.to(self.keys.device)
+        partition = self._partitions(k, empty_slots)
         rows = len(self._scores)
         if len(queries) <= rows:
-            return self._search(queries, k)
-        parts = [self._search(queries[start : start + rows], k) for start in range(0, len(queries), rows)]
+            return self._search(queries, k, partition)
+        parts = [self._search(queries[start : start + rows], k, partition) for start in range(0, len(queries), rows)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, queries: torch.Tensor, k: int, partition: bool) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self._scores[: len(queries)]
         torch.mm(queries.to(self.search_dtype), self.search_keys.T, out=scores)
-        if self._partitions(k):
+        if partition:
             n = scores.shape[1]
             local = torch.from_numpy(np.argpartition(scores.numpy(), n - k, axis=1)[:, n - k :])
             similarities = scores.gather(1, local)
@@ -83,12 +87,13 @@ class TorchFlatIndex:
             similarities = self._rescore(queries, local)
         return similarities, local + self.start
 
-    def _partitions(self, k: int) -> bool:
+    def _partitions(self, k: int, empty_slots: int) -> bool:
         """Whether the top k of a row are chosen by numpy's partition rather than torch.topk."""
         return (
             self.keys.device.type == "cpu"
             and self.search_dtype == torch.float32
             and len(self.keys) <= PARTITION_MAX_ROWS_PER_K * k
+            and empty_slots < k
         )
 
     def _rescore(self, queries: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
@@ -159,7 +164,7 @@ class FaissFlatIndex:
         # never remove + add.
         self.stored = faiss.rev_swig_ptr(self.index.get_xb(), n * dim).reshape(n, dim)
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, empty_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k, self.index.ntotal)
         similarities, local = self.index.search(np.ascontiguousarray(queries.numpy()), k)
         return torch.from_numpy(similarities), torch.from_numpy(local) + self.start
@@ -176,11 +181,11 @@ class ShardedIndex:
         self.bounds = bounds  # shard i covers slots [bounds[i], bounds[i + 1])
         self.device = device
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, empty_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         if len(self.shards) == 1:
-            similarities, slots = self.shards[0].search(queries, k)
+            similarities, slots = self.shards[0].search(queries, k, empty_slots)
             return similarities.to(self.device), slots.to(self.device)
-        parts = [shard.search(queries, k) for shard in self.shards]
+        parts = [shard.search(queries, k, empty_slots) for shard in self.shards]
         similarities = torch.cat([p[0].to(self.device) for p in parts], dim=1)
         slots = torch.cat([p[1].to(self.device) for p in parts], dim=1)
         similarities, best = torch.topk(similarities, k, dim=1, sorted=False)

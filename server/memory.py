@@ -719,7 +719,7 @@ class Memory:
 
     def _search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k slots in canonical order: similarity descending, ties to the lower slot."""
-        similarities, slots = self.index.search(q, k)
+        similarities, slots = self.index.search(q, k, self.empty_slots)
         if self.empty_slots:
             # Empty slots all score exactly 0; the index may return any of them.
             # The tie rule wants the lowest-numbered ones.
