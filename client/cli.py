@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
 def add_client_options(parser: argparse.ArgumentParser) -> None:
     """Where the server is and how to reach it: the options every client command shares."""
     url = os.environ.get("LMEM_URL", DEFAULT_URL)
-    parser.add_argument("--url", default=url, help=f"grpc://host:port, grpcs://host:port or local (default {url})")
+    parser.add_argument(
+        "--url", default=url, help=f"grpc://host:port, grpcs://host:port, unix:///path or local (default {url})"
+    )
     parser.add_argument(
         "--token", default=os.environ.get("LMEM_TOKEN"), help="bearer token (default: $LMEM_TOKEN; never printed)"
     )
