@@ -201,10 +201,14 @@ def unit_rows(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(n, KEY_DIM, generator=generator), dim=1)
 
 
+def fill_batch(n: int) -> int:
+    return max(1, min(FILL_BATCH, n // 256))
+
+
 def fill(mem, n: int, seed: int) -> int:
     """Write ``n`` random unit keys with distinct labels; returns the filled slot count."""
     generator = torch.Generator().manual_seed(seed)
-    batch = max(1, min(FILL_BATCH, n // 256))
+    batch = fill_batch(n)
     label = 0
 
     def write(rows: int) -> None:
@@ -641,13 +645,15 @@ def main(argv=None) -> int:
             "fill": "two-phase update with a ticket relying on no slot, batches of 4096, distinct labels",
         },
     }
-    servers = [Server(max(batches))]
+    # The fill writes batches of up to FILL_BATCH rows: the memories must take those as well as the measured ones.
+    max_batch = max(*batches, *(fill_batch(n) for n in sizes))
+    servers = [Server(max_batch)]
     try:
         bare = {}
         for flavour in BARE_FLAVOURS:
             servers.append(bare_server(flavour))
             bare[flavour] = BareClient(f"127.0.0.1:{servers[-1].port}")
-        local_store = Store(LocalTransport(MemoryRegistry(max_batch=max(batches), max_memories=len(DTYPES))))
+        local_store = Store(LocalTransport(MemoryRegistry(max_batch=max_batch, max_memories=len(DTYPES))))
         with local_store as local, connect(servers[0].url) as remote:
             for n in sizes:
                 needed, free = bytes_needed(n, batches, args.device), bytes_free(args.device)
