@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run a memory server")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument(
+        "--listen",
+        type=unix_address,
+        metavar="unix:///PATH",
+        help="serve on this Unix domain socket instead of --host/--port: for clients on this host "
+        "(connect('unix:///PATH'), lmem --url unix:///PATH), the shortest way there",
+    )
     serve.add_argument("--shards", type=int, help="default shards per memory")
     serve.add_argument(
         "--device",
@@ -232,6 +239,12 @@ def positive_int(text: str) -> int:
     return number
 
 
+def unix_address(text: str) -> str:
+    if not text.startswith("unix:"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not unix:///path (for TCP: --host and --port)")
+    return text
+
+
 def tcp_port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -300,7 +313,7 @@ def _serve(args, argv: list[str] | None) -> int:
         return 2
     try:
         serve(
-            format_address(args.host, args.port),
+            args.listen or format_address(args.host, args.port),
             registry,
             limits,
             args.workers,
