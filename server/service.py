@@ -436,8 +436,8 @@ def serve(
     sys.setswitchinterval(0.0005)
     server, port = build_server(address, registry, limits, max_workers, auth=auth, credentials=credentials)
     unix = address.startswith("unix:")  # a Unix domain socket: reached from this host only
-    host = "127.0.0.1" if unix else address.rsplit(":", 1)[0]
-    if auth is None and not _is_loopback(host):
+    host = address.rsplit(":", 1)[0]
+    if auth is None and not unix and not _is_loopback(host):
         log.warning("listening on %s without tokens: anyone who can reach it may read and write (see --tokens)", host)
     if metrics_port:  # before the gRPC server starts: a metrics port in use stops the start
         try:
