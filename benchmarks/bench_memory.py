@@ -59,6 +59,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -94,6 +95,8 @@ OPS = {
 DEFAULT_SIZES = (8_192, 65_536, 1_048_576)
 QUICK_SIZES = (8_192, 65_536)
 BARE_FLAVOURS = ("bare-sync", "bare-aio")
+UNIX_FLAVOURS = ("bare-sync-unix", "bare-aio-unix")
+UNIX_MODES = ("unix-unary", "unix-stream")  # the fused float32 call on a server on a Unix socket, at N=8192 B=16
 BIG_N, BIG_B = 1_048_576, 256
 SMALL_N, SMALL_B = 8_192, 16
 FILL_BATCH = 4096
@@ -148,18 +151,28 @@ def free_port() -> int:
 
 
 class Server:
-    """A server in a subprocess on a free 127.0.0.1 port, ready once it prints ``ready_line``; stopped by its PID.
-    By default ``lmem serve``."""
+    """A server in a subprocess on a free 127.0.0.1 port, or on the Unix socket ``listen`` (unix:///path), ready
+    once it prints ``ready_line``; stopped by its PID. By default ``lmem serve``; ``cmd`` may name the address
+    as {listen}."""
 
-    def __init__(self, max_batch: int, cmd: list[str] | None = None, ready_line: str = "lmem: serving on"):
+    def __init__(
+        self,
+        max_batch: int,
+        cmd: list[str] | None = None,
+        ready_line: str = "lmem: serving on",
+        listen: str | None = None,
+    ):
         self.port = free_port()
+        self.target = listen or f"127.0.0.1:{self.port}"  # as gRPC channels take it
+        self.url = listen or f"grpc://127.0.0.1:{self.port}"  # as connect() takes it
         self.log = tempfile.NamedTemporaryFile(prefix="bench-lmem-", suffix=".log", delete=False)
         if cmd is None:
-            cmd = [sys.executable, "-m", "lifelong_memory.client.cli", "serve", "--port", str(self.port)]
+            address = ["--listen", listen] if listen else ["--port", str(self.port)]
+            cmd = [sys.executable, "-m", "lifelong_memory.client.cli", "serve", *address]
             # Score buffers are allocated up front for batches of --max-batch rows: no more than measured.
             cmd += ["--log-level", "WARNING", "--max-batch", str(max_batch)]
         else:
-            cmd = [part.replace("{port}", str(self.port)) for part in cmd]
+            cmd = [part.replace("{listen}", self.target) for part in cmd]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
         deadline = time.monotonic() + 120
         ready = threading.Event()
@@ -175,7 +188,6 @@ class Server:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"server did not start; see {self.log.name}")
-        self.url = f"grpc://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -187,11 +199,11 @@ class Server:
                 self.proc.wait()
 
 
-def bare_server(flavour: str) -> Server:
-    """benchmarks/bare_grpc.py in a subprocess: bare-sync (thread pool) or bare-aio."""
+def bare_server(flavour: str, listen: str | None = None) -> Server:
+    """benchmarks/bare_grpc.py in a subprocess: bare-sync (thread pool) or bare-aio, on TCP or ``listen``."""
     script = str(Path(__file__).resolve().parent / "bare_grpc.py")
-    cmd = [sys.executable, script, "--listen", "127.0.0.1:{port}"] + (["--aio"] if flavour == "bare-aio" else [])
-    return Server(0, cmd, ready_line="bare: serving on")
+    cmd = [sys.executable, script, "--listen", "{listen}"] + (["--aio"] if flavour.startswith("bare-aio") else [])
+    return Server(0, cmd, ready_line="bare: serving on", listen=listen)
 
 
 # ------------------------------------------------------------------------------ data
@@ -308,7 +320,7 @@ def bytes_free(device: str) -> int:
 def bench_size(n, batches, device, stores, bare, args, generator, write) -> list[dict]:
     """All cases for one N: memories per dtype, embedded and on the server, then each B, with the bare gRPC
     clients ``bare`` (by flavour) as anchors. ``write(rows)`` saves what is measured so far, after every B."""
-    local, remote = stores
+    local, remote, unix = stores
     sync = synchronize_every_device if device.startswith("cuda") else (lambda: None)
     mems = {}
     print(f"\n[N={n:,}] creating and filling memories (not timed) ...", flush=True)
@@ -333,6 +345,11 @@ def bench_size(n, batches, device, stores, bare, args, generator, write) -> list
     worker.join()
     print(f"[N={n:,}] filled in {time.perf_counter() - t0:.1f} s: {filled}", flush=True)
 
+    if unix is not None and n == SMALL_N:
+        cfg = dict(key_dim=KEY_DIM, memory_size=n, choose_k=CHOOSE_K, device=device, age_noise=args.age_noise)
+        mems[("unix", "float32")] = unix.create_memory(f"bench-{n}-float32", **cfg)
+        filled[("unix", "float32")] = fill(mems[("unix", "float32")], n, seed=n)
+
     # The raw baseline's keys, same size, in each dtype, on the device.
     keys32 = unit_rows(n, torch.Generator().manual_seed(n + 1)).to(device)
     raw_keys = {"float32": keys32, "bfloat16": keys32.to(torch.bfloat16)}
@@ -340,6 +357,8 @@ def bench_size(n, batches, device, stores, bare, args, generator, write) -> list
     rows = []
     with contextlib.ExitStack() as stack:
         streams = {dtype: stack.enter_context(mems[("grpc", dtype)].stream()) for dtype in DTYPES}
+        if ("unix", "float32") in mems:
+            unix_stream = stack.enter_context(mems[("unix", "float32")].stream())
         for b in batches:
             qs = [unit_rows(b, generator) for _ in range(N_BATCHES)]
             ys = [torch.randint(0, n, (b,), generator=generator) for _ in range(N_BATCHES)]
@@ -371,6 +390,14 @@ def bench_size(n, batches, device, stores, bare, args, generator, write) -> list
                             return call(qs[j], None if ys is None else ys[j], update=update, fields=f)
 
                         cases.append(Case(dtype, mode, op, call))
+            if ("unix", "float32") in mems and b == SMALL_B:
+                labelled, update, fields = OPS["fused"]
+                for mode, call in (("unix-unary", mems[("unix", "float32")].query), ("unix-stream", unix_stream.query)):
+
+                    def over_unix(i, call=call, qs=qs, ys=ys, update=update, f=fields):
+                        return call(qs[i % N_BATCHES], ys[i % N_BATCHES], update=update, fields=f)
+
+                    cases.append(Case("float32", mode, "fused", over_unix))
             # The bare anchors carry exactly the bytes of the fused float32 call, request and response.
             labelled, update, fields = OPS["fused"]
             sent = query_request(f"bench-{n}-float32", qs[0], ys[0], 0, True, update, fields).ByteSize()
@@ -408,6 +435,8 @@ def bench_size(n, batches, device, stores, bare, args, generator, write) -> list
     for dtype in DTYPES:
         local.delete_memory(f"bench-{n}-{dtype}")
         remote.delete_memory(f"bench-{n}-{dtype}")
+    if ("unix", "float32") in mems:
+        unix.delete_memory(f"bench-{n}-float32")
     return rows
 
 
@@ -453,7 +482,15 @@ def print_group(rows, n, b) -> None:
                 f"{n:>9,} {b:>4} {dtype:<8} {op:<6} {cells[0]:>19} {cells[1]:>21} {cells[2]:>22} "
                 f"{una - emb:>+9.3f} {stm - emb:>+10.3f} {emb / raw32['median_ms']:>8.2f}x"
             )
-    for flavour in BARE_FLAVOURS:
+    unix_unary, unix_stream = (find(rows, n, b, "float32", mode, "fused") for mode in UNIX_MODES)
+    if unix_unary is not None:
+        emb = find(rows, n, b, "float32", "embedded", "fused")["median_ms"]
+        print(
+            f"{n:>9,} {b:>4} float32  fused over a Unix socket: unary {fmt_ms(unix_unary['median_ms'])} ms "
+            f"({unix_unary['median_ms'] - emb:+.3f}), stream {fmt_ms(unix_stream['median_ms'])} ms "
+            f"({unix_stream['median_ms'] - emb:+.3f})"
+        )
+    for flavour in BARE_FLAVOURS + UNIX_FLAVOURS:
         unary, stream = (find(rows, n, b, "float32", flavour, op) for op in ("unary", "stream"))
         if unary is not None:
             print(
@@ -461,32 +498,37 @@ def print_group(rows, n, b) -> None:
                 f"{fmt_ms(stream['median_ms'])} ms (requests of {unary['request_bytes']:,} bytes, responses of "
                 f"{unary['response_bytes']:,}: the fused float32 call's)"
             )
-    added = grpc_added(rows, n, b)
-    if added is not None:
-        print(
-            f"{n:>9,} {b:>4} gRPC adds to the fused float32 call: stream {added['stream_ms']:+.3f} ms = "
-            f"{added['stream_ratio']:.2f}x the bare stream ({added['bare_stream']}), unary {added['unary_ms']:+.3f} "
-            f"ms = {added['unary_ratio']:.2f}x the bare unary call ({added['bare_unary']})"
-        )
+    for transport, modes, flavours in (("TCP", MODES[1:], BARE_FLAVOURS), ("a Unix socket", UNIX_MODES, UNIX_FLAVOURS)):
+        added = grpc_added(rows, n, b, modes, flavours)
+        if added is not None:
+            print(
+                f"{n:>9,} {b:>4} over {transport}, gRPC adds to the fused float32 call: stream "
+                f"{added['stream_ms']:+.3f} ms = {added['stream_ratio']:.2f}x the bare stream "
+                f"({added['bare_stream']}), "
+                f"unary {added['unary_ms']:+.3f} ms = {added['unary_ratio']:.2f}x the bare unary call "
+                f"({added['bare_unary']})"
+            )
     print(flush=True)
 
 
-def grpc_added(rows, n, b) -> dict | None:
-    """What gRPC adds to the fused float32 call (over the embedded call), against the faster bare flavour."""
+def grpc_added(rows, n, b, modes=MODES[1:], flavours=BARE_FLAVOURS) -> dict | None:
+    """What gRPC adds to the fused float32 call (over the embedded call) in ``modes`` (unary, stream), against
+    the faster of the bare ``flavours``."""
     emb = find(rows, n, b, "float32", "embedded", "fused")
     bare = {
         op: min(
-            (r for r in (find(rows, n, b, "float32", f, op) for f in BARE_FLAVOURS) if r is not None),
+            (r for r in (find(rows, n, b, "float32", f, op) for f in flavours) if r is not None),
             key=lambda r: r["median_ms"],
             default=None,
         )
         for op in ("unary", "stream")
     }
-    if emb is None or bare["stream"] is None:
+    ours = [find(rows, n, b, "float32", mode, "fused") for mode in modes]
+    if emb is None or bare["stream"] is None or None in ours:
         return None
     out = {}
-    for op, mode in (("unary", "grpc-unary"), ("stream", "grpc-stream")):
-        added = find(rows, n, b, "float32", mode, "fused")["median_ms"] - emb["median_ms"]
+    for op, mine in zip(("unary", "stream"), ours, strict=True):
+        added = mine["median_ms"] - emb["median_ms"]
         out[f"{op}_ms"] = added
         out[f"bare_{op}_ms"] = bare[op]["median_ms"]
         out[f"{op}_ratio"] = added / bare[op]["median_ms"]
@@ -531,6 +573,17 @@ def targets(rows) -> list[dict]:
             added[f"{op}_ratio"] <= goal,
             f"adds {added[f'{op}_ms']:.3f} ms; bare {added[f'bare_{op}']}",
         )
+
+    added = grpc_added(rows, n, b, UNIX_MODES, UNIX_FLAVOURS)
+    if added is not None:
+        for op in ("stream", "unary"):
+            add(
+                f"(info) the same over a Unix socket ({op}) / bare {op} over it, N={n:,} B={b}",
+                round(added[f"{op}_ratio"], 3),
+                "info",
+                None,
+                f"adds {added[f'{op}_ms']:.3f} ms; bare {added[f'bare_{op}']}",
+            )
 
     n, b = BIG_N, BIG_B
     name = f"server Query bf16/fp32 speed-up vs raw torch's, N={n:,} B={b}"
@@ -647,12 +700,20 @@ def main(argv=None) -> int:
     }
     # The fill writes batches of up to FILL_BATCH rows: the memories must take those as well as the measured ones.
     max_batch = max(*batches, *(fill_batch(n) for n in sizes))
+    sockets = tempfile.mkdtemp(prefix="bench-lmem-")  # the Unix sockets' folder
     servers = [Server(max_batch)]
     try:
         bare = {}
         for flavour in BARE_FLAVOURS:
             servers.append(bare_server(flavour))
-            bare[flavour] = BareClient(f"127.0.0.1:{servers[-1].port}")
+            bare[flavour] = BareClient(servers[-1].target)
+        unix = None
+        if SMALL_N in sizes and SMALL_B in batches:  # the same over Unix domain sockets, at the target shape
+            servers.append(Server(max_batch, listen=f"unix://{sockets}/lmem.sock"))
+            unix = connect(servers[-1].url)
+            for flavour in UNIX_FLAVOURS:
+                servers.append(bare_server(flavour, listen=f"unix://{sockets}/{flavour}.sock"))
+                bare[flavour] = BareClient(servers[-1].target)
         local_store = Store(LocalTransport(MemoryRegistry(max_batch=max_batch, max_memories=len(DTYPES))))
         with local_store as local, connect(servers[0].url) as remote:
             for n in sizes:
@@ -662,15 +723,18 @@ def main(argv=None) -> int:
                     print(f"\n[N={n:,}] skipped: {reason}", flush=True)
                     skipped.append({"N": n, "reason": reason})
                     continue
-                rows += bench_size(n, batches, args.device, (local, remote), bare, args, generator, write)
+                rows += bench_size(n, batches, args.device, (local, remote, unix), bare, args, generator, write)
                 gc.collect()  # this N's memories and baseline, before the next N's free-memory check
                 if args.device != "cpu":
                     torch.cuda.empty_cache()
         for client in bare.values():
             client.close()
+        if unix is not None:
+            unix.close()
     finally:
         for server in servers:
             server.stop()
+        shutil.rmtree(sockets, ignore_errors=True)
         write(rows)
 
     result_targets = targets(rows)
