@@ -24,10 +24,12 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -93,13 +95,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("OMNIGLOT_DIR", "../shared/data/omniglot"))
     parser.add_argument("--episode-batches", type=int, default=12, help="per trainer, after one warm-up batch")
+    parser.add_argument("--unix", action="store_true", help="the server on a Unix domain socket instead of TCP")
     parser.add_argument("--out", default="benchmarks/results/omniglot-step.json")
     args = parser.parse_args()
 
     classes = omniglot_data.load_split(pathlib.Path(args.data), "reference").train
-    port = free_port()
+    sockets = tempfile.mkdtemp(prefix="bench-omniglot-")
+    url = f"unix://{sockets}/lmem.sock" if args.unix else f"grpc://127.0.0.1:{free_port()}"
+    address = ["--listen", url] if args.unix else ["--port", url.rsplit(":", 1)[1]]
     server = subprocess.Popen(
-        [sys.executable, "-m", "lifelong_memory.client.cli", "serve", "--port", str(port), "--log-level", "WARNING"],
+        [sys.executable, "-m", "lifelong_memory.client.cli", "serve", *address, "--log-level", "WARNING"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -107,7 +112,7 @@ def main() -> int:
         server.stdout.readline()
         trainers = {
             "embedded": trainer("local", 0),
-            "grpc": trainer(f"grpc://127.0.0.1:{port}", 0),
+            "grpc": trainer(url, 0),
             "none": trainer(None, 0),
         }
         # Each trainer keeps its own torch RNG (dropout), so all see the same masks.
@@ -134,6 +139,7 @@ def main() -> int:
     finally:
         server.kill()
         server.wait()
+        shutil.rmtree(sockets, ignore_errors=True)
 
     median = {name: statistics.median(values) for name, values in step_ms.items()}
     # Batches of the three trainers ran back to back: the median of the per-batch ratios sees the least load.
@@ -149,13 +155,17 @@ def main() -> int:
         "per_batch_ms_per_step": step_ms,
         "ratios": ratios,
         "targets": {pair: {"goal": goal, "pass": ratios[pair] <= goal} for pair, goal in TARGETS.items()},
+        "transport": "unix" if args.unix else "tcp",
         "authors_ms_per_step": AUTHORS_MS_PER_STEP,
         "same_losses": bool(np.allclose(losses["embedded"], losses["grpc"], atol=1e-5)),
     }  # fmt: skip
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
 
-    print(f"Omniglot training step (batch 16, memory 8,192, k 256), {args.episode_batches} episode batches x 30 steps")
+    print(
+        f"Omniglot training step (batch 16, memory 8,192, k 256), {args.episode_batches} episode batches x 30 steps, "
+        f"gRPC over {result['transport']}, {torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.2f}"
+    )
     print(f"{'memory':<10} {'ms/step':>8} {'vs authors (21 ms)':>20}")
     for name in ("embedded", "grpc", "none"):
         print(f"{name:<10} {median[name]:8.1f} {median[name] / AUTHORS_MS_PER_STEP:19.2f}x")
