@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run a memory server")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument(
+        "--listen",
+        type=unix_address,
+        metavar="unix:///PATH",
+        help="serve on this Unix domain socket instead of --host/--port: for clients on this host "
+        "(connect('unix:///PATH'), lmem --url unix:///PATH), the shortest way there",
+    )
     serve.add_argument("--shards", type=int, help="default shards per memory")
     serve.add_argument(
         "--device",
@@ -174,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
 def add_client_options(parser: argparse.ArgumentParser) -> None:
     """Where the server is and how to reach it: the options every client command shares."""
     url = os.environ.get("LMEM_URL", DEFAULT_URL)
-    parser.add_argument("--url", default=url, help=f"grpc://host:port, grpcs://host:port or local (default {url})")
+    parser.add_argument(
+        "--url", default=url, help=f"grpc://host:port, grpcs://host:port, unix:///path or local (default {url})"
+    )
     parser.add_argument(
         "--token", default=os.environ.get("LMEM_TOKEN"), help="bearer token (default: $LMEM_TOKEN; never printed)"
     )
@@ -228,6 +237,12 @@ def positive_int(text: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"{number} is not >= 1")
     return number
+
+
+def unix_address(text: str) -> str:
+    if not text.startswith("unix:"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not unix:///path (for TCP: --host and --port)")
+    return text
 
 
 def tcp_port(text: str) -> int:
@@ -298,7 +313,7 @@ def _serve(args, argv: list[str] | None) -> int:
         return 2
     try:
         serve(
-            format_address(args.host, args.port),
+            args.listen or format_address(args.host, args.port),
             registry,
             limits,
             args.workers,

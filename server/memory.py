@@ -318,11 +318,13 @@ class _Read:
     slots: torch.Tensor  # [B, k] canonical order
     similarities: torch.Tensor  # [B, k]
     values: torch.Tensor  # [B, k]
-    positive_slots: torch.Tensor | None = None
-    positive_similarities: torch.Tensor | None = None
-    negative_slots: torch.Tensor | None = None
-    negative_similarities: torch.Tensor | None = None
+    best_slots: torch.Tensor | None = None  # [2, B]: positive, negative (NO_SLOT if none)
+    best_similarities: torch.Tensor | None = None  # [2, B]: theirs, 0 if none
     incorrect: torch.Tensor | None = None
+
+    @property
+    def positive_slots(self) -> torch.Tensor:
+        return self.best_slots[0]
 
 
 def _out_of_memory_is_resource_exhausted(method):
@@ -370,12 +372,18 @@ class Memory:
         self.device = torch.device(cfg.device)
         size, dim = cfg.memory_size, cfg.key_dim
         try:
-            self.keys = torch.zeros(size, dim, dtype=torch.float32, device=self.device)
-            self.values = torch.full((size,), EMPTY, dtype=torch.int64, device=self.device)
+            # One row past the last slot stands for NO_SLOT (-1 indexes it): a zero key, the value EMPTY and
+            # generation -1, never written. Reading the slots of a pool, a positive or a ticket then needs no mask.
+            self._padded_keys = torch.zeros(size + 1, dim, dtype=torch.float32, device=self.device)
+            self._padded_values = torch.full((size + 1,), EMPTY, dtype=torch.int64, device=self.device)
+            self._padded_generations = torch.full((size + 1,), NO_SLOT, dtype=torch.int64, device=self.device)
+            self.keys = self._padded_keys[:size]
+            self.values = self._padded_values[:size]
             self.ages = torch.zeros(size, dtype=torch.float32, device=self.device)
             # Commit sequence of each slot's last write, merge or clear: how a
             # two-phase update tells that a slot changed under it.
-            self.generations = torch.zeros(size, dtype=torch.int64, device=self.device)
+            self.generations = self._padded_generations[:size]
+            self.generations.zero_()
             self._slot_ids = torch.arange(size, device=self.device)
             # label -> slot of its last write or merge, least recently written first; at most memory_size labels.
             self.recent: OrderedDict[int, int] = OrderedDict()
@@ -447,13 +455,12 @@ class Memory:
         c = self.config.correct_in_top
         self._check_query_bytes(len(q), k, frozenset())
         with self._locked():
-            current = torch.where(relied >= 0, self.generations[relied.clamp(min=0)], -1)
-            stale = (current != generations).any(dim=1)
-            top = relied[:, :c]
+            stale = (self._padded_generations[relied] != generations).any(dim=1)
             labels = y.to(self.device)
-            incorrect = ~((self.values[top.clamp(min=0)] == labels[:, None]) & (top >= 0)).any(dim=1)
+            # NO_SLOT reads EMPTY, which matches no label.
+            incorrect = ~(self._padded_values[relied[:, :c]] == labels[:, None]).any(dim=1)
             positive = relied[:, c].clone()
-            holds_label = (positive >= 0) & (self.values[positive.clamp(min=0)] == labels)
+            holds_label = self._padded_values[positive] == labels
             forged = ~stale & ~incorrect & ~holds_label
             if bool(forged.any()):
                 row = int(forged.nonzero()[0])
@@ -632,13 +639,14 @@ class Memory:
             raise InvalidArgument("queries", f"must have shape [B, {self.config.key_dim}], got {list(q.shape)}")
         if len(q) == 0:
             raise InvalidArgument("queries", "the batch is empty")
-        # Checked where the caller's rows are (the CPU, from the wire): no GPU round trip per check.
-        finite = torch.isfinite(q).all(dim=1)
-        if not bool(finite.all()):
-            raise InvalidArgument("queries", f"row {int((~finite).nonzero()[0])} is not finite")
-        off = (q.norm(dim=1) - 1).abs() > UNIT_NORM_TOLERANCE
-        if bool(off.any()):
-            row = int(off.nonzero()[0])
+        # Checked where the caller's rows are (the CPU, from the wire): no GPU round trip per check. One pass
+        # in the common case: a row that is not finite has no norm within the tolerance either.
+        norm_error = torch.linalg.vector_norm(q, dim=1).sub_(1).abs_()
+        if not bool((norm_error <= UNIT_NORM_TOLERANCE).all()):
+            finite = torch.isfinite(q).all(dim=1)
+            if not bool(finite.all()):
+                raise InvalidArgument("queries", f"row {int((~finite).nonzero()[0])} is not finite")
+            row = int((norm_error > UNIT_NORM_TOLERANCE).nonzero()[0])
             raise InvalidArgument(
                 "queries",
                 f"row {row} has norm {float(q[row].norm()):.6g}; rows must be unit length "
@@ -711,43 +719,38 @@ class Memory:
 
     def _search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k slots in canonical order: similarity descending, ties to the lower slot."""
-        similarities, slots = self.index.search(q, k)
+        similarities, slots = self.index.search(q, k, self.empty_slots)
         if self.empty_slots:
             # Empty slots all score exactly 0; the index may return any of them.
             # The tie rule wants the lowest-numbered ones.
-            zero_empty = (similarities == 0) & (self.values[slots] == EMPTY)
-            if bool(zero_empty.any()):
+            zero = similarities == 0
+            if bool(zero.any()):
+                zero_empty = zero & (self.values[slots] == EMPTY)
                 lowest_empty = torch.nonzero(self.values == EMPTY).flatten()[:k]
                 rank = (zero_empty.cumsum(dim=1) - 1).clamp(min=0)
                 slots = torch.where(zero_empty, lowest_empty[rank], slots)
-        by_slot = torch.argsort(slots, dim=1, stable=True)
-        slots, similarities = slots.gather(1, by_slot), similarities.gather(1, by_slot)
-        by_similarity = torch.argsort(similarities, dim=1, descending=True, stable=True)
-        return slots.gather(1, by_similarity), similarities.gather(1, by_similarity)
+        key = _descending_then_lower_index_key(similarities, slots, self.config.memory_size, nan_first=True)
+        order = torch.sort(key, dim=1, descending=True).indices
+        return slots.gather(1, order), similarities.gather(1, order)
 
     def _read(self, q: torch.Tensor, labels: torch.Tensor | None, k: int, use_recent: bool) -> _Read:
         """``labels`` on the CPU."""
         slots, similarities = self._search(q, k)
-        read = _Read(slots, similarities, self.values[slots])
         if labels is None:
-            return read
-        y = labels.to(self.device)
-        pool_slots, pool_similarities, pool_values = slots, similarities, read.values
-        valid = torch.ones_like(slots, dtype=torch.bool)
+            return _Read(slots, similarities, self.values.take(slots))
+        pool_slots, pool_similarities = slots, similarities
         if use_recent:
-            recent = torch.tensor([self.recent.get(label, NO_SLOT) for label in labels.tolist()]).to(self.device)
-            has_recent = recent >= 0
-            recent_keys = self.keys[recent.clamp(min=0)]
-            recent_similarities = (q * recent_keys).sum(dim=1)
+            recent = torch.tensor([self.recent.get(label, NO_SLOT) for label in labels.tolist()], device=self.device)
+            recent_similarities = (q * self._padded_keys[recent]).sum(dim=1)
             pool_slots = torch.cat([slots, recent[:, None]], dim=1)
             pool_similarities = torch.cat([similarities, recent_similarities[:, None]], dim=1)
-            pool_values = torch.cat([read.values, self.values[recent.clamp(min=0)][:, None]], dim=1)
-            valid = torch.cat([valid, has_recent[:, None]], dim=1)
-        hint = (pool_values == y[:, None]) & valid
-        read.positive_slots, read.positive_similarities = _best(pool_slots, pool_similarities, hint)
-        read.negative_slots, read.negative_similarities = _best(pool_slots, pool_similarities, ~hint & valid)
-        read.incorrect = ~hint[:, : self.config.correct_in_top].any(dim=1)
-        return read
+        pool_values = self._padded_values.take(pool_slots)  # NO_SLOT reads EMPTY, which matches no label
+        hint = pool_values == labels.to(self.device)[:, None]
+        # Positive: the best entry holding the label; negative: the best other one, never NO_SLOT.
+        sides = torch.stack([hint, ~hint & (pool_slots >= 0)])
+        best_slots, best_similarities = _best(pool_slots, pool_similarities, sides)
+        incorrect = ~hint[:, : self.config.correct_in_top].any(dim=1)
+        return _Read(slots, similarities, pool_values[:, :k], best_slots, best_similarities, incorrect)
 
     def _result(
         self, q: torch.Tensor, read: _Read, fields: frozenset[str], k: int, use_recent: bool, ticket: bool
@@ -761,8 +764,7 @@ class Memory:
         )
         if ticket and read.incorrect is not None:  # a fused update's result has nothing left to update
             relied = torch.cat([read.slots[:, : self.config.correct_in_top], read.positive_slots[:, None]], dim=1)
-            relied_generations = torch.where(relied >= 0, self.generations[relied.clamp(min=0)], -1)
-            result.ticket = QueryTicket(relied, relied_generations, k, use_recent)
+            result.ticket = QueryTicket(relied, self._padded_generations[relied], k, use_recent)
         if "neighbors" in fields:
             result.neighbor_slots = read.slots
             result.neighbor_similarities = read.similarities
@@ -770,25 +772,21 @@ class Memory:
         if "neighbor_keys" in fields:
             result.neighbor_keys = self.keys[read.slots]
         if "positive_negative" in fields:
-            result.positive_slots = read.positive_slots
-            result.positive_similarities = read.positive_similarities
-            result.negative_slots = read.negative_slots
-            result.negative_similarities = read.negative_similarities
+            result.positive_slots, result.negative_slots = read.best_slots
+            result.positive_similarities, result.negative_similarities = read.best_similarities
         if "positive_negative_keys" in fields:
-            result.positive_keys = self._keys_or_zeros(read.positive_slots)
-            result.negative_keys = self._keys_or_zeros(read.negative_slots)
+            result.positive_keys, result.negative_keys = self._padded_keys[read.best_slots]  # zeros for NO_SLOT
         return result
-
-    def _keys_or_zeros(self, slots: torch.Tensor) -> torch.Tensor:
-        return torch.where((slots >= 0)[:, None], self.keys[slots.clamp(min=0)], 0.0)
 
     def _oldest(self, count: int, merging: torch.Tensor, positive_slots: torch.Tensor) -> torch.Tensor:
         """The ``count`` slots of largest age + noise, in decreasing order, ties to the lower slot, leaving
         out the slots this batch's merging rows merge into. One top-k over a key that orders by exactly
         that (no ties left to break), so the choice needs no round trip to the host."""
-        score = self.ages.clone()
         if self.config.age_noise:
-            score += age_noise(self.config.seed, self.commit_sequence + 1, self._slot_ids, self.config.age_noise)
+            noise = age_noise(self.config.seed, self.commit_sequence + 1, self._slot_ids, self.config.age_noise)
+            score = noise.add_(self.ages)  # float32 addition commutes: the same bits as ages + noise
+        else:
+            score = self.ages.clone()
         # amin with +inf leaves a slot alone: rows that do not merge exclude nothing, whatever their slot.
         excluded = torch.where(merging, -math.inf, math.inf)
         score.scatter_reduce_(0, positive_slots.clamp(min=0), excluded, reduce="amin")
@@ -800,20 +798,26 @@ class Memory:
         records the write before it is applied: a write the journal refuses leaves no trace."""
         oldest = self._oldest(len(q), ~incorrect, positive_slots)
         slots = torch.where(incorrect, oldest, positive_slots)
-        merged_keys = _l2_normalize(q + self.keys[positive_slots.clamp(min=0)])
+        merged_keys = _l2_normalize(q + self._padded_keys[positive_slots])  # used only where a row merges
         new_keys = torch.where(incorrect[:, None], q, merged_keys)
-        was_empty = self.values[slots] == EMPTY
-        host_slots, host_incorrect, host_was_empty = torch.stack([slots, incorrect.long(), was_empty.long()]).cpu()
+        host = torch.stack([slots, incorrect.long(), self.values[slots]]).cpu()
+        host_slots, host_incorrect, host_values = host.numpy()
         # Rows apply in batch order: where two rows touch one slot, the later wins.
-        order = torch.argsort(host_slots, stable=True)
+        order = np.argsort(host_slots, kind="stable")
         sorted_slots = host_slots[order]
-        last = torch.ones_like(sorted_slots, dtype=torch.bool)
-        last[:-1] = sorted_slots[1:] != sorted_slots[:-1]
-        rows, targets = order[last], sorted_slots[last]
-        delta = Delta(targets, new_keys[rows.to(self.device)], y[rows], y, host_slots, int(host_incorrect.sum()))
+        last = np.append(sorted_slots[1:] != sorted_slots[:-1], True)
+        rows = torch.from_numpy(order[last])
+        delta = Delta(
+            torch.from_numpy(sorted_slots[last]),
+            new_keys[rows.to(self.device)],
+            y[rows],
+            y,
+            host[0],
+            int(host_incorrect.sum()),
+        )
         if self.journal is not None:
             self.journal.append(self.commit_sequence + 1, delta)
-        self._commit(delta, int(host_was_empty[rows].sum()))
+        self._commit(delta, int((host_values[rows.numpy()] == EMPTY).sum()))
         return slots
 
     def _commit(self, delta: Delta, newly_filled: int) -> None:
@@ -824,12 +828,12 @@ class Memory:
         recent = list(zip(delta.labels.tolist(), delta.slots.tolist(), strict=True))
         # Nothing above changed the memory: an allocation failing there leaves it as it was.
         self.empty_slots -= newly_filled
-        self.keys[targets] = keys
-        self.values[targets] = values
+        self.keys.index_copy_(0, targets, keys)
+        self.values.index_copy_(0, targets, values)
         self.ages += 1
-        self.ages[targets] = 0
+        self.ages.index_fill_(0, targets, 0)
         self.commit_sequence += 1
-        self.generations[targets] = self.commit_sequence
+        self.generations.index_fill_(0, targets, self.commit_sequence)
         for label, slot in recent:
             self.recent[label] = slot
             self.recent.move_to_end(label)
@@ -874,17 +878,17 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on an int64 tensor, in place, as unsigned 64-bit arithmetic: products wrap,
-    and right shifts are made logical by masking the sign bits an arithmetic shift copies in. In place
+def _mix64_high_bits(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on an int64 tensor, in place, as unsigned 64-bit arithmetic, correct in bits
+    33-63: products wrap, and right shifts are made logical by masking the sign bits an arithmetic shift
+    copies in. The finaliser's last step, z ^= z >> 31, changes only bits 0-32, so it is left out. In place
     with one scratch tensor: at a million slots this is faster than torch.rand."""
     shifted = torch.empty_like(z)
-    for bits, multiplier in ((30, MIX_1), (27, MIX_2), (31, None)):
+    for bits, multiplier in ((30, MIX_1), (27, MIX_2)):
         torch.bitwise_right_shift(z, bits, out=shifted)
         shifted.bitwise_and_((1 << (64 - bits)) - 1)
         z.bitwise_xor_(shifted)
-        if multiplier is not None:
-            z.mul_(_signed64(multiplier))
+        z.mul_(_signed64(multiplier))
     return z
 
 
@@ -907,30 +911,47 @@ def age_noise(seed: int, commit: int, slots: torch.Tensor, half_width: float) ->
     stream = _mix64_int((seed + commit * GOLDEN_GAMMA) & ((1 << 64) - 1))
     h = torch.mul(slots, _signed64(GOLDEN_GAMMA))
     h.add_(_signed64(GOLDEN_GAMMA + stream))  # (slot + 1) * G + stream
-    _mix64(h)
+    _mix64_high_bits(h)
     h.bitwise_right_shift_(64 - NOISE_BITS)
     h.bitwise_and_((1 << NOISE_BITS) - 1)
     noise = h.to(torch.float32)
-    noise.mul_(torch.tensor(np.float32(2 * half_width / 2**NOISE_BITS), device=slots.device))
-    noise.sub_(torch.tensor(np.float32(half_width), device=slots.device))
+    # Python floats that are float32 values: a float32 tensor's arithmetic takes them as those float32s.
+    noise.mul_(float(np.float32(2 * half_width / 2**NOISE_BITS)))
+    noise.sub_(float(np.float32(half_width)))
     return noise
 
 
 def _descending_then_lower_slot(score: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
     """The ``count`` indices of largest float32 ``score``, in decreasing order, ties to the lower index
-    (``indices``: arange(len(score)), on its device).
+    (``indices``: arange(len(score)), on its device): one top-k of a key with no two alike, so the choice
+    needs no round trip to the host."""
+    size = len(score)
+    top = torch.topk(_descending_then_lower_index_key(score, indices, size), count).values
+    return top.bitwise_and_(LOW_HALF).neg_().add_(size - 1)
+
+
+LOW_HALF = 0xFFFFFFFF
+MONOTONE_NAN = 0x7FFFFFFF  # above the monotone bits of +inf
+
+
+def _descending_then_lower_index_key(
+    score: torch.Tensor, indices: torch.Tensor, size: int, *, nan_first: bool = False
+) -> torch.Tensor:
+    """An int64 key per element of float32 ``score`` (``indices`` in [0, size), size <= 2^31) whose
+    descending order is: score descending, ties to the lower index; no two keys are equal.
 
     The float's bits, made monotone as an int32 (a negative float's magnitude bits flipped), go in the
-    high half of an int64 and the index, reversed, in the low half: one top-k of that key is the answer,
-    and no two keys are equal. +0.0 stands in for -0.0, which compares equal to it."""
+    high half and the index, reversed (size - 1 - index), in the low half. +0.0 stands in for -0.0, which
+    compares equal to it; with ``nan_first`` every NaN orders above +inf, as torch.sort puts it."""
     bits = (score + 0.0).view(torch.int32)
     bits.bitwise_xor_(torch.bitwise_right_shift(bits, 31).bitwise_and_(0x7FFFFFFF))
+    if nan_first:
+        bits.masked_fill_(torch.isnan(score), MONOTONE_NAN)
     key = bits.to(torch.int64)
     key.bitwise_left_shift_(32)
     key.sub_(indices)
-    key.add_(len(score) - 1)  # the index, reversed, in the low half
-    top = torch.topk(key, count).values
-    return len(score) - 1 - (top & 0xFFFFFFFF)
+    key.add_(size - 1)
+    return key
 
 
 def _check_count(value, field: str, low: int, high: int) -> None:
@@ -938,13 +959,13 @@ def _check_count(value, field: str, low: int, high: int) -> None:
         raise InvalidArgument(field, f"must be an integer in [{low}, {high}], got {value!r}")
 
 
-def _best(slots: torch.Tensor, similarities: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the masked pool entry of highest similarity: (slot or -1, similarity or 0)."""
-    masked = torch.where(mask, similarities, -math.inf)
-    best = masked.argmax(dim=1, keepdim=True)
-    found = mask.any(dim=1)
-    slot = torch.where(found, slots.gather(1, best).squeeze(1), NO_SLOT)
-    similarity = torch.where(found, similarities.gather(1, best).squeeze(1), 0.0)
+def _best(slots: torch.Tensor, similarities: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of the masks [S, B, P] over a pool's [B, P] slots, per row the masked entry of highest
+    similarity, the first of equals: (slot or -1, similarity or 0), each [S, B]."""
+    best = torch.where(masks, similarities, -math.inf).argmax(dim=2, keepdim=True)
+    found = masks.any(dim=2)
+    slot = torch.where(found, slots.expand_as(masks).gather(2, best).squeeze(2), NO_SLOT)
+    similarity = torch.where(found, similarities.expand_as(masks).gather(2, best).squeeze(2), 0.0)
     return slot, similarity
 
 

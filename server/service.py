@@ -435,8 +435,9 @@ def serve(
     # (5 ms by default) lets each side take the GIL soon after the other is done (docs/benchmarks.md).
     sys.setswitchinterval(0.0005)
     server, port = build_server(address, registry, limits, max_workers, auth=auth, credentials=credentials)
+    unix = address.startswith("unix:")  # a Unix domain socket: reached from this host only
     host = address.rsplit(":", 1)[0]
-    if auth is None and not _is_loopback(host):
+    if auth is None and not unix and not _is_loopback(host):
         log.warning("listening on %s without tokens: anyone who can reach it may read and write (see --tokens)", host)
     if metrics_port:  # before the gRPC server starts: a metrics port in use stops the start
         try:
@@ -447,8 +448,9 @@ def serve(
         if not _is_loopback(metrics_host):
             log.warning("metrics on %s: anyone who can reach it may read every memory's name and stats", metrics_host)
     server.start()
-    log.info("lifelong memory server listening on %s:%d", host, port)
-    print(f"lmem: serving on {host}:{port}", flush=True)
+    shown = address if unix else f"{host}:{port}"
+    log.info("lifelong memory server listening on %s", shown)
+    print(f"lmem: serving on {shown}", flush=True)
     if metrics_port:
         metrics_url = f"http://{format_address(metrics_host, metrics_port)}/metrics"
         log.info("metrics on %s", metrics_url)

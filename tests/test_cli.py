@@ -180,3 +180,24 @@ def test_metrics_stay_on_the_loopback_address_unless_asked(tmp_path):
             assert metrics_answer("127.0.0.1", metrics_port)
             # 127.0.0.2 is this machine too, but not the address 127.0.0.1: it reaches only a wider binding.
             assert metrics_answer("127.0.0.2", metrics_port) == reachable_from_elsewhere
+
+
+def test_serve_on_a_unix_socket(tmp_path):
+    """lmem serve --listen unix:///path serves lmem and connect() on this host; a TCP address there is refused."""
+    url = f"unix://{tmp_path / 'lmem.sock'}"
+    process = subprocess.Popen(
+        [*LMEM, "serve", "--listen", url, "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == f"lmem: serving on {url}"
+        assert lmem("create", "over-unix", "--key-dim", "8", "--memory-size", "16", "--url", url).returncode == 0
+        with connect(url) as store:
+            memory = store.memory("over-unix")
+            memory.query(torch.eye(8)[:2], torch.tensor([3, 4]), update=True)
+            assert memory.info().stats["filled_slots"] == 2
+        assert [m["name"] for m in json.loads(lmem("ls", "--url", url, "--json").stdout)] == ["over-unix"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    refused = lmem("serve", "--listen", "127.0.0.1:50051")
+    assert refused.returncode == 2 and "is not unix:///path" in refused.stderr

@@ -53,10 +53,10 @@ def hold_search(memory: Memory) -> tuple[threading.Event, threading.Event]:
     entered, release = threading.Event(), threading.Event()
     search = memory.index.search
 
-    def held(queries, k):
+    def held(queries, k, empty_slots=0):
         entered.set()
         assert release.wait(30)
-        return search(queries, k)
+        return search(queries, k, empty_slots)
 
     memory.index.search = held
     return entered, release
@@ -441,7 +441,7 @@ def test_a_query_too_big_for_its_working_memory_is_refused_before_any_work():
     write(memory, range(2))
     searches = []
     search = memory.index.search
-    memory.index.search = lambda q, k: searches.append(k) or search(q, k)
+    memory.index.search = lambda q, k, empty=0: searches.append(k) or search(q, k, empty)
     before = memory.capture()
     queries = torch.nn.functional.normalize(torch.randn(256, 128), dim=1)
     for fields in ({"neighbors", "neighbor_keys"}, {"neighbors", "weights"}):
@@ -473,7 +473,7 @@ def test_a_reply_over_the_message_limit_is_refused_before_any_work():
             memory = registry.get("m")
             searches = []
             search = memory.index.search
-            memory.index.search = lambda q, k: searches.append(k) or search(q, k)
+            memory.index.search = lambda q, k, empty=0: searches.append(k) or search(q, k, empty)
             queries = torch.nn.functional.normalize(torch.randn(64, 64), dim=1)
             with pytest.raises(ResourceExhausted, match="fields: the reply to 64 rows with k = 4096"):
                 remote.query(queries, k=4096, fields={"neighbors", "neighbor_keys"})

@@ -1,9 +1,12 @@
-"""bfloat16 search: approximate candidates, exact float32 similarities, high recall."""
+"""Search: the canonical order of neighbours; bfloat16 search: approximate candidates, exact float32
+similarities, high recall."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from lifelong_memory.server.index import build_index
 from lifelong_memory.server.memory import Memory, MemoryConfig
 
 
@@ -32,3 +35,19 @@ def test_bfloat16_search_returns_exact_similarities_and_high_recall():
     )
     assert recall / a.neighbor_slots.numel() >= 0.95
     assert (a.predictions == b.predictions).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("backend, shards", [("torch", 1), ("torch", 3), ("faiss", 1)])
+def test_tied_neighbours_come_lower_slot_first_whatever_order_the_index_returns(backend, shards):
+    """Each index returns its top k in an order of its own (numpy's partition, torch.topk unsorted, faiss): the
+    memory orders them by similarity, equal similarities by slot."""
+    memory = Memory(MemoryConfig(key_dim=8, memory_size=64, choose_k=8, age_noise=0.0, backend=backend, shards=shards))
+    tied = [31, 3, 25, 9, 20, 14, 30, 21]  # eight slots holding one key: a query of that key ties them all
+    generator = torch.Generator().manual_seed(2)
+    keys = -torch.nn.functional.normalize(torch.rand(64, 8, generator=generator) + 0.1, dim=1)
+    keys[tied] = torch.eye(8)[0]
+    memory.keys.copy_(keys)
+    memory.index = build_index(memory.keys, backend, torch.float32, memory.config.shard_devices(), 16)
+    result = memory.query(torch.eye(8)[:1], fields={"neighbors"})
+    assert result.neighbor_slots.tolist() == [sorted(tied)]
+    assert (result.neighbor_similarities == 1).all()

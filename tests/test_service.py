@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -67,3 +68,36 @@ def test_non_idempotent_calls_do_not_retry(monkeypatch):
         with pytest.raises(Unavailable):
             store.list_memories()
         assert len(backoffs) == 8
+
+
+def test_a_server_on_a_unix_socket_answers_as_over_tcp(tmp_path, server_url):
+    """A same-host client reaches a server on a Unix domain socket (connect("unix:///path")) and gets, bit for
+    bit, what the same memory answers over TCP."""
+    path = tmp_path / "lmem.sock"
+    server, _ = build_server(f"unix://{path}", MemoryRegistry())
+    server.start()
+    try:
+        with connect(f"unix://{path}") as unix, connect(server_url) as tcp:
+            name = f"unix-{time.monotonic_ns()}"
+            config = dict(key_dim=16, memory_size=64, choose_k=8, age_noise=2.0, seed=3)
+            memories = [unix.create_memory(name, **config), tcp.create_memory(name, **config)]
+            try:
+                generator = torch.Generator().manual_seed(0)
+                streams = [memory.stream() for memory in memories]
+                for step in range(12):
+                    queries = torch.nn.functional.normalize(torch.randn(4, 16, generator=generator), dim=1)
+                    labels = torch.randint(0, 10, (4,), generator=generator)
+                    via = streams if step % 2 else memories  # the stream and unary calls alike
+                    over_unix, over_tcp = (m.query(queries, labels, update=True) for m in via)
+                    for field in ("predictions", "written_slots", "neighbor_slots", "positive_keys", "weights"):
+                        assert torch.equal(getattr(over_unix, field), getattr(over_tcp, field)), (step, field)
+                for stream in streams:
+                    stream.close()
+                assert all(torch.equal(a, b) for a, b in zip(*(m.slots(range(64)) for m in memories), strict=True))
+            finally:
+                unix.delete_memory(name)
+                tcp.delete_memory(name)
+    finally:
+        server.stop(grace=None)
+    with pytest.raises(ValueError, match="TLS options need a grpcs:// url"):
+        connect(f"unix://{path}", ca_cert="ca.pem")
