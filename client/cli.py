@@ -375,7 +375,8 @@ def _admin(store, args) -> int:
 
 
 def _as_dict(info: MemoryInfo) -> dict:
-    return {"name": info.name, "config": dataclasses.asdict(info.config), "stats": info.stats}
+    found = {"recovery": info.recovery} if info.recovery else {}
+    return {"name": info.name, "config": dataclasses.asdict(info.config), "stats": info.stats, **found}
 
 
 def _print(data, as_json: bool, table: bool = False) -> None:
@@ -390,6 +391,8 @@ def _print(data, as_json: bool, table: bool = False) -> None:
             print(f"  {section}:")
             for key, value in data[section].items():
                 print(f"    {key:<16} {value}")
+        if "recovery" in data:
+            print(f"  recovery: {data['recovery']}")
     else:
         for key, value in data.items():
             print(f"{key}: {value}")

@@ -56,6 +56,7 @@ class MemoryInfo:
     name: str
     config: MemoryConfig
     stats: dict[str, int]
+    recovery: str = ""  # what recovery at the server's last start cut or set aside; "" if nothing
 
 
 class Transport(Protocol):
@@ -252,7 +253,7 @@ def _as_labels(labels) -> torch.Tensor | None:
 
 
 def _info(name: str, memory) -> MemoryInfo:
-    return MemoryInfo(name, memory.config, memory.stats())
+    return MemoryInfo(name, memory.config, memory.stats(), memory.recovery_report)
 
 
 # --------------------------------------------------------------------- local
@@ -426,7 +427,7 @@ class GrpcTransport:
     def _info(message: pb.MemoryInfo) -> MemoryInfo:
         config = MemoryConfig(**wire.config_from_proto(message.config))
         stats = {f.name: getattr(message.stats, f.name) for f in message.stats.DESCRIPTOR.fields}
-        return MemoryInfo(message.name, config, stats)
+        return MemoryInfo(message.name, config, stats, message.recovery)
 
     def create(self, name, config):
         message = pb.CreateMemoryRequest(name=name, config=_config_message(config))

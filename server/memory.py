@@ -404,6 +404,8 @@ class Memory:
             ) from None
         self._lock = threading.Lock()
         self._retired = False
+        # What recovery at the last start cut from the log or set aside (persistence.py); "" if nothing.
+        self.recovery_report = ""
         self.journal = journal
 
     # ----------------------------------------------------------------- public

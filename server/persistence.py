@@ -757,6 +757,7 @@ class DataDirectory:
                 log.error("memory %r: damaged write-ahead log: %s", folder.name, "; ".join(damaged[found_before:]))
             break
         memory.journal = WriteAheadLog(folder, memory.commit_sequence + 1, self.durability)
+        memory.recovery_report = "; ".join(filter(None, [result.truncated, *damaged]))
         self._snapshot_times[folder.name] = time.monotonic()
         log.info(
             "memory %r recovered: snapshot at %d, %d writes replayed, now at %d",

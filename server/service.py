@@ -296,7 +296,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     @staticmethod
     def _info(name: str, memory: Memory) -> pb.MemoryInfo:
         return pb.MemoryInfo(
-            name=name, config=wire.config_to_proto(memory.config), stats=pb.MemoryStats(**memory.stats())
+            name=name,
+            config=wire.config_to_proto(memory.config),
+            stats=pb.MemoryStats(**memory.stats()),
+            recovery=memory.recovery_report,
         )
 
 

@@ -245,6 +245,31 @@ def test_damage_to_each_kind_of_file_loses_nothing_recoverable(tmp_path, damaged
     assert_same(restarted.get("m"), expected)
 
 
+def test_describe_tells_what_recovery_set_aside(tmp_path, capsys):
+    from lifelong_memory.client.cli import main
+    from lifelong_memory.server.service import build_server
+
+    registry, _, folder = three_snapshot_history(tmp_path)
+    registry.create("intact", **CONFIG)
+    (_, segment_21) = segments(folder)[-1]
+    damaged_offset = scan_segment(segment_21).records[4][1]  # write 25
+    flip_byte(segment_21, damaged_offset + 30)
+    restarted = reopen(registry)
+    server, port = build_server("127.0.0.1:0", restarted)
+    server.start()
+    try:
+        url = f"grpc://127.0.0.1:{port}"
+        with connect(url) as store:
+            report = store.memory("m").info().recovery
+            assert f"{segment_21.name} at byte {damaged_offset}: checksum mismatch" in report
+            assert "replay stopped at write 24" in report and "damaged/" in report
+            assert store.memory("intact").info().recovery == ""
+        assert main(["describe", "m", "--url", url]) == 0
+        assert f"recovery: {segment_21.name} at byte {damaged_offset}" in capsys.readouterr().out
+    finally:
+        server.stop(grace=None)
+
+
 def test_a_snapshot_of_another_memory_in_the_folder_is_set_aside(tmp_path):
     registry = MemoryRegistry(data_dir=tmp_path)
     memory = registry.create("m", **CONFIG)

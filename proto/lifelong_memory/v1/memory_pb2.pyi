@@ -106,14 +106,16 @@ class MemoryStats(_message.Message):
     def __init__(self, filled_slots: _Optional[int] = ..., commit_sequence: _Optional[int] = ..., queries: _Optional[int] = ..., writes: _Optional[int] = ..., merges: _Optional[int] = ..., recent_labels: _Optional[int] = ...) -> None: ...
 
 class MemoryInfo(_message.Message):
-    __slots__ = ("name", "config", "stats")
+    __slots__ = ("name", "config", "stats", "recovery")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     name: str
     config: MemoryConfig
     stats: MemoryStats
-    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[MemoryConfig, _Mapping]] = ..., stats: _Optional[_Union[MemoryStats, _Mapping]] = ...) -> None: ...
+    recovery: str
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[MemoryConfig, _Mapping]] = ..., stats: _Optional[_Union[MemoryStats, _Mapping]] = ..., recovery: _Optional[str] = ...) -> None: ...
 
 class CreateMemoryRequest(_message.Message):
     __slots__ = ("name", "config")
