@@ -394,15 +394,11 @@ class WriteAheadLog:
             self._fd = os.open(segment_path(directory, next_sequence), os.O_WRONLY | os.O_APPEND)
             self._end = os.fstat(self._fd).st_size
         else:
-            self._fd, self._end = self._open_segment(next_sequence)
+            self._fd, self._end = create_segment(directory, next_sequence), len(WAL_MAGIC)
         self._syncer = None
         if durability.sync == "interval":
             self._syncer = threading.Thread(target=self._sync_periodically, daemon=True, name="wal-sync")
             self._syncer.start()
-
-    def _open_segment(self, first_sequence: int) -> tuple[int, int]:
-        fd = create_segment(self.directory, first_sequence)
-        return fd, len(WAL_MAGIC)
 
     def append(self, sequence: int, delta: Delta | None) -> None:
         record = encode_record(sequence, delta)
@@ -490,12 +486,12 @@ class WriteAheadLog:
             raise storage_error(exc, "the write-ahead log could not be synced; this write was not applied") from None
         self._synced = self._written
         try:
-            fd, end = self._open_segment(first_sequence)
+            fd = create_segment(self.directory, first_sequence)
         except OSError as exc:
             log.warning("write-ahead log in %s: no new segment (%s); the current one goes on", self.directory, exc)
             return
         os.close(self._fd)
-        self._fd, self._end = fd, end
+        self._fd, self._end = fd, len(WAL_MAGIC)
         self._rotate = False
 
     def _cut_back(self, error: OSError) -> None:
@@ -715,10 +711,8 @@ class DataDirectory:
             for (first, path), successor in zip(found, [*found[1:], None], strict=True)
             if successor is None or successor[0] > memory.commit_sequence + 1
         ]
-        if (needed[0][0] if needed else memory.commit_sequence + 1) > memory.commit_sequence + 1 or (
-            damaged and not found
-        ):
-            start = needed[0][0] if needed else None
+        start = needed[0][0] if needed else None
+        if (start is not None and start > memory.commit_sequence + 1) or (damaged and not found):
             raise RecoveryError(
                 f"no usable snapshot reaches the log, which starts at write {start}; the newest usable state is "
                 f"at {memory.commit_sequence}: writes in between are lost"
