@@ -124,6 +124,13 @@ def test_raw_input_starts_with_nearly_parallel_queries(characters, init, input, 
     assert low <= mean_pairwise <= high
 
 
+def test_flags_are_exactly_the_config_values():
+    config = omniglot.configure(["--rep-dim", "256", "--no-resume"])
+    assert config["rep_dim"] == 256 and config["resume"] is False
+    assert not [key for key in config if key.startswith("_")]  # the module's __name__, __doc__, ... are no options
+    assert {"data", "split", "seed", "episode_batches", "evaluate"} <= set(config)
+
+
 def test_a_checkpoint_is_only_resumed_or_evaluated_under_its_own_settings():
     config = {"split": "reference", "input": "ink", "init": "he", "rep_dim": 128}
     omniglot.check_same_experiment(config, {"split": "reference", "rep_dim": 128}, "old.pt")  # before the options

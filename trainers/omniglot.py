@@ -74,8 +74,13 @@ AUTHORS_MEASURED = {
 SHOTS = 6  # report 0..5-shot accuracy
 
 
-def configure() -> dict:
-    config = {k: v for k, v in globals().items() if k.islower() and isinstance(v, (int, float, str, bool))}
+def configure(argv: list[str] | None = None) -> dict:
+    # The lower-case plain values above; not the module's own dunders (__name__ is a lower-case str too).
+    config = {
+        k: v
+        for k, v in globals().items()
+        if k.islower() and not k.startswith("_") and isinstance(v, (int, float, str, bool))
+    }
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for key, value in config.items():
         flag = "--" + key.replace("_", "-")
@@ -83,7 +88,7 @@ def configure() -> dict:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
             parser.add_argument(flag, type=type(value), default=value)
-    return vars(parser.parse_args())
+    return vars(parser.parse_args(argv))
 
 
 class Encoder(nn.Module):
