@@ -300,3 +300,65 @@ def test_query_without_labels_core():
 
 def test_spec_decisions_core():
     run_decisions(CoreDriver)
+
+
+# ----------------------------------------------------------------------------- the noisy choice, in distribution
+def rule_choice_probabilities(ages: np.ndarray, half_width: float, grid: int = 4_000) -> np.ndarray:
+    """P(slot i has the largest A_i + u_i) for independent u_i ~ U(-w, w), by numeric integration: the
+    rule's own distribution of the write choice, with no hash and no memory code involved."""
+    top = ages.max()
+    candidates = np.flatnonzero(ages + half_width > top - half_width)  # the others can never win
+    lo, hi = ages[candidates].min() - half_width, top + half_width
+    x = lo + (np.arange(grid) + 0.5) * (hi - lo) / grid  # midpoints
+    cdf = np.clip((x[None, :] - (ages[candidates, None] - half_width)) / (2 * half_width), 0.0, 1.0)
+    density = (np.abs(x[None, :] - ages[candidates, None]) < half_width) / (2 * half_width)
+    # The product of every other candidate's cdf, from prefix and suffix products.
+    ones = np.ones((1, grid))
+    before = np.cumprod(np.vstack([ones, cdf[:-1]]), axis=0)
+    after = np.cumprod(np.vstack([cdf[1:], ones])[::-1], axis=0)[::-1]
+    probabilities = np.zeros(len(ages))
+    probabilities[candidates] = np.sum(density * before * after, axis=1) * (hi - lo) / grid
+    return probabilities
+
+
+def test_noisy_write_choice_has_the_rule_s_age_distribution():
+    """Over thousands of writes into a full memory, how much younger than the oldest slot the chosen slot
+    is follows the rule (largest age + uniform noise) in distribution: Pearson's chi-square against the
+    expected counts the rule gives step by step, from the ages the memory had before each step."""
+    memory_size, half_width, steps = 48, 4.0, 3000
+    memory = Memory(MemoryConfig(key_dim=4, memory_size=memory_size, choose_k=4, age_noise=half_width, seed=9))
+    queries = torch.nn.functional.normalize(
+        torch.randn(memory_size + steps, 4, generator=torch.Generator().manual_seed(0))
+    )
+    younger_by = np.arange(int(2 * half_width) + 1)  # age of the oldest slot minus age of the chosen one
+    observed, expected = np.zeros(len(younger_by)), np.zeros(len(younger_by))
+    for step in range(memory_size + steps):  # a new label every step: every lookup is incorrect, every step writes
+        ages = memory.ages.numpy().astype(np.float64)
+        written = memory.query(queries[step : step + 1], torch.tensor([step]), update=True, use_recent=False)
+        if step < memory_size:
+            continue  # filling: empty slots tie in age until the memory is full
+        probabilities = rule_choice_probabilities(ages, half_width)
+        assert abs(probabilities.sum() - 1) < 1e-3
+        gap = (ages.max() - ages).astype(int)
+        expected += np.bincount(gap, weights=probabilities, minlength=len(younger_by))[: len(younger_by)]
+        observed[gap[int(written.written_slots[0])]] += 1
+    assert observed.sum() == steps and abs(expected.sum() - steps) < 1
+    # Pool the sparse tail so that every cell expects at least 5.
+    cells = [[0]]
+    for i in younger_by[1:]:
+        if expected[cells[-1]].sum() >= 5:
+            cells.append([i])
+        else:
+            cells[-1].append(i)
+    if expected[cells[-1]].sum() < 5:
+        tail = cells.pop()
+        cells[-1] += tail
+    obs = np.array([observed[c].sum() for c in cells])
+    exp = np.array([expected[c].sum() for c in cells])
+    assert len(cells) >= 4, "the noise must spread the choice over several ages for the test to mean anything"
+    chi_square = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(cells) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(chi_square / 2)))
+    assert p_value > 1e-3, (
+        f"chosen-age histogram {obs.tolist()} vs the rule's {np.round(exp, 1).tolist()}: p = {p_value:.2g}"
+    )
