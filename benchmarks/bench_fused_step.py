@@ -12,7 +12,8 @@ each in turn, so load from elsewhere hits them alike:
             B = 16)
   raw-out   the same into a kept [B, N] buffer
   baseline  Memory.query(q, labels, update=True, fields={"positive_negative_keys"}) at --baseline
-  current   the same with the installed code
+  current   the same with the installed code (with --writer, its calls carry that writer tag: the tag's cost
+            against a --baseline from before writer tags)
 
 Reported: median ms per call, ratios, and whether the answers were the same. Table and JSON (--out).
 """
@@ -95,7 +96,7 @@ def same(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def bench_shape(baseline, n: int, b: int, seconds: float) -> dict:
+def bench_shape(baseline, n: int, b: int, seconds: float, writer: str) -> dict:
     memories = {"baseline": filled(baseline, n, b), "current": filled(current, n, b)}
     generator = torch.Generator().manual_seed(n + b)
     keys = unit_rows(n, generator)
@@ -104,9 +105,11 @@ def bench_shape(baseline, n: int, b: int, seconds: float) -> dict:
     labels = [torch.randint(0, n, (b,), generator=generator) for _ in range(BATCHES)]
     answers = {}
 
-    def fused(name):
+    def fused(name, **tag):
         def call(i):
-            answers[name] = memories[name].query(queries[i % BATCHES], labels[i % BATCHES], update=True, fields=FIELDS)
+            answers[name] = memories[name].query(
+                queries[i % BATCHES], labels[i % BATCHES], update=True, fields=FIELDS, **tag
+            )
 
         return call
 
@@ -114,7 +117,7 @@ def bench_shape(baseline, n: int, b: int, seconds: float) -> dict:
         "raw": lambda i: torch.topk(queries[i % BATCHES] @ keys.T, CHOOSE_K),
         "raw-out": lambda i: torch.topk(torch.mm(queries[i % BATCHES], keys.T, out=buffer), CHOOSE_K),
         "baseline": fused("baseline"),
-        "current": fused("current"),
+        "current": fused("current", **({"writer": writer} if writer else {})),
     }
     times = {name: [] for name in cases}
     agree = True
@@ -148,12 +151,13 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", required=True, help="git revision whose memory is compared")
     parser.add_argument("--shapes", default="8192x16,65536x16,8192x256", help="NxB, comma-separated")
     parser.add_argument("--seconds", type=float, default=8.0, help="per shape")
+    parser.add_argument("--writer", default="", help="the current memory's calls carry this writer tag")
     parser.add_argument("--out", default="benchmarks/results/fused-step.json")
     args = parser.parse_args(argv)
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     with tempfile.TemporaryDirectory() as folder:
         baseline = load_baseline(args.baseline, pathlib.Path(folder))
-        rows = [bench_shape(baseline, n, b, args.seconds) for n, b in shapes]
+        rows = [bench_shape(baseline, n, b, args.seconds, args.writer) for n, b in shapes]
     print(
         f"embedded fused query + update, d={KEY_DIM} k={CHOOSE_K}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; median ms per call"
@@ -171,6 +175,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "bench_fused_step",
         "baseline": args.baseline,
+        "writer": args.writer,
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "results": rows,

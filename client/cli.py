@@ -517,6 +517,16 @@ def _print_report(name: str, report: MemoryReport) -> None:
     if report.top_labels:
         print()
         _print_bars("label", [str(label) for label in report.top_labels], report.top_label_counts)
+    if any(w.name for w in report.writers):  # a memory only ever written untagged has nothing to tell here
+        print()
+        most = max(w.slots for w in report.writers) or 1
+        _print_table(
+            ["writer", "slots", "writes", "merges", ""],
+            [
+                [w.name or "(untagged)", w.slots, w.writes, w.merges, "#" * round(BAR_WIDTH * w.slots / most)]
+                for w in report.writers
+            ],
+        )
 
 
 def _print_bars(title: str, names: list[str], counts: list[int]) -> None:
@@ -535,23 +545,24 @@ def _slots(store: Store, args) -> int:
     shown = min(args.components, dim)
     rows = []
     for page in _pages(ids, dim):
-        _, keys, values, ages, generations = memory.read_slots(page)
-        norms = keys.norm(dim=1)
+        read = memory.read_slots(page)
+        norms = read.keys.norm(dim=1)
         for i, slot in enumerate(page):
             rows.append(
                 {
                     "slot": slot,
-                    "value": int(values[i]),
-                    "age": int(ages[i]),
-                    "generation": int(generations[i]),
+                    "value": int(read.values[i]),
+                    "age": int(read.ages[i]),
+                    "generation": int(read.generations[i]),
+                    "writer": read.writers[i],
                     "key_norm": float(norms[i]),
-                    "key": keys[i, :shown].tolist(),
+                    "key": read.keys[i, :shown].tolist(),
                 }
             )
     if args.json:
         print(json.dumps({"name": args.name, "key_dim": dim, "slots": rows}, indent=2))
         return 0
-    columns = ["slot", "value", "age", "generation", "key_norm", f"key[:{shown}]"]
+    columns = ["slot", "value", "age", "generation", "writer", "key_norm", f"key[:{shown}]"]
     _print_table(
         columns,
         [
@@ -560,6 +571,7 @@ def _slots(store: Store, args) -> int:
                 "empty" if r["value"] == EMPTY else r["value"],
                 r["age"],
                 r["generation"],
+                r["writer"] or "-",
                 f"{r['key_norm']:.6f}",
                 " ".join(f"{x:+.4f}" for x in r["key"]),
             ]
@@ -605,10 +617,10 @@ def _neighbors(store: Store, args) -> int:
     if args.slot is not None:
         if not 0 <= args.slot < config.memory_size:
             raise InvalidArgument("--slot", f"slot {args.slot} is outside the memory's slots [0, {config.memory_size})")
-        _, keys, values, _, _ = memory.read_slots([args.slot])
-        if int(values[0]) == EMPTY:
+        read = memory.read_slots([args.slot])
+        if int(read.values[0]) == EMPTY:
             raise InvalidArgument("--slot", f"slot {args.slot} is empty (never written): it has no key to search with")
-        query, source = keys, {"slot": args.slot}
+        query, source = read.keys, {"slot": args.slot}
     else:
         query, source = _load_vector(args.vector, config.key_dim), {"vector": args.vector}
     k = min(config.memory_size, args.k + (args.slot is not None))  # one more, for the slot itself
@@ -701,7 +713,7 @@ def _plot(store: Store, args) -> int:
     report = memory.inspect(age_bins=20, top_labels=30)
     nearest, isolated, sampled = _nearest_similarities(memory, args.sample, args.seed)
 
-    figure, (ages, labels, similarities) = plt.subplots(1, 3, figsize=(16, 4.8))
+    figure, (ages, labels, similarities, writers) = plt.subplots(1, 4, figsize=(21, 4.8))
     edges = report.age_bin_edges
     ages.bar(edges[:-1], report.age_counts, width=edges[1] - edges[0], align="edge")
     ages.set(title="age of the filled slots", xlabel="age (updates since written or merged)", ylabel="slots")
@@ -715,6 +727,10 @@ def _plot(store: Store, args) -> int:
     if isolated:
         title += f"\n{isolated} slots have none of similarity > 0 (not shown)"
     similarities.set(title=title, xlabel="cosine similarity", ylabel="slots")
+    names = [w.name or "(untagged)" for w in report.writers]
+    writers.bar(range(len(names)), [w.slots for w in report.writers])
+    writers.set_xticks(range(len(names)), names, rotation=90)
+    writers.set(title="filled slots by writer (the tag of their last write or merge)", ylabel="slots")
     figure.suptitle(
         f"memory {args.name}: {report.filled_slots} of {report.memory_size} slots filled "
         f"({report.fill_ratio:.1%}), commit {report.commit_sequence}"
@@ -758,10 +774,10 @@ def _nearest_similarities(memory: MemoryClient, sample: int, seed: int) -> tuple
         ids = sorted(np.random.default_rng(seed).choice(size, sample, replace=False).tolist())
     filled_ids, filled_keys = [], []
     for page in _pages(ids, config.key_dim):
-        _, keys, values, _, _ = memory.read_slots(page)
-        filled = values != EMPTY
+        read = memory.read_slots(page)
+        filled = read.values != EMPTY
         filled_ids += [slot for slot, is_filled in zip(page, filled.tolist(), strict=True) if is_filled]
-        filled_keys.append(keys[filled])
+        filled_keys.append(read.keys[filled])
     keys = torch.cat(filled_keys) if filled_keys else torch.empty(0, config.key_dim)
     nearest, isolated = [], 0
     k = min(size, max(2, config.correct_in_top))

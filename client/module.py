@@ -37,7 +37,8 @@ class MemoryModule(nn.Module):
     """Query projection + memory lookup + memory loss.
 
     ``memory`` is a MemoryClient, or a Store plus ``name`` (and MemoryConfig
-    fields in ``create``) to create or reuse a memory of that name.
+    fields in ``create``) to create or reuse a memory of that name; ``writer``
+    tags the slots this module's updates write (see Store.memory).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class MemoryModule(nn.Module):
         name: str | None = None,
         use_recent: bool = True,
         return_neighbors: bool = False,
+        writer: str = "",
         **create,
     ):
         super().__init__()
@@ -56,9 +58,12 @@ class MemoryModule(nn.Module):
             if name is None:
                 raise ValueError("give name= with a Store")
             existing = {info.name for info in memory.list_memories()}
-            memory = memory.memory(name) if name in existing else memory.create_memory(name, key_dim=key_dim, **create)
-        elif create or name is not None:
-            raise ValueError("name= and memory config go with a Store, not a MemoryClient")
+            if name in existing:
+                memory = memory.memory(name, writer=writer)
+            else:
+                memory = memory.create_memory(name, writer=writer, key_dim=key_dim, **create)
+        elif create or name is not None or writer:
+            raise ValueError("name=, writer= and memory config go with a Store; a MemoryClient has its own writer")
         if memory.config.key_dim != key_dim:
             raise ValueError(f"memory {memory.name!r} has key_dim {memory.config.key_dim}, not {key_dim}")
         self.memory = memory

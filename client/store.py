@@ -31,7 +31,9 @@ from lifelong_memory.server.memory import (
     MemoryReport,
     QueryResult,
     QueryTicket,
+    SlotsRead,
     UpdateResult,
+    check_writer,
 )
 from lifelong_memory.server.persistence import (
     CHUNK_BYTES,
@@ -47,8 +49,6 @@ from lifelong_memory.v1 import memory_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 30.0  # seconds: the deadline of each remote call unless connect() is given another
 UNIX_SCHEME = "unix:"
-# (commit_sequence, keys, values, ages, generations), as Memory.read_slots returns them.
-SlotsRead = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,12 @@ class Transport(Protocol):
     def list(self) -> list[MemoryInfo]: ...
     def delete(self, name: str) -> None: ...
     def clear(self, name: str) -> MemoryInfo: ...
-    def query(self, name: str, queries, labels, k, use_recent, update, fields) -> QueryResult: ...
-    def update(self, name: str, queries, labels, ticket: QueryTicket) -> UpdateResult: ...
+    def query(self, name: str, queries, labels, k, use_recent, update, fields, writer: str) -> QueryResult: ...
+    def update(self, name: str, queries, labels, ticket: QueryTicket, writer: str) -> UpdateResult: ...
     def read_slots(self, name: str, slots: torch.Tensor) -> SlotsRead: ...
     def inspect(self, name: str, age_bins: int, top_labels: int) -> MemoryReport: ...
     def find_label(self, name: str, label: int) -> LabelSlots: ...
-    def stream(self, name: str): ...
+    def stream(self, name: str, writer: str): ...
     def snapshot(self, name: str) -> Snapshot: ...
     def export(self, name: str) -> Iterator[bytes]: ...
     def import_file(self, name: str, path: Path, overrides: dict) -> MemoryInfo: ...
@@ -90,14 +90,17 @@ class Store:
     def __init__(self, transport: Transport):
         self._transport = transport
 
-    def create_memory(self, name: str, **config) -> MemoryClient:
-        """Create a memory; ``config`` takes MemoryConfig's fields (key_dim, memory_size, choose_k, ...)."""
+    def create_memory(self, name: str, *, writer: str = "", **config) -> MemoryClient:
+        """Create a memory; ``config`` takes MemoryConfig's fields (key_dim, memory_size, choose_k, ...).
+        ``writer``: the returned handle's writer tag (see ``memory``)."""
         info = self._transport.create(name, config)
-        return MemoryClient(self._transport, info)
+        return MemoryClient(self._transport, info, writer)
 
-    def memory(self, name: str) -> MemoryClient:
-        """A handle to an existing memory (NotFound otherwise)."""
-        return MemoryClient(self._transport, self._transport.get(name))
+    def memory(self, name: str, *, writer: str = "") -> MemoryClient:
+        """A handle to an existing memory (NotFound otherwise). Every slot the handle's updates write or
+        merge is tagged with ``writer`` (a trainer's or model's name; "" untagged): inspection shows who
+        wrote what when several trainers share the memory."""
+        return MemoryClient(self._transport, self._transport.get(name), writer)
 
     def list_memories(self) -> list[MemoryInfo]:
         return self._transport.list()
@@ -127,10 +130,12 @@ class Store:
 class MemoryClient:
     """One named memory: query, update, inspect."""
 
-    def __init__(self, transport: Transport, info: MemoryInfo):
+    def __init__(self, transport: Transport, info: MemoryInfo, writer: str = ""):
         self._transport = transport
         self.name = info.name
         self.config = info.config
+        check_writer(writer)  # here, as the server would: a handle with a bad tag fails before its first update
+        self.writer = writer
 
     def query(
         self,
@@ -146,26 +151,33 @@ class MemoryClient:
         apply the memory update atomically. ``fields`` picks the optional result parts: neighbors,
         neighbor_keys, weights, positive_negative, positive_negative_keys."""
         return self._transport.query(
-            self.name, _as_queries(queries), _as_labels(labels), k or 0, use_recent, update, frozenset(fields)
+            self.name,
+            _as_queries(queries),
+            _as_labels(labels),
+            k or 0,
+            use_recent,
+            update,
+            frozenset(fields),
+            self.writer,
         )
 
     def update(self, queries, labels, result: QueryResult) -> UpdateResult:
         """Two-phase update: apply ``labels`` to ``result``, an earlier query of these ``queries``."""
         if result.ticket is None:
             raise InvalidArgument("result", "has no ticket: query with labels first")
-        return self._transport.update(self.name, _as_queries(queries), _as_labels(labels), result.ticket)
+        return self._transport.update(self.name, _as_queries(queries), _as_labels(labels), result.ticket, self.writer)
 
     def stream(self):
         """A bidirectional stream for training loops: ``with mem.stream() as s: s.query(...)``."""
-        return self._transport.stream(self.name)
+        return self._transport.stream(self.name, self.writer)
 
     def slots(self, slots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, values, ages) of the given slot ids (a sequence, tensor or range)."""
-        _, keys, values, ages, _ = self.read_slots(slots)
-        return keys, values, ages
+        read = self.read_slots(slots)
+        return read.keys, read.values, read.ages
 
     def read_slots(self, slots) -> SlotsRead:
-        """(commit_sequence, keys, values, ages, generations) of the given slot ids, read in one state."""
+        """Keys, values, ages, generations and writer tags of the given slot ids, read in one state."""
         return self._transport.read_slots(self.name, torch.as_tensor(list(slots), dtype=torch.int64))
 
     def inspect(self, *, age_bins: int = 10, top_labels: int = 10) -> MemoryReport:
@@ -283,12 +295,12 @@ class LocalTransport:
         return _info(name, memory)
 
     # Query, Update and ReadSlots name their memory in a field called "memory".
-    def query(self, name, queries, labels, k, use_recent, update, fields):
+    def query(self, name, queries, labels, k, use_recent, update, fields, writer):
         memory = self.registry.get(name, "memory")
-        return memory.query(queries, labels, k=k, use_recent=use_recent, update=update, fields=fields)
+        return memory.query(queries, labels, k=k, use_recent=use_recent, update=update, fields=fields, writer=writer)
 
-    def update(self, name, queries, labels, ticket):
-        return self.registry.get(name, "memory").update(queries, labels, ticket)
+    def update(self, name, queries, labels, ticket, writer):
+        return self.registry.get(name, "memory").update(queries, labels, ticket, writer)
 
     def read_slots(self, name, slots):
         return self.registry.get(name, "memory").read_slots(slots)
@@ -299,8 +311,8 @@ class LocalTransport:
     def find_label(self, name, label):
         return self.registry.get(name, "memory").find_label(label)
 
-    def stream(self, name):
-        return _LocalStream(self, name)
+    def stream(self, name, writer):
+        return _LocalStream(self, name, writer)
 
     def snapshot(self, name):
         return Snapshot(*self.registry.snapshot(name))
@@ -321,12 +333,19 @@ class LocalTransport:
 
 
 class _LocalStream:
-    def __init__(self, transport: LocalTransport, name: str):
-        self._transport, self._name = transport, name
+    def __init__(self, transport: LocalTransport, name: str, writer: str):
+        self._transport, self._name, self._writer = transport, name, writer
 
     def query(self, queries, labels=None, *, k=None, use_recent=True, update=False, fields=ALL_FIELDS):
         return self._transport.query(
-            self._name, _as_queries(queries), _as_labels(labels), k or 0, use_recent, update, frozenset(fields)
+            self._name,
+            _as_queries(queries),
+            _as_labels(labels),
+            k or 0,
+            use_recent,
+            update,
+            frozenset(fields),
+            self._writer,
         )
 
     def close(self):
@@ -446,16 +465,17 @@ class GrpcTransport:
     def clear(self, name):
         return self._info(self._call(self.stub.ClearMemory, pb.ClearMemoryRequest(name=name), idempotent=False))
 
-    def query(self, name, queries, labels, k, use_recent, update, fields):
-        request = query_request(name, queries, labels, k, use_recent, update, fields)
+    def query(self, name, queries, labels, k, use_recent, update, fields, writer):
+        request = query_request(name, queries, labels, k, use_recent, update, fields, writer)
         return wire.result_from_proto(self._call(self.stub.Query, request, idempotent=not update))
 
-    def update(self, name, queries, labels, ticket):
+    def update(self, name, queries, labels, ticket, writer):
         request = pb.UpdateRequest(
             memory=name,
             queries=_encode(queries, "queries"),
             labels=_encode(labels, "labels"),
             ticket=wire.ticket_to_proto(ticket),
+            writer=writer,
         )
         response = self._call(self.stub.Update, request, idempotent=False)
         return UpdateResult(
@@ -467,14 +487,7 @@ class GrpcTransport:
 
     def read_slots(self, name, slots):
         request = pb.ReadSlotsRequest(memory=name, slots=wire.encode_array(slots))
-        response = self._call(self.stub.ReadSlots, request, idempotent=True)
-        return (
-            response.commit_sequence,
-            wire.decode_array(response.keys, "keys", pb.FLOAT32, 2),
-            wire.decode_array(response.values, "values", pb.INT64, 1),
-            wire.decode_array(response.ages, "ages", pb.FLOAT32, 1),
-            wire.decode_array(response.generations, "generations", pb.INT64, 1),
-        )
+        return wire.slots_from_proto(self._call(self.stub.ReadSlots, request, idempotent=True))
 
     def inspect(self, name, age_bins, top_labels):
         request = pb.InspectMemoryRequest(memory=name)
@@ -487,8 +500,8 @@ class GrpcTransport:
         _set_field(request, "label", label)
         return wire.label_slots_from_proto(self._call(self.stub.FindLabel, request, idempotent=True))
 
-    def stream(self, name):
-        return _GrpcStream(self.stub, name)
+    def stream(self, name, writer):
+        return _GrpcStream(self.stub, name, writer)
 
     def snapshot(self, name):
         response = self._call(self.stub.SnapshotMemory, pb.SnapshotMemoryRequest(name=name), idempotent=False)
@@ -517,7 +530,7 @@ class GrpcTransport:
         self.channel.close()
 
 
-def query_request(name, queries, labels, k, use_recent, update, fields) -> pb.QueryRequest:
+def query_request(name, queries, labels, k, use_recent, update, fields, writer) -> pb.QueryRequest:
     unknown = set(fields) - set(wire.RESULT_FIELD_IDS)
     if unknown:
         raise InvalidArgument("fields", f"unknown {sorted(unknown)}; known: {sorted(wire.RESULT_FIELD_IDS)}")
@@ -530,6 +543,7 @@ def query_request(name, queries, labels, k, use_recent, update, fields) -> pb.Qu
         use_recent=use_recent,
         update=update,
         fields=sorted(wire.RESULT_FIELD_IDS[f] for f in fields),
+        writer=writer,
     )
     if labels is not None:
         request.labels.CopyFrom(_encode(labels, "labels"))
@@ -587,9 +601,10 @@ class _GrpcStream:
 
     _CLOSE = object()
 
-    def __init__(self, stub, name: str):
+    def __init__(self, stub, name: str, writer: str):
         self._stub = stub
         self._name = name
+        self._writer = writer
         self._open()
 
     def _open(self) -> None:
@@ -598,7 +613,14 @@ class _GrpcStream:
 
     def query(self, queries, labels=None, *, k=None, use_recent=True, update=False, fields=ALL_FIELDS):
         request = query_request(
-            self._name, _as_queries(queries), _as_labels(labels), k or 0, use_recent, update, frozenset(fields)
+            self._name,
+            _as_queries(queries),
+            _as_labels(labels),
+            k or 0,
+            use_recent,
+            update,
+            frozenset(fields),
+            self._writer,
         )
         if self._responses.done():
             self._requests.put(self._CLOSE)  # ends the old call's request reader

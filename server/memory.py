@@ -22,11 +22,12 @@ import dataclasses
 import functools
 import math
 import numbers
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -54,6 +55,10 @@ RECENT_ENTRY_BYTES = 160
 # Working memory of a query per (row, neighbour), measured on the CPU: search output, canonical order,
 # pool and gathered values (80 bytes), plus 4 * key_dim with neighbour keys.
 QUERY_BYTES_PER_NEIGHBOR = 80
+# Writer tags: who wrote each slot (a trainer, a model). "" is untagged, the default; a memory keeps a table of
+# the tags it has seen, so a slot costs 4 bytes for it, and the table is bounded.
+WRITER_PATTERN = re.compile(r"[A-Za-z0-9_.:@/+-]{0,128}")
+MAX_WRITERS = 1024
 CONFIG_TYPES = {"int": numbers.Integral, "float": numbers.Real, "str": str, "tuple[str, ...]": (tuple, list)}
 
 
@@ -139,13 +144,14 @@ class MemoryConfig:
 
     def footprint(self, max_batch: int) -> dict[str, int]:
         """Bytes a memory of this config holds at most, per device: its slots on ``device``; the
-        recent-label table (at most memory_size labels) in host memory; per shard the index's own copies
-        of its keys (bf16; float32 on another device; faiss) and the score buffer for batches of up to
-        ``max_batch`` rows, on the shard's device. Call it once the devices are known to be usable (a CUDA
-        score buffer is sized from the device's memory)."""
+        recent-label table (at most memory_size labels) and the slots' writer tags in host memory; per
+        shard the index's own copies of its keys (bf16; float32 on another device; faiss) and the score
+        buffer for batches of up to ``max_batch`` rows, on the shard's device. Call it once the devices are
+        known to be usable (a CUDA score buffer is sized from the device's memory)."""
         dim = self.key_dim
         needed = {self.device: self.memory_size * (dim * 4 + SLOT_BYTES)}
-        needed["cpu"] = needed.get("cpu", 0) + self.memory_size * RECENT_ENTRY_BYTES
+        # The recent-label table and the writer tag of each slot (int32) live in host memory.
+        needed["cpu"] = needed.get("cpu", 0) + self.memory_size * (RECENT_ENTRY_BYTES + 4)
         score_element = 2 if self.search_dtype == "bfloat16" else 4
         bounds = shard_bounds(self.memory_size, self.shards)
         for start, stop, device in zip(bounds[:-1], bounds[1:], self.shard_devices(), strict=True):
@@ -225,6 +231,27 @@ FIELDS = {
 ALL_FIELDS = frozenset(FIELDS) - {"neighbor_keys"}
 
 
+class SlotsRead(NamedTuple):
+    """Slots as one committed state holds them (Memory.read_slots)."""
+
+    commit_sequence: int
+    keys: torch.Tensor  # float32 [n, D]
+    values: torch.Tensor  # int64 [n], EMPTY for empty slots
+    ages: torch.Tensor  # float32 [n]
+    generations: torch.Tensor  # int64 [n]: commit sequence of the slot's last write, merge or clear
+    writers: tuple[str, ...]  # the writer tag of each slot's last write or merge; "" untagged or never written
+
+
+@dataclass(frozen=True)
+class WriterReport:
+    """One writer tag's share of a memory (MemoryReport.writers)."""
+
+    name: str  # "" for untagged writes
+    slots: int  # filled slots whose last write or merge carried this tag
+    writes: int  # rows it wrote into an old slot, since create
+    merges: int  # rows it merged into their positive slot, since create
+
+
 @dataclass
 class UpdateResult:
     commit_sequence: int
@@ -255,6 +282,7 @@ class MemoryReport:
     key_norm_max: float
     keys_off_unit: int  # filled keys of finite norm off 1 by more than UNIT_NORM_TOLERANCE
     keys_non_finite: int  # filled keys with an inf or nan component (or too large to square in float32)
+    writers: list[WriterReport]  # every tag that wrote or merged since create, most slots first
 
     @property
     def fill_ratio(self) -> float:
@@ -281,6 +309,7 @@ class Delta:
     labels: torch.Tensor  # int64 [B]: the batch's labels, in order, for the recent slots
     slots: torch.Tensor  # int64 [B]: the slot each row wrote or merged into
     writes: int  # rows that wrote an old slot; the rest merged
+    writer: str = ""  # the writer tag of the whole batch
 
 
 @dataclass
@@ -296,6 +325,9 @@ class MemoryState:
     recent_labels: torch.Tensor  # int64 [L]
     recent_slots: torch.Tensor  # int64 [L]
     counters: dict[str, int]
+    writers: torch.Tensor  # int32 [M]: index into writer_names of each slot's last write or merge
+    writer_names: list[str]  # the writer table; writer_names[0] == "" (untagged)
+    writer_counters: list[tuple[int, int]]  # (writes, merges) per entry of writer_names
 
 
 class Journal(Protocol):
@@ -385,6 +417,11 @@ class Memory:
             self.generations = self._padded_generations[:size]
             self.generations.zero_()
             self._slot_ids = torch.arange(size, device=self.device)
+            # Host-side bookkeeping, read by people rather than by the search: on the CPU whatever the device.
+            self.writers = torch.zeros(size, dtype=torch.int32)
+            self.writer_names = [""]
+            self._writer_ids = {"": 0}
+            self.writer_counters = [[0, 0]]  # (writes, merges) per writer
             # label -> slot of its last write or merge, least recently written first; at most memory_size labels.
             self.recent: OrderedDict[int, int] = OrderedDict()
             self.commit_sequence = 0
@@ -420,20 +457,23 @@ class Memory:
         use_recent: bool = True,
         update: bool = False,
         fields=ALL_FIELDS,
+        writer: str = "",
     ) -> QueryResult:
-        """Search the memory; with ``update`` apply the memory update in the same step."""
+        """Search the memory; with ``update`` apply the memory update in the same step, tagging the slots it
+        writes or merges with ``writer``."""
         q = self._check_queries(queries)
         y = self._check_labels(labels, len(q), required=update)
         k = self._check_k(k)
         fields = self._check_fields(fields, labelled=y is not None)
         if update:
             self._check_update_batch(len(q))
+            check_writer(writer)
         self._check_query_bytes(len(q), k, fields)
         with self._locked():
             read = self._read(q, y, k, use_recent)
             result = self._result(q, read, fields, k, use_recent, ticket=not update)
             if update:
-                result.written_slots = self._apply(q, y, read.incorrect, read.positive_slots)
+                result.written_slots = self._apply(q, y, read.incorrect, read.positive_slots, writer)
                 result.commit_sequence = self.commit_sequence
             self.counters["queries"] += len(q)
         if "weights" in fields:  # computed after releasing the lock: it reads only this query's own tensors
@@ -443,7 +483,7 @@ class Memory:
         return result
 
     @_out_of_memory_is_resource_exhausted
-    def update(self, queries, labels, ticket: QueryTicket) -> UpdateResult:
+    def update(self, queries, labels, ticket: QueryTicket, writer: str = "") -> UpdateResult:
         """Two-phase update: apply labels to the result of an earlier query.
 
         Rows whose relied-on slots (first pool entries, positive slot) were
@@ -454,6 +494,7 @@ class Memory:
         y = self._check_labels(labels, len(q), required=True)
         relied, generations, k = self._check_ticket(ticket, len(q))
         self._check_update_batch(len(q))
+        check_writer(writer)
         c = self.config.correct_in_top
         self._check_query_bytes(len(q), k, frozenset())
         with self._locked():
@@ -472,26 +513,27 @@ class Memory:
                 fresh = self._read(q[stale], y[stale.cpu()], k, ticket.use_recent)
                 incorrect[stale] = fresh.incorrect
                 positive[stale] = fresh.positive_slots
-            written = self._apply(q, y, incorrect, positive)
+            written = self._apply(q, y, incorrect, positive, writer)
             sequence = self.commit_sequence
         self._wait_durable(sequence)
         return UpdateResult(sequence, written, incorrect, revalidated)
 
     @_out_of_memory_is_resource_exhausted
-    def read_slots(self, slots) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(commit_sequence, keys, values, ages, generations) of the given slot ids."""
+    def read_slots(self, slots) -> SlotsRead:
+        """The given slot ids' keys, values, ages, generations and writers, from one committed state."""
         slots = torch.as_tensor(slots, dtype=torch.int64).to(self.device)
         if slots.dim() != 1:
             raise InvalidArgument("slots", f"must be one-dimensional, got shape {list(slots.shape)}")
         if len(slots) and (int(slots.min()) < 0 or int(slots.max()) >= self.config.memory_size):
             raise InvalidArgument("slots", f"slot ids must be in [0, {self.config.memory_size})")
         with self._locked():
-            return (
+            return SlotsRead(
                 self.commit_sequence,
                 self.keys[slots].clone(),
                 self.values[slots].clone(),
                 self.ages[slots].clone(),
                 self.generations[slots].clone(),
+                tuple(self.writer_names[i] for i in self.writers[slots.cpu()].tolist()),
             )
 
     @_out_of_memory_is_resource_exhausted
@@ -539,6 +581,9 @@ class Memory:
                 recent_labels=recent[:, 0].clone(),
                 recent_slots=recent[:, 1].clone(),
                 counters=dict(self.counters),
+                writers=self.writers.clone(),
+                writer_names=list(self.writer_names),
+                writer_counters=[tuple(c) for c in self.writer_counters],
             )
 
     def stats(self) -> dict[str, int]:
@@ -562,7 +607,18 @@ class Memory:
             # over the keys serves both the norm range and the non-finite count.
             norms = torch.linalg.vector_norm(self.keys, dim=1)
             sequence, counters = self.commit_sequence, dict(self.counters)
+            writers, writer_names = self.writers.clone(), list(self.writer_names)
+            writer_counters = [tuple(c) for c in self.writer_counters]
         filled = values != EMPTY
+        writer_slots = torch.bincount(writers[filled.cpu()].long(), minlength=len(writer_names)).tolist()
+        writer_reports = sorted(
+            (
+                WriterReport(name, slots, writes, merges)
+                for name, slots, (writes, merges) in zip(writer_names, writer_slots, writer_counters, strict=True)
+                if slots or writes or merges
+            ),
+            key=lambda w: (-w.slots, w.name),
+        )
         values, ages, norms = values[filled].cpu(), ages[filled].cpu(), norms[filled].cpu()
 
         width = max(1, math.ceil((float(ages.max()) + 1 if len(ages) else 1) / age_bins))
@@ -587,6 +643,7 @@ class Memory:
             key_norm_max=float(finite_norms.max()) if len(finite_norms) else 0.0,
             keys_off_unit=int(((finite_norms - 1).abs() > UNIT_NORM_TOLERANCE).sum()),
             keys_non_finite=int((~finite).sum()),
+            writers=writer_reports,
         )
 
     @_out_of_memory_is_resource_exhausted
@@ -794,10 +851,17 @@ class Memory:
         score.scatter_reduce_(0, positive_slots.clamp(min=0), excluded, reduce="amin")
         return _descending_then_lower_slot(score, self._slot_ids, count)
 
-    def _apply(self, q: torch.Tensor, y: torch.Tensor, incorrect: torch.Tensor, positive_slots: torch.Tensor):
+    def _apply(
+        self, q: torch.Tensor, y: torch.Tensor, incorrect: torch.Tensor, positive_slots: torch.Tensor, writer: str
+    ):
         """The memory update for one batch (``y`` on the CPU); returns the slot each row wrote or merged
         into. Everything is computed before the memory changes, with one copy to the host, and the journal
         records the write before it is applied: a write the journal refuses leaves no trace."""
+        if writer not in self._writer_ids and len(self.writer_names) >= MAX_WRITERS:
+            raise ResourceExhausted(
+                f"writer: this memory already keeps {MAX_WRITERS} writer tags; a new one, {writer!r}, would "
+                "exceed that: reuse a tag"
+            )
         oldest = self._oldest(len(q), ~incorrect, positive_slots)
         slots = torch.where(incorrect, oldest, positive_slots)
         merged_keys = _l2_normalize(q + self._padded_keys[positive_slots])  # used only where a row merges
@@ -816,6 +880,7 @@ class Memory:
             y,
             host[0],
             int(host_incorrect.sum()),
+            writer,
         )
         if self.journal is not None:
             self.journal.append(self.commit_sequence + 1, delta)
@@ -844,11 +909,20 @@ class Memory:
         self.index.update(delta.targets, keys)
         self.counters["writes"] += delta.writes
         self.counters["merges"] += len(delta.labels) - delta.writes
+        writer = self._writer_ids.get(delta.writer)
+        if writer is None:
+            writer = self._writer_ids[delta.writer] = len(self.writer_names)
+            self.writer_names.append(delta.writer)
+            self.writer_counters.append([0, 0])
+        self.writers.index_fill_(0, delta.targets, writer)
+        self.writer_counters[writer][0] += delta.writes
+        self.writer_counters[writer][1] += len(delta.labels) - delta.writes
 
     def _clear(self) -> None:
         self.keys.zero_()
         self.values.fill_(EMPTY)
         self.ages.zero_()
+        self.writers.zero_()
         self.recent.clear()
         self.empty_slots = self.config.memory_size
         self.commit_sequence += 1
@@ -866,6 +940,10 @@ class Memory:
         self.commit_sequence = state.commit_sequence
         self.empty_slots = int((self.values == EMPTY).sum())
         self.counters = {**self.counters, **state.counters}
+        self.writers.copy_(state.writers)
+        self.writer_names = list(state.writer_names)
+        self._writer_ids = {name: i for i, name in enumerate(self.writer_names)}
+        self.writer_counters = [list(c) for c in state.writer_counters]
 
 
 # splitmix64 (Steele, Lea and Flood 2014): its increment and its finaliser's multipliers.
@@ -954,6 +1032,13 @@ def _descending_then_lower_index_key(
     key.sub_(indices)
     key.add_(size - 1)
     return key
+
+
+def check_writer(writer) -> None:
+    if not isinstance(writer, str) or not WRITER_PATTERN.fullmatch(writer):
+        raise InvalidArgument(
+            "writer", f"must be at most 128 characters of letters, digits and _ . : @ / + -, got {writer!r}"
+        )
 
 
 def _check_count(value, field: str, low: int, high: int) -> None:

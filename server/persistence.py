@@ -56,12 +56,16 @@ SNAPSHOT_MAGIC = b"LMEMSNAP"
 SNAPSHOT_END = b"LMEMEND!"
 # 2: no age-noise generator state (the noise is a function of seed, commit and slot). Format 1 files,
 # which end their arrays with that state, are still read; the state is skipped.
-SNAPSHOT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: the writer tag of every slot, and the writer table with its counters in the header. Older files restore
+# with every slot and count untagged.
+SNAPSHOT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 WAL_MAGIC = b"LMEMWAL1"
 # Record header: crc32 of everything after it, payload length, commit sequence, kind.
 RECORD_HEADER = struct.Struct("<IIQB")
-WRITE, CLEAR = 1, 2
+# A tagged write is a write record preceded by its writer tag (a length byte and UTF-8); untagged writes keep
+# the plain kind, so a log of untagged writes reads on servers from before writer tags.
+WRITE, CLEAR, TAGGED_WRITE = 1, 2, 3
 WRITE_HEADER = struct.Struct("<IIII")  # distinct targets, batch rows, rows that wrote, key dim
 CHUNK_BYTES = 1 << 20
 # The state arrays of a snapshot, in file order, with their element types.
@@ -72,10 +76,13 @@ STATE_ARRAYS = {
     "generations": torch.int64,
     "recent_labels": torch.int64,
     "recent_slots": torch.int64,
+    "writers": torch.int32,
 }
+# Arrays a format does not have yet, and what a restore puts in their place.
+ADDED_ARRAYS = {"writers": 3}
 # Arrays of older formats that are read and dropped.
 DROPPED_ARRAYS = {1: {"rng_state": torch.uint8}}
-DTYPE_NAMES = {torch.float32: "float32", torch.int64: "int64", torch.uint8: "uint8"}
+DTYPE_NAMES = {torch.float32: "float32", torch.int64: "int64", torch.int32: "int32", torch.uint8: "uint8"}
 
 WAL_BYTES = Counter("lmem_wal_written_bytes", "Bytes appended to a memory's write-ahead log", ["memory"])
 FSYNC_SECONDS = Histogram(
@@ -156,6 +163,10 @@ def snapshot_chunks(state: MemoryState) -> Iterator[bytes]:
         "config": dataclasses.asdict(state.config),
         "commit_sequence": state.commit_sequence,
         "counters": state.counters,
+        "writers": [
+            {"name": name, "writes": writes, "merges": merges}
+            for name, (writes, merges) in zip(state.writer_names, state.writer_counters, strict=True)
+        ],
         "arrays": [{"name": n, "dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape)} for n, a in arrays.items()],
     }
     header_bytes = json.dumps(header, sort_keys=True).encode()
@@ -201,7 +212,8 @@ def read_snapshot(f: BinaryIO) -> MemoryState:
         names = [a["name"] for a in header["arrays"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise SnapshotError(f"bad header: {exc}") from None
-    expected = {**STATE_ARRAYS, **DROPPED_ARRAYS.get(version, {})}
+    present = {name: dtype for name, dtype in STATE_ARRAYS.items() if version >= ADDED_ARRAYS.get(name, 0)}
+    expected = {**present, **DROPPED_ARRAYS.get(version, {})}
     if names != list(expected):
         raise SnapshotError(f"arrays {names} are not {list(expected)}")
     arrays = {}
@@ -228,18 +240,32 @@ def read_snapshot(f: BinaryIO) -> MemoryState:
         raise SnapshotError("trailing bytes after the end marker")
     for name in DROPPED_ARRAYS.get(version, {}):
         del arrays[name]
-    _check_state(config, arrays)
     try:
         sequence, counters = int(header["commit_sequence"]), {k: int(v) for k, v in header["counters"].items()}
+        if version >= ADDED_ARRAYS["writers"]:
+            table = header["writers"]
+            names = [str(w["name"]) for w in table]
+            writer_counters = [(int(w["writes"]), int(w["merges"])) for w in table]
+        else:
+            names, writer_counters = [""], [(counters.get("writes", 0), counters.get("merges", 0))]
+            arrays["writers"] = torch.zeros(config.memory_size, dtype=torch.int32)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SnapshotError(f"bad header: {exc}") from None
-    return MemoryState(config=config, commit_sequence=sequence, counters=counters, **arrays)
+    _check_state(config, arrays, names)
+    return MemoryState(
+        config=config,
+        commit_sequence=sequence,
+        counters=counters,
+        writer_names=names,
+        writer_counters=writer_counters,
+        **arrays,
+    )
 
 
-def _check_state(config: MemoryConfig, arrays: dict[str, torch.Tensor]) -> None:
+def _check_state(config: MemoryConfig, arrays: dict[str, torch.Tensor], writer_names: list[str]) -> None:
     """The arrays fit the config and hold what a memory can hold."""
     size, dim = config.memory_size, config.key_dim
-    shapes = {"keys": [size, dim], "values": [size], "ages": [size], "generations": [size]}
+    shapes = {"keys": [size, dim], "values": [size], "ages": [size], "generations": [size], "writers": [size]}
     for name, shape in shapes.items():
         if list(arrays[name].shape) != shape:
             raise SnapshotError(f"array {name} has shape {list(arrays[name].shape)}, the config needs {shape}")
@@ -252,6 +278,11 @@ def _check_state(config: MemoryConfig, arrays: dict[str, torch.Tensor]) -> None:
         raise SnapshotError("values must be >= -1")
     if not bool(torch.isfinite(arrays["keys"]).all()) or not bool(torch.isfinite(arrays["ages"]).all()):
         raise SnapshotError("keys and ages must be finite")
+    if not writer_names or writer_names[0] != "" or len(set(writer_names)) != len(writer_names):
+        raise SnapshotError("the writer table must start with the untagged writer and hold distinct tags")
+    writers = arrays["writers"]
+    if len(writers) and (int(writers.min()) < 0 or int(writers.max()) >= len(writer_names)):
+        raise SnapshotError(f"writers must index the writer table of {len(writer_names)} tags")
 
 
 def read_snapshot_file(path: Path) -> MemoryState:
@@ -266,8 +297,10 @@ def encode_record(sequence: int, delta: Delta | None) -> bytes:
     if delta is None:
         kind, payload = CLEAR, b""
     else:
-        kind = WRITE
+        tag = delta.writer.encode()
+        kind = TAGGED_WRITE if tag else WRITE
         parts = [
+            *((bytes([len(tag)]), tag) if tag else ()),
             WRITE_HEADER.pack(len(delta.targets), len(delta.labels), delta.writes, delta.keys.shape[1]),
             *(
                 t.to("cpu").contiguous().numpy().tobytes()
@@ -350,6 +383,11 @@ def decode_record(kind: int, payload: bytes) -> Delta | None:
         return None
     if kind == WRITE:
         return decode_delta(payload)
+    if kind == TAGGED_WRITE:
+        end = 1 + payload[0] if payload else 1
+        if len(payload) < end:
+            raise ValueError(f"payload of {len(payload)} bytes is too short for its writer tag")
+        return dataclasses.replace(decode_delta(payload[end:]), writer=payload[1:end].decode())
     raise ValueError(f"unknown record kind {kind}")
 
 

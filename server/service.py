@@ -159,7 +159,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         queries, labels = self._batch(request, memory, labels_required=True)
         if not request.HasField("ticket"):
             raise InvalidArgument("ticket", "required: pass the ticket of the query being updated")
-        result = memory.update(queries, labels, wire.ticket_from_proto(request.ticket))
+        result = memory.update(queries, labels, wire.ticket_from_proto(request.ticket), request.writer)
         return pb.UpdateResponse(
             commit_sequence=result.commit_sequence,
             written_slots=wire.encode_array(result.written_slots),
@@ -181,19 +181,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             slots = torch.arange(start, stop)
         else:
             raise InvalidArgument("selection", "give slots or range")
-        per_slot = memory.config.key_dim * 4 + 8 + 4 + 8 + 8
+        per_slot = memory.config.key_dim * 4 + 8 + 4 + 8 + 8 + 8  # slot, key, value, age, generation, writer
         if len(slots) * per_slot > self.limits.max_message_bytes - 1024:
             most = (self.limits.max_message_bytes - 1024) // per_slot
             raise InvalidArgument(selection, f"{len(slots)} slots exceed one message ({most} at most); read in pages")
-        sequence, keys, values, ages, generations = memory.read_slots(slots)
-        return pb.ReadSlotsResponse(
-            commit_sequence=sequence,
-            slots=wire.encode_array(slots),
-            keys=wire.encode_array(keys),
-            values=wire.encode_array(values),
-            ages=wire.encode_array(ages),
-            generations=wire.encode_array(generations),
-        )
+        return wire.slots_to_proto(slots, memory.read_slots(slots))
 
     @_rpc
     def InspectMemory(self, request, context):
@@ -277,6 +269,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             use_recent=request.use_recent if request.HasField("use_recent") else True,
             update=request.update,
             fields=fields,
+            writer=request.writer,
         )
         return wire.result_to_proto(result)
 

@@ -20,6 +20,8 @@ from lifelong_memory.server.memory import (
     MemoryReport,
     QueryResult,
     QueryTicket,
+    SlotsRead,
+    WriterReport,
 )
 from lifelong_memory.v1 import memory_pb2 as pb
 
@@ -162,6 +164,7 @@ def report_to_proto(report: MemoryReport) -> pb.MemoryReport:
     fields = dataclasses.asdict(report)
     for name in REPORT_ARRAYS:
         fields[name] = encode_array(np.asarray(fields[name], dtype=np.int64))
+    fields["writers"] = [pb.WriterReport(**w) for w in fields["writers"]]
     return pb.MemoryReport(**fields)
 
 
@@ -169,7 +172,40 @@ def report_from_proto(message: pb.MemoryReport) -> MemoryReport:
     fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(MemoryReport)}
     for name in REPORT_ARRAYS:
         fields[name] = decode_array(fields[name], name, pb.INT64, 1).tolist()
+    fields["writers"] = [WriterReport(w.name, w.slots, w.writes, w.merges) for w in message.writers]
     return MemoryReport(**fields)
+
+
+def slots_to_proto(slots: torch.Tensor, read: SlotsRead) -> pb.ReadSlotsResponse:
+    names = sorted(set(read.writers))
+    index = {name: i for i, name in enumerate(names)}
+    return pb.ReadSlotsResponse(
+        commit_sequence=read.commit_sequence,
+        slots=encode_array(slots),
+        keys=encode_array(read.keys),
+        values=encode_array(read.values),
+        ages=encode_array(read.ages),
+        generations=encode_array(read.generations),
+        writers=encode_array(np.array([index[w] for w in read.writers], dtype=np.int64)),
+        writer_names=names,
+    )
+
+
+def slots_from_proto(message: pb.ReadSlotsResponse) -> SlotsRead:
+    values = decode_array(message.values, "values", pb.INT64, 1)
+    if message.HasField("writers"):
+        names = list(message.writer_names)
+        writers = tuple(names[i] for i in decode_array(message.writers, "writers", pb.INT64, 1).tolist())
+    else:  # a server from before writer tags
+        writers = ("",) * len(values)
+    return SlotsRead(
+        message.commit_sequence,
+        decode_array(message.keys, "keys", pb.FLOAT32, 2),
+        values,
+        decode_array(message.ages, "ages", pb.FLOAT32, 1),
+        decode_array(message.generations, "generations", pb.INT64, 1),
+        writers,
+    )
 
 
 def label_slots_to_proto(found: LabelSlots) -> pb.FindLabelResponse:

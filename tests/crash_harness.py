@@ -212,21 +212,18 @@ class Verifier:
 
 
 def _same_state(memory: Memory, recovered: dict) -> bool:
-    sequence, keys, values, ages, generations = memory.read_slots(torch.arange(CONFIG["memory_size"]))
+    read = memory.read_slots(torch.arange(CONFIG["memory_size"]))
     return (
-        sequence == recovered["commit_sequence"]
-        and torch.equal(keys, recovered["keys"])
-        and torch.equal(values, recovered["values"])
-        and torch.equal(ages, recovered["ages"])
-        and torch.equal(generations, recovered["generations"])
+        read.commit_sequence == recovered["commit_sequence"]
+        and all(torch.equal(getattr(read, name), recovered[name]) for name in ("keys", "values", "ages", "generations"))
+        and read.writers == recovered["writers"]
     )
 
 
 def read_state(url: str, name: str) -> dict:
     with connect(url) as store:
         memory = store.memory(name)
-        sequence, keys, values, ages, generations = memory.read_slots(range(memory.config.memory_size))
-    return dict(commit_sequence=sequence, keys=keys, values=values, ages=ages, generations=generations)
+        return memory.read_slots(range(memory.config.memory_size))._asdict()
 
 
 def free_port() -> int:

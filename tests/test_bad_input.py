@@ -84,8 +84,8 @@ def snapshot(mem):
 
 
 def core_snapshot(memory: Memory):
-    _, keys, values, ages, _ = memory.read_slots(torch.arange(memory.config.memory_size))
-    return keys, values, ages, memory.stats()
+    read = memory.read_slots(torch.arange(memory.config.memory_size))
+    return read.keys, read.values, read.ages, memory.stats()
 
 
 def assert_same_state(got, expected) -> None:

@@ -106,9 +106,9 @@ def test_slots(lmem, name, url, monkeypatch):
     code, out, _ = lmem("slots", name, "--slots", "4,0", "--components", "2")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["slot", "value", "age", "generation", "key_norm", "key[:2]"]
-    assert [line.split()[:4] for line in lines[1:]] == [["4", "3", "0", "2"], ["0", "3", "1", "1"]]
-    assert len(lines[1].split()) == 5 + 2
+    assert lines[0].split() == ["slot", "value", "age", "generation", "writer", "key_norm", "key[:2]"]
+    assert [line.split()[:5] for line in lines[1:]] == [["4", "3", "0", "2", "-"], ["0", "3", "1", "1", "-"]]
+    assert len(lines[1].split()) == 6 + 2
 
     for args, option in (
         (("--range", "5:100"), "--range"),

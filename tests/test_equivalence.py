@@ -36,8 +36,8 @@ class CoreDriver:
         return self.memory.query(torch.from_numpy(q), labels, update=update, use_recent=use_recent)
 
     def state(self):
-        _, keys, values, ages, _ = self.memory.read_slots(torch.arange(self.memory_size))
-        return keys, values, ages
+        read = self.memory.read_slots(torch.arange(self.memory_size))
+        return read.keys, read.values, read.ages
 
 
 class ClientDriver:

@@ -15,7 +15,14 @@ from lifelong_memory.server.persistence import Durability, segments
 from lifelong_memory.server.registry import MemoryRegistry
 
 CONFIG = dict(key_dim=8, memory_size=48, choose_k=6, age_noise=3.0, seed=5)
+# The arrays of format 1 (besides its generator state) and 2.
 STATE = ("keys", "values", "ages", "generations", "recent_labels", "recent_slots")
+
+
+def assert_same_slots(a, b) -> None:
+    assert a.commit_sequence == b.commit_sequence and a.writers == b.writers
+    for name in ("keys", "values", "ages", "generations"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 def batch(step: int, size: int = 4):
@@ -26,14 +33,19 @@ def batch(step: int, size: int = 4):
     return queries, labels
 
 
+# Writer tags of the steps: untagged, and two trainers.
+WRITERS = ("", "trainer-a", "model/b:2")
+
+
 def write(memory, steps: range) -> None:
-    """Every kind of write: fused, two-phase (some revalidated), clear."""
+    """Every kind of write: fused, two-phase (some revalidated), clear; untagged and tagged."""
     for step in steps:
         queries, labels = batch(step)
+        writer = WRITERS[step % 5 % 3]
         if step % 3 == 0:
-            memory.query(queries, labels, update=True)
+            memory.query(queries, labels, update=True, writer=writer)
         else:
-            memory.update(queries, labels, memory.query(queries, labels).ticket)
+            memory.update(queries, labels, memory.query(queries, labels).ticket, writer)
         if step % 17 == 16:
             memory.clear()
 
@@ -43,8 +55,9 @@ def assert_same(a, b) -> None:
     assert x.commit_sequence == y.commit_sequence
     assert x.config == y.config
     assert x.counters["writes"] == y.counters["writes"] and x.counters["merges"] == y.counters["merges"]
-    for name in STATE:
+    for name in (*STATE, "writers"):
         assert torch.equal(getattr(x, name), getattr(y, name)), name
+    assert x.writer_names == y.writer_names and x.writer_counters == y.writer_counters
 
 
 def reopen(registry: MemoryRegistry, **options) -> MemoryRegistry:
@@ -261,9 +274,7 @@ def test_export_import_roundtrip_on_both_transports(store, tmp_path):
     assert size == path.stat().st_size
     copy = store.import_memory("imported", path, backend="faiss", shards=2)
     assert copy.config.backend == "faiss" and copy.config.shards == 2
-    original, restored = memory.read_slots(range(48)), copy.read_slots(range(48))
-    for a, b in zip(original, restored, strict=True):
-        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    assert_same_slots(memory.read_slots(range(48)), copy.read_slots(range(48)))
     # Both go on identically: the age-noise generator travelled too.
     for step in range(30, 40):
         a = memory.query(*batch(step), update=True)
@@ -316,8 +327,7 @@ def test_a_snapshot_file_restores_into_a_new_memory(tmp_path):
         snapshot = memory.snapshot()
         restored = store.import_memory("restored", snapshot.path)
         assert restored.info().stats["commit_sequence"] == snapshot.commit_sequence
-        for a, b in zip(memory.read_slots(range(48)), restored.read_slots(range(48)), strict=True):
-            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+        assert_same_slots(memory.read_slots(range(48)), restored.read_slots(range(48)))
 
 
 def format_1_file(state, rng_state: torch.Tensor) -> bytes:

@@ -158,7 +158,7 @@ class ClearMemoryRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("memory", "queries", "labels", "k", "use_recent", "update", "fields")
+    __slots__ = ("memory", "queries", "labels", "k", "use_recent", "update", "fields", "writer")
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,7 @@ class QueryRequest(_message.Message):
     USE_RECENT_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
+    WRITER_FIELD_NUMBER: _ClassVar[int]
     memory: str
     queries: Array
     labels: Array
@@ -173,7 +174,8 @@ class QueryRequest(_message.Message):
     use_recent: bool
     update: bool
     fields: _containers.RepeatedScalarFieldContainer[ResultField]
-    def __init__(self, memory: _Optional[str] = ..., queries: _Optional[_Union[Array, _Mapping]] = ..., labels: _Optional[_Union[Array, _Mapping]] = ..., k: _Optional[int] = ..., use_recent: _Optional[bool] = ..., update: _Optional[bool] = ..., fields: _Optional[_Iterable[_Union[ResultField, str]]] = ...) -> None: ...
+    writer: str
+    def __init__(self, memory: _Optional[str] = ..., queries: _Optional[_Union[Array, _Mapping]] = ..., labels: _Optional[_Union[Array, _Mapping]] = ..., k: _Optional[int] = ..., use_recent: _Optional[bool] = ..., update: _Optional[bool] = ..., fields: _Optional[_Iterable[_Union[ResultField, str]]] = ..., writer: _Optional[str] = ...) -> None: ...
 
 class QueryTicket(_message.Message):
     __slots__ = ("relied_slots", "relied_generations", "k", "use_recent")
@@ -224,16 +226,18 @@ class QueryResponse(_message.Message):
     def __init__(self, commit_sequence: _Optional[int] = ..., predictions: _Optional[_Union[Array, _Mapping]] = ..., incorrect: _Optional[_Union[Array, _Mapping]] = ..., written_slots: _Optional[_Union[Array, _Mapping]] = ..., ticket: _Optional[_Union[QueryTicket, _Mapping]] = ..., neighbor_slots: _Optional[_Union[Array, _Mapping]] = ..., neighbor_similarities: _Optional[_Union[Array, _Mapping]] = ..., neighbor_values: _Optional[_Union[Array, _Mapping]] = ..., neighbor_keys: _Optional[_Union[Array, _Mapping]] = ..., weights: _Optional[_Union[Array, _Mapping]] = ..., positive_slots: _Optional[_Union[Array, _Mapping]] = ..., positive_similarities: _Optional[_Union[Array, _Mapping]] = ..., negative_slots: _Optional[_Union[Array, _Mapping]] = ..., negative_similarities: _Optional[_Union[Array, _Mapping]] = ..., positive_keys: _Optional[_Union[Array, _Mapping]] = ..., negative_keys: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("memory", "queries", "labels", "ticket")
+    __slots__ = ("memory", "queries", "labels", "ticket", "writer")
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    WRITER_FIELD_NUMBER: _ClassVar[int]
     memory: str
     queries: Array
     labels: Array
     ticket: QueryTicket
-    def __init__(self, memory: _Optional[str] = ..., queries: _Optional[_Union[Array, _Mapping]] = ..., labels: _Optional[_Union[Array, _Mapping]] = ..., ticket: _Optional[_Union[QueryTicket, _Mapping]] = ...) -> None: ...
+    writer: str
+    def __init__(self, memory: _Optional[str] = ..., queries: _Optional[_Union[Array, _Mapping]] = ..., labels: _Optional[_Union[Array, _Mapping]] = ..., ticket: _Optional[_Union[QueryTicket, _Mapping]] = ..., writer: _Optional[str] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("commit_sequence", "written_slots", "incorrect", "revalidated_rows")
@@ -266,20 +270,24 @@ class ReadSlotsRequest(_message.Message):
     def __init__(self, memory: _Optional[str] = ..., slots: _Optional[_Union[Array, _Mapping]] = ..., range: _Optional[_Union[SlotRange, _Mapping]] = ...) -> None: ...
 
 class ReadSlotsResponse(_message.Message):
-    __slots__ = ("commit_sequence", "slots", "keys", "values", "ages", "generations")
+    __slots__ = ("commit_sequence", "slots", "keys", "values", "ages", "generations", "writers", "writer_names")
     COMMIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     AGES_FIELD_NUMBER: _ClassVar[int]
     GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    WRITERS_FIELD_NUMBER: _ClassVar[int]
+    WRITER_NAMES_FIELD_NUMBER: _ClassVar[int]
     commit_sequence: int
     slots: Array
     keys: Array
     values: Array
     ages: Array
     generations: Array
-    def __init__(self, commit_sequence: _Optional[int] = ..., slots: _Optional[_Union[Array, _Mapping]] = ..., keys: _Optional[_Union[Array, _Mapping]] = ..., values: _Optional[_Union[Array, _Mapping]] = ..., ages: _Optional[_Union[Array, _Mapping]] = ..., generations: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
+    writers: Array
+    writer_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, commit_sequence: _Optional[int] = ..., slots: _Optional[_Union[Array, _Mapping]] = ..., keys: _Optional[_Union[Array, _Mapping]] = ..., values: _Optional[_Union[Array, _Mapping]] = ..., ages: _Optional[_Union[Array, _Mapping]] = ..., generations: _Optional[_Union[Array, _Mapping]] = ..., writers: _Optional[_Union[Array, _Mapping]] = ..., writer_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InspectMemoryRequest(_message.Message):
     __slots__ = ("memory", "age_bins", "top_labels")
@@ -292,7 +300,7 @@ class InspectMemoryRequest(_message.Message):
     def __init__(self, memory: _Optional[str] = ..., age_bins: _Optional[int] = ..., top_labels: _Optional[int] = ...) -> None: ...
 
 class MemoryReport(_message.Message):
-    __slots__ = ("commit_sequence", "memory_size", "filled_slots", "queries", "writes", "merges", "age_bin_edges", "age_counts", "distinct_labels", "top_labels", "top_label_counts", "key_norm_min", "key_norm_max", "keys_off_unit", "keys_non_finite")
+    __slots__ = ("commit_sequence", "memory_size", "filled_slots", "queries", "writes", "merges", "age_bin_edges", "age_counts", "distinct_labels", "top_labels", "top_label_counts", "key_norm_min", "key_norm_max", "keys_off_unit", "keys_non_finite", "writers")
     COMMIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_SIZE_FIELD_NUMBER: _ClassVar[int]
     FILLED_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +316,7 @@ class MemoryReport(_message.Message):
     KEY_NORM_MAX_FIELD_NUMBER: _ClassVar[int]
     KEYS_OFF_UNIT_FIELD_NUMBER: _ClassVar[int]
     KEYS_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    WRITERS_FIELD_NUMBER: _ClassVar[int]
     commit_sequence: int
     memory_size: int
     filled_slots: int
@@ -323,7 +332,20 @@ class MemoryReport(_message.Message):
     key_norm_max: float
     keys_off_unit: int
     keys_non_finite: int
-    def __init__(self, commit_sequence: _Optional[int] = ..., memory_size: _Optional[int] = ..., filled_slots: _Optional[int] = ..., queries: _Optional[int] = ..., writes: _Optional[int] = ..., merges: _Optional[int] = ..., age_bin_edges: _Optional[_Union[Array, _Mapping]] = ..., age_counts: _Optional[_Union[Array, _Mapping]] = ..., distinct_labels: _Optional[int] = ..., top_labels: _Optional[_Union[Array, _Mapping]] = ..., top_label_counts: _Optional[_Union[Array, _Mapping]] = ..., key_norm_min: _Optional[float] = ..., key_norm_max: _Optional[float] = ..., keys_off_unit: _Optional[int] = ..., keys_non_finite: _Optional[int] = ...) -> None: ...
+    writers: _containers.RepeatedCompositeFieldContainer[WriterReport]
+    def __init__(self, commit_sequence: _Optional[int] = ..., memory_size: _Optional[int] = ..., filled_slots: _Optional[int] = ..., queries: _Optional[int] = ..., writes: _Optional[int] = ..., merges: _Optional[int] = ..., age_bin_edges: _Optional[_Union[Array, _Mapping]] = ..., age_counts: _Optional[_Union[Array, _Mapping]] = ..., distinct_labels: _Optional[int] = ..., top_labels: _Optional[_Union[Array, _Mapping]] = ..., top_label_counts: _Optional[_Union[Array, _Mapping]] = ..., key_norm_min: _Optional[float] = ..., key_norm_max: _Optional[float] = ..., keys_off_unit: _Optional[int] = ..., keys_non_finite: _Optional[int] = ..., writers: _Optional[_Iterable[_Union[WriterReport, _Mapping]]] = ...) -> None: ...
+
+class WriterReport(_message.Message):
+    __slots__ = ("name", "slots", "writes", "merges")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
+    MERGES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    slots: int
+    writes: int
+    merges: int
+    def __init__(self, name: _Optional[str] = ..., slots: _Optional[int] = ..., writes: _Optional[int] = ..., merges: _Optional[int] = ...) -> None: ...
 
 class FindLabelRequest(_message.Message):
     __slots__ = ("memory", "label")
