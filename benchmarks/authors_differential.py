@@ -27,6 +27,9 @@ What is held equal so that the comparison can be exact:
   unique because a label occurs once per step;
 - ``--adam`` picks our trainer's optimiser as its ``--adam`` does: ``torch`` (the trainer's default)
   or ``tensorflow`` (TensorFlow 1's epsilon placement, as theirs: trainers/omniglot.py TensorFlowAdam).
+
+``--reference ours-one-ulp`` (no TensorFlow needed) compares ours with ours started one float32 step
+away in every weight: how fast round-off alone separates two runs, the yardstick for the first.
 """
 
 from __future__ import annotations
@@ -57,8 +60,13 @@ KEY_TOLERANCE = 1e-4  # absolute, on unit keys
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--authors-code", type=pathlib.Path, help="folder with their memory.py, model.py")
     parser.add_argument(
-        "--authors-code", type=pathlib.Path, required=True, help="folder with their memory.py, model.py"
+        "--reference",
+        choices=("authors", "ours-one-ulp"),
+        default="authors",
+        help="what ours is compared with: the authors' code, or (a round-off control) ours with every "
+        "initial weight moved by one float32 step",
     )
     parser.add_argument("--data", type=pathlib.Path, default=pathlib.Path(omniglot.data))
     parser.add_argument("--init", choices=("authors", "he"), default="authors")
@@ -70,7 +78,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=pathlib.Path, help="write every step's figures here (JSON)")
-    return parser.parse_args()
+    config = parser.parse_args()
+    if config.reference == "authors" and config.authors_code is None:
+        parser.error("--authors-code is required with --reference authors")
+    return config
 
 
 def import_authors_code(folder: pathlib.Path):
@@ -175,15 +186,17 @@ def compare_memories(reference: dict, ours: dict) -> dict:
     }
 
 
-def weight_distance(reference: dict, ours: dict, initial: dict) -> tuple[float, float, float]:
-    """(max abs difference, |theirs - ours| / |ours - initial|, |theirs - initial| / |ours - initial|)
-    over all trainable weights together."""
+def weight_distance(reference: dict, ours: dict, initial: dict) -> tuple[float, float | None, float | None]:
+    """(max abs difference, |reference - ours| / |ours - initial|, |reference - initial| / |ours - initial|)
+    over all trainable weights together; ``initial`` is ours. The ratios are None until ours has moved
+    (the first step's gradient is 0: the memory is empty)."""
     names = sorted(initial)
     difference = np.concatenate([(reference[n] - ours[n]).ravel() for n in names])
-    ours_moved = np.linalg.norm(np.concatenate([(ours[n] - initial[n]).ravel() for n in names]))
-    theirs_moved = np.linalg.norm(np.concatenate([(reference[n] - initial[n]).ravel() for n in names]))
-    scale = max(float(ours_moved), 1e-30)
-    return float(np.abs(difference).max()), float(np.linalg.norm(difference)) / scale, float(theirs_moved) / scale
+    ours_moved = float(np.linalg.norm(np.concatenate([(ours[n] - initial[n]).ravel() for n in names])))
+    reference_moved = float(np.linalg.norm(np.concatenate([(reference[n] - initial[n]).ravel() for n in names])))
+    if ours_moved == 0:
+        return float(np.abs(difference).max()), None, None
+    return float(np.abs(difference).max()), float(np.linalg.norm(difference)) / ours_moved, reference_moved / ours_moved
 
 
 @torch.no_grad()
@@ -204,39 +217,93 @@ def true_max_deviations(out) -> int:
     return int(((positive < 0) | (negative < 0)).sum())
 
 
+class Authors:
+    """The reference side: their graph in a TensorFlow session, started from ``initial`` (our weights)."""
+
+    def __init__(self, config: argparse.Namespace, initial: dict[str, np.ndarray], vocab_size: int):
+        v1, model, gradient_norms = import_authors_code(config.authors_code)
+        self.model, self.session = authors_graph(v1, model, config, vocab_size)
+        self.variables = {v.name: v for v in v1.trainable_variables()}
+        if self.variables.keys() != initial.keys():
+            raise SystemExit(f"their trainable variables {sorted(self.variables)} are not {sorted(initial)}")
+        for name, value in initial.items():
+            self.variables[name].load(value, self.session)
+        self.fetches = [self.model.loss, self.model.gradient_ops, self.model.train_predictions, gradient_norms[0]]
+
+    def clear(self) -> None:
+        self.model.clear_memory(self.session)
+
+    def step(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray, float]:
+        """(loss, predictions, global gradient norm before clipping) of one training step."""
+        feed = {self.model.x: images.reshape(len(images), -1), self.model.y: labels.astype(np.int32)}
+        loss, _, predictions, norm = self.session.run(self.fetches, feed)
+        return float(loss), predictions, float(norm)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.variables, self.session.run(list(self.variables.values())), strict=True))
+
+    def memory(self) -> dict:
+        keys, values, ages = self.session.run([self.model.mem_keys, self.model.mem_vals, self.model.mem_age])
+        return written_slots(keys, values, ages, np.linalg.norm(keys, axis=1) > 0)
+
+
+class Ours:
+    """Our trainer's step (trainers/omniglot.py train_step) on an embedded memory; ``one_ulp`` moves every
+    initial weight by one float32 step, as a control of what round-off alone does to the trajectory."""
+
+    def __init__(self, store, name: str, config: argparse.Namespace, one_ulp: bool = False):
+        torch.manual_seed(config.seed)
+        self.encoder = omniglot.Encoder(omniglot.rep_dim, dropout_keep=1.0, init=config.init)
+        self.module = MemoryModule(
+            store,
+            omniglot.rep_dim,
+            name=name,
+            memory_size=omniglot.memory_size,
+            choose_k=omniglot.choose_k,
+            alpha=omniglot.alpha,
+            age_noise=0.0,
+            seed=config.seed,
+        )
+        parameters = [*self.encoder.parameters(), *self.module.parameters()]
+        if one_ulp:
+            with torch.no_grad():
+                for parameter in parameters:
+                    parameter.copy_(torch.nextafter(parameter, torch.full_like(parameter, math.inf)))
+        self.optimizer = omniglot.make_optimizer(parameters, config.adam, omniglot.learning_rate, omniglot.adam_epsilon)
+        self.output = None
+
+    def clear(self) -> None:
+        self.module.memory.clear()
+        self.encoder.train()
+
+    def step(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray, float]:
+        self.output, norm = omniglot.train_step(
+            self.encoder, self.module, self.optimizer, images, labels, omniglot.clip_norm
+        )
+        # Their unwritten slots hold 0, where ours hold EMPTY: the same prediction, an empty nearest slot.
+        predictions = torch.where(self.output.predictions == EMPTY, 0, self.output.predictions).numpy()
+        return self.output.loss.item(), predictions, norm
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return as_tensorflow_layout(self.encoder, self.module)
+
+    def memory(self) -> dict:
+        keys, values, ages = (x.numpy() for x in self.module.memory.slots(range(omniglot.memory_size)))
+        return written_slots(keys, values, ages, values != EMPTY)
+
+
 def main() -> None:
     config = parse_arguments()
     torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    v1, model, gradient_norms = import_authors_code(config.authors_code)
-
     split = omniglot_data.load_split(config.data, "reference", config.input, progress=False)
     store = connect("local")
-    encoder = omniglot.Encoder(omniglot.rep_dim, dropout_keep=1.0, init=config.init)
-    module = MemoryModule(
-        store,
-        omniglot.rep_dim,
-        name="differential",
-        memory_size=omniglot.memory_size,
-        choose_k=omniglot.choose_k,
-        alpha=omniglot.alpha,
-        age_noise=0.0,
-        seed=config.seed,
-    )
-    optimizer = omniglot.make_optimizer(
-        [*encoder.parameters(), *module.parameters()], config.adam, omniglot.learning_rate, omniglot.adam_epsilon
-    )
-
-    vocab_size = omniglot.batch_episodes * omniglot.episode_width + config.label_offset
-    reference, session = authors_graph(v1, model, config, vocab_size)
-    variables = {v.name: v for v in v1.trainable_variables()}
-    initial = as_tensorflow_layout(encoder, module)
-    if variables.keys() != initial.keys():
-        raise SystemExit(f"their trainable variables {sorted(variables)} are not {sorted(initial)}")
-    for name, value in initial.items():
-        variables[name].load(value, session)
-    memory_variables = [reference.mem_keys, reference.mem_vals, reference.mem_age]
-    fetches = [reference.loss, reference.gradient_ops, reference.train_predictions, gradient_norms[0]]
+    ours = Ours(store, "differential", config)
+    initial = ours.weights()
+    if config.reference == "authors":
+        vocab_size = omniglot.batch_episodes * omniglot.episode_width + config.label_offset
+        reference = Authors(config, initial, vocab_size)
+    else:
+        reference = Ours(store, "differential-one-ulp", config, one_ulp=True)
 
     rng = np.random.default_rng(config.seed)
     steps, first_discrete, first_beyond_tolerance = [], None, None
@@ -246,44 +313,33 @@ def main() -> None:
             split.train, omniglot.batch_episodes, omniglot.episode_width, config.episode_length, rng
         )
         labels = labels + config.label_offset
-        reference.clear_memory(session)
-        module.memory.clear()
-        encoder.train()
+        reference.clear()
+        ours.clear()
         for t in range(config.episode_length):
-            their_loss, _, their_predictions, their_norm = session.run(
-                fetches,
-                {reference.x: images[t].reshape(len(images[t]), -1), reference.y: labels[t].astype(np.int32)},
-            )
-            margins = nearest_margins(encoder, module, images[t])
-            out, our_norm = omniglot.train_step(encoder, module, optimizer, images[t], labels[t], omniglot.clip_norm)
-            our_loss, their_loss, their_norm = out.loss.item(), float(their_loss), float(their_norm)
-            # Their unwritten slots hold 0, where ours hold EMPTY: the same prediction, an empty nearest slot.
-            our_predictions = torch.where(out.predictions == EMPTY, 0, out.predictions).numpy()
-
-            their_weights = dict(zip(variables, session.run(list(variables.values())), strict=True))
+            reference_loss, reference_predictions, reference_norm = reference.step(images[t], labels[t])
+            margins = nearest_margins(ours.encoder, ours.module, images[t])
+            our_loss, our_predictions, our_norm = ours.step(images[t], labels[t])
+            mismatches = reference_predictions != our_predictions
             weights_abs, weights_relative, movement_ratio = weight_distance(
-                their_weights, as_tensorflow_layout(encoder, module), initial
+                reference.weights(), ours.weights(), initial
             )
-            keys, values, ages = session.run(memory_variables)
-            their_memory = written_slots(keys, values, ages, np.linalg.norm(keys, axis=1) > 0)
-            keys, values, ages = (x.numpy() for x in module.memory.slots(range(omniglot.memory_size)))
-            memory = compare_memories(their_memory, written_slots(keys, values, ages, values != EMPTY))
+            memory = compare_memories(reference.memory(), ours.memory())
             step = {
                 "episode_batch": batch,
                 "step": t,
-                "loss": [their_loss, our_loss],
-                "loss_abs": abs(their_loss - our_loss),
-                "gradient_norm": [their_norm, our_norm],
-                "gradient_norm_relative": abs(their_norm - our_norm) / max(our_norm, 1e-30),
-                "prediction_mismatches": int((their_predictions != our_predictions).sum()),
+                "loss": [reference_loss, our_loss],
+                "loss_abs": abs(reference_loss - our_loss),
+                "gradient_norm": [reference_norm, our_norm],
+                "gradient_norm_relative": abs(reference_norm - our_norm) / max(our_norm, 1e-30),
+                "prediction_mismatches": int(mismatches.sum()),
                 # How close to a tie our nearest neighbour was where the predictions differ: a flip by round-off
                 # needs a margin of the order of float32's resolution on similarities near 1 (6e-8).
-                "mismatch_margin_max": float(margins[their_predictions != our_predictions].max(initial=0.0)),
+                "mismatch_margin_max": float(margins[mismatches].max(initial=0.0)),
                 "weights_max_abs": weights_abs,
                 "weights_relative_to_movement": weights_relative,
-                "their_movement_over_ours": movement_ratio,
+                "reference_movement_over_ours": movement_ratio,
                 "memory": memory,
-                "true_max_deviations": true_max_deviations(out),
+                "true_max_deviations": true_max_deviations(ours.output),
             }
             steps.append(step)
             discrete = step["prediction_mismatches"] or memory["slots_only_in_one"] or len(set(memory["written"])) > 1
@@ -292,16 +348,16 @@ def main() -> None:
             continuous = (
                 memory["key_max_abs"] > KEY_TOLERANCE
                 or step["loss_abs"] > LOSS_TOLERANCE
-                or weights_relative > WEIGHT_TOLERANCE
+                or (weights_relative or 0.0) > WEIGHT_TOLERANCE
             )
             if continuous and first_beyond_tolerance is None:
                 first_beyond_tolerance = len(steps) - 1
         batch_steps = steps[-config.episode_length :]
         print(
-            f"episode batch {batch}: loss theirs {np.mean([s['loss'][0] for s in batch_steps]):.6f} "
+            f"episode batch {batch}: loss reference {np.mean([s['loss'][0] for s in batch_steps]):.6f} "
             f"ours {np.mean([s['loss'][1] for s in batch_steps]):.6f}, "
             f"max loss diff {max(s['loss_abs'] for s in batch_steps):.2e}, "
-            f"weights rel. {batch_steps[-1]['weights_relative_to_movement']:.2e}, "
+            f"weights rel. {batch_steps[-1]['weights_relative_to_movement'] or 0.0:.2e}, "
             f"prediction mismatches {sum(s['prediction_mismatches'] for s in batch_steps)}, "
             f"slots only in one memory (last step) {batch_steps[-1]['memory']['slots_only_in_one']}",
             flush=True,
@@ -314,7 +370,7 @@ def main() -> None:
         "first_discrete_divergence": None if first_discrete is None else steps[first_discrete],
         "first_beyond_tolerance": None if first_beyond_tolerance is None else steps[first_beyond_tolerance],
         "max": {
-            name: max(s[name] for s in steps)
+            name: max(s[name] for s in steps if s[name] is not None)
             for name in (
                 "loss_abs",
                 "gradient_norm_relative",
@@ -333,7 +389,6 @@ def main() -> None:
     print(json.dumps({key: value for key, value in summary.items() if key != "settings"}, indent=2))
     if config.out:
         config.out.write_text(json.dumps({"summary": summary, "steps": steps}))
-    session.close()
     store.close()
 
 
