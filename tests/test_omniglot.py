@@ -132,11 +132,68 @@ def test_flags_are_exactly_the_config_values():
 
 
 def test_a_checkpoint_is_only_resumed_or_evaluated_under_its_own_settings():
-    config = {"split": "reference", "input": "ink", "init": "he", "rep_dim": 128}
+    config = {"split": "reference", "input": "ink", "init": "he", "rep_dim": 128, "adam": "torch"}
     omniglot.check_same_experiment(config, {"split": "reference", "rep_dim": 128}, "old.pt")  # before the options
     omniglot.check_same_experiment(config, dict(config), "same.pt")
     with pytest.raises(SystemExit, match=r"run.pt was trained with --input raw \(given ink\), --init authors"):
         omniglot.check_same_experiment(config, {**config, "input": "raw", "init": "authors"}, "run.pt")
+    with pytest.raises(SystemExit, match=r"run.pt was trained with --adam tensorflow \(given torch\)"):
+        omniglot.check_same_experiment(config, {**config, "adam": "tensorflow"}, "run.pt")
+
+
+def tensorflow_adam_reference(theta, gradients, lr, eps, beta1=0.9, beta2=0.999):
+    """TensorFlow 1's ApplyAdam, written out in float64: lr_t = lr sqrt(1 - beta2^t) / (1 - beta1^t),
+    theta -= lr_t m / (sqrt(v) + eps)."""
+    m, v, trajectory = np.zeros_like(theta), np.zeros_like(theta), []
+    for t, g in enumerate(gradients, start=1):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        theta = theta - lr * np.sqrt(1 - beta2**t) / (1 - beta1**t) * m / (np.sqrt(v) + eps)
+        trajectory.append(theta)
+    return trajectory
+
+
+@pytest.mark.parametrize("kind", ["tensorflow", "torch"])
+def test_tensorflow_adam_takes_tensorflow_1s_steps(kind):
+    """Gradients of about the size of epsilon, where the two placements differ most: --adam tensorflow
+    follows TF 1's formula step by step, torch's Adam does not."""
+    rng = np.random.default_rng(0)
+    theta0 = rng.normal(size=50)
+    gradients = [rng.normal(scale=1e-3, size=50) * rng.choice([1e-2, 1.0, 1e2], size=50) for _ in range(40)]
+    weight = torch.nn.Parameter(torch.tensor(theta0))
+    optimizer = omniglot.make_optimizer([weight], kind, lr=1e-2, eps=1e-4)
+    expected = tensorflow_adam_reference(theta0, gradients, lr=1e-2, eps=1e-4)
+    errors = []
+    for g, theta in zip(gradients, expected, strict=True):
+        weight.grad = torch.tensor(g)
+        optimizer.step()
+        errors.append(np.abs(weight.detach().numpy() - theta).max() / np.abs(theta - theta0).max())
+    if kind == "tensorflow":
+        assert max(errors) < 1e-9, errors
+    else:
+        assert max(errors) > 0.1, "torch's placement differs from TF 1's at these gradients"
+
+
+def test_tensorflow_adam_resumes_at_its_step_count():
+    """The epsilon follows the step count a checkpoint restores, not the optimiser object's age."""
+    rng = np.random.default_rng(1)
+    gradients = [rng.normal(scale=1e-4, size=8) for _ in range(6)]
+    straight = torch.nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    optimizer = omniglot.make_optimizer([straight], "tensorflow", lr=1e-2, eps=1e-4)
+    for g in gradients:
+        straight.grad = torch.tensor(g)
+        optimizer.step()
+    resumed = torch.nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    first = omniglot.make_optimizer([resumed], "tensorflow", lr=1e-2, eps=1e-4)
+    for g in gradients[:3]:
+        resumed.grad = torch.tensor(g)
+        first.step()
+    second = omniglot.make_optimizer([resumed], "tensorflow", lr=1e-2, eps=1e-4)
+    second.load_state_dict(first.state_dict())
+    for g in gradients[3:]:
+        resumed.grad = torch.tensor(g)
+        second.step()
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=1e-15)
 
 
 def test_episodes_follow_the_reference_protocol():
