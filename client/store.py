@@ -558,7 +558,10 @@ def _config_message(config: dict) -> pb.MemoryConfig:
     if unknown:
         raise InvalidArgument("config", f"unknown fields {sorted(unknown)}")
     message = pb.MemoryConfig()
-    plain = ("key_dim", "memory_size", "choose_k", "correct_in_top", "seed", "shards", "alpha", "device", "age_noise")
+    plain = (
+        *("key_dim", "memory_size", "choose_k", "correct_in_top", "seed", "shards", "alpha", "device", "age_noise"),
+        *("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes"),
+    )
     for name in plain:
         if name in config:
             try:

@@ -13,14 +13,19 @@ canonicalises both.
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
+from lifelong_memory.server.ann import FaissIvfIndex, LshIndex
 from lifelong_memory.server.devices import canonical_device, score_buffer_bytes
 from lifelong_memory.server.errors import FailedPrecondition
 
+if TYPE_CHECKING:
+    from lifelong_memory.server.memory import MemoryConfig
+
+SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RESCORE_ROWS = 16
 # torch.topk on the CPU sorts a row once k is more than about 1/64 of it; numpy's introselect (argpartition)
 # is then 2-5x faster, up to rows of about 256 * k (measured at B = 16, k = 64 to 1024, one thread), unless
@@ -209,19 +214,26 @@ def shard_bounds(size: int, shards: int) -> list[int]:
     return [size * i // shards for i in range(shards + 1)]
 
 
-def build_index(
-    keys: torch.Tensor, backend: str, search_dtype: torch.dtype, shard_devices: list[str], max_batch: int
-) -> ShardedIndex:
-    """One index over ``keys`` (the memory's float32 key matrix), split into one slot range per entry of
-    ``shard_devices`` and placed there; score buffers sized for batches of ``max_batch`` rows."""
+def build_index(keys: torch.Tensor, config: MemoryConfig, max_batch: int) -> ShardedIndex:
+    """One index over ``keys`` (the memory's float32 key matrix) of the validated ``config``'s backend, split
+    into one slot range per shard and placed on the shard's device; score buffers sized for batches of
+    ``max_batch`` rows."""
+    shard_devices = config.shard_devices()
     bounds = shard_bounds(len(keys), len(shard_devices))
     home = canonical_device(str(keys.device))
+    search_dtype = SEARCH_DTYPES[config.search_dtype]
     element_bytes = torch.empty(0, dtype=search_dtype).element_size()
     parts: list[Index] = []
     for start, stop, device in zip(bounds[:-1], bounds[1:], shard_devices, strict=True):
         rows = keys[start:stop]
-        if backend == "faiss":
+        if config.backend == "faiss":
             parts.append(FaissFlatIndex(rows, start))
+            continue
+        if config.backend == "faiss-ivf":
+            parts.append(FaissIvfIndex(rows, start, config.ivf_lists, config.ivf_probes, config.ivf_codes, config.seed))
+            continue
+        if config.backend == "lsh":
+            parts.append(LshIndex(rows, start, config.lsh_tables, config.lsh_bits, config.lsh_probes, config.seed))
             continue
         owns_keys = device != home
         if owns_keys:
