@@ -182,6 +182,9 @@ class LshIndex:
         local = np.concatenate(found_local) if found_local else np.empty(0, dtype=np.int64)
         return rerank(self.keys, self.start, queries, rows, local, k, self.zero)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}  # a function of the keys and the seed
+
     def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
         """Move exactly the written rows: their new codes, and an entry in ``moved`` where the bucket changed."""
         local = (slots - self.start).numpy()

@@ -42,6 +42,9 @@ class Index(Protocol):
 
     def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None: ...
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a snapshot keeps of the index beyond the keys (a trained quantizer); empty for most."""
+
 
 def score_rows(slots: int, element_bytes: int, device: str, max_batch: int) -> int:
     """Query rows one search of a ``slots``-slot shard scores at once on ``device``: all of a batch of
@@ -121,6 +124,9 @@ class TorchFlatIndex:
         if self.search_keys is not self.keys:
             self.search_keys[local] = keys.to(self.search_dtype)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
 
 def import_faiss():
     """The faiss module, once it is clear which faiss this environment has (FailedPrecondition if none,
@@ -177,6 +183,9 @@ class FaissFlatIndex:
     def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
         self.stored[(slots - self.start).numpy()] = keys.numpy()
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
 
 class ShardedIndex:
     """Slot-range shards searched independently, merged into one global top-k on the memory's device."""
@@ -208,29 +217,40 @@ class ShardedIndex:
             if len(rows):
                 shard.update(slots[rows], keys[rows.to(keys.device)])
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Each shard's state, its names prefixed with ``shard<i>.``."""
+        return {f"shard{i}.{name}": t for i, shard in enumerate(self.shards) for name, t in shard.state().items()}
+
 
 def shard_bounds(size: int, shards: int) -> list[int]:
     """Shard i covers slots [bounds[i], bounds[i + 1])."""
     return [size * i // shards for i in range(shards + 1)]
 
 
-def build_index(keys: torch.Tensor, config: MemoryConfig, max_batch: int) -> ShardedIndex:
+def build_index(
+    keys: torch.Tensor, config: MemoryConfig, max_batch: int, state: dict[str, torch.Tensor] | None = None
+) -> ShardedIndex:
     """One index over ``keys`` (the memory's float32 key matrix) of the validated ``config``'s backend, split
     into one slot range per shard and placed on the shard's device; score buffers sized for batches of
-    ``max_batch`` rows."""
+    ``max_batch`` rows. ``state``: what ``state()`` gave of an index of this same config, if any."""
+    state = state or {}
     shard_devices = config.shard_devices()
     bounds = shard_bounds(len(keys), len(shard_devices))
     home = canonical_device(str(keys.device))
     search_dtype = SEARCH_DTYPES[config.search_dtype]
     element_bytes = torch.empty(0, dtype=search_dtype).element_size()
     parts: list[Index] = []
-    for start, stop, device in zip(bounds[:-1], bounds[1:], shard_devices, strict=True):
+    for i, (start, stop, device) in enumerate(zip(bounds[:-1], bounds[1:], shard_devices, strict=True)):
         rows = keys[start:stop]
         if config.backend == "faiss":
             parts.append(FaissFlatIndex(rows, start))
             continue
         if config.backend == "faiss-ivf":
-            parts.append(FaissIvfIndex(rows, start, config.ivf_lists, config.ivf_probes, config.ivf_codes, config.seed))
+            prefix = f"shard{i}."
+            own = {name[len(prefix) :]: t for name, t in state.items() if name.startswith(prefix)}
+            parts.append(
+                FaissIvfIndex(rows, start, config.ivf_lists, config.ivf_probes, config.ivf_codes, config.seed, own)
+            )
             continue
         if config.backend == "lsh":
             parts.append(LshIndex(rows, start, config.lsh_tables, config.lsh_bits, config.lsh_probes, config.seed))

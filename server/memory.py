@@ -343,6 +343,8 @@ class MemoryState:
     recent_labels: torch.Tensor  # int64 [L]
     recent_slots: torch.Tensor  # int64 [L]
     counters: dict[str, int]
+    # The index's own state (Index.state: a trained IVF quantizer), for an index of the same config.
+    index_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 class Journal(Protocol):
@@ -439,7 +441,7 @@ class Memory:
             self.counters = {"queries": 0, "writes": 0, "merges": 0}
             if state is not None:
                 self._load(state)
-            self.index = build_index(self.keys, cfg, max_batch)
+            self.index = build_index(self.keys, cfg, max_batch, self._index_state(state))
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -584,6 +586,7 @@ class Memory:
                 recent_labels=recent[:, 0].clone(),
                 recent_slots=recent[:, 1].clone(),
                 counters=dict(self.counters),
+                index_state=self.index.state(),
             )
 
     def stats(self) -> dict[str, int]:
@@ -899,6 +902,14 @@ class Memory:
         self.commit_sequence += 1
         self.generations.fill_(self.commit_sequence)
         self.index.update(torch.arange(self.config.memory_size), self.keys)
+
+    def _index_state(self, state: MemoryState | None) -> dict[str, torch.Tensor]:
+        """The captured index state if the index it came from searched the way this one will (an import may
+        change the backend or the shards: the new index then trains anew)."""
+        same = ("key_dim", "backend", "shards", "ivf_lists", "ivf_codes")
+        if state is None or any(getattr(state.config, f) != getattr(self.config, f) for f in same):
+            return {}
+        return state.index_state
 
     def _load(self, state: MemoryState) -> None:
         """Take a captured state, already checked against the config (persistence.read_snapshot), before the
