@@ -20,8 +20,8 @@ import torch
 
 LOW_HALF = 0xFFFFFFFF
 MONOTONE_NAN = 0x7FFFFFFF  # above the monotone bits of +inf
-# Candidate pairs whose keys are gathered at once in a re-rank: 64 MiB of float32 keys at D = 256.
-RERANK_PAIRS = 65536
+# Query rows re-ranked at once: their candidates' keys stay in cache (as TorchFlatIndex._rescore).
+RERANK_ROWS = 16
 # Rows projected onto the hyperplanes at once when hashing a whole shard.
 HASH_ROWS = 1 << 18
 # A table's moved entries are merged into its sorted base once they exceed this share of its rows (or
@@ -74,45 +74,49 @@ class ZeroRows:
 
 
 def rerank(
-    keys: torch.Tensor,
-    start: int,
-    queries: torch.Tensor,
-    rows: np.ndarray,
-    local: np.ndarray,
-    k: int,
-    zero: ZeroRows,
+    keys: torch.Tensor, start: int, queries: torch.Tensor, candidates: np.ndarray, k: int, zero: ZeroRows
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact top ``k`` (float32 similarities, global slots) of each query among its candidate rows of the
-    shard (pairs ``rows``[i], ``local``[i], duplicates allowed), ties to the lower slot. Each query also gets
+    shard (``candidates`` [B, C], -1 for none, repeats allowed), ties to the lower slot. Each query also gets
     up to k empty rows, and a query with fewer than k candidates the shard's first k rows, so that every
     query has k answers."""
     n, batch = len(keys), len(queries)
     k = min(k, n)
     empty = zero.some(k)
-    rows = np.concatenate([rows, np.repeat(np.arange(batch), len(empty))])
-    local = np.concatenate([local, np.tile(empty, batch)])
-    pairs = np.unique(rows * n + local)
-    short = np.flatnonzero(np.bincount(pairs // n, minlength=batch) < k)
-    if len(short):
-        fill = np.repeat(short, k) * n + np.tile(np.arange(k), len(short))
-        pairs = np.unique(np.concatenate([pairs, fill]))
-    rows, local = pairs // n, pairs % n
-    similarities = torch.empty(len(pairs), dtype=torch.float32)
-    rows_t, local_t = torch.from_numpy(rows), torch.from_numpy(local)
-    for at in range(0, len(pairs), RERANK_PAIRS):
-        part = slice(at, at + RERANK_PAIRS)
-        similarities[part] = (keys[local_t[part]] * queries[rows_t[part]]).sum(dim=1)
-    counts = np.bincount(rows, minlength=batch)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    column = torch.from_numpy(np.arange(len(pairs)) - first[rows])
-    width = int(counts.max())
-    ranked = torch.full((batch, width), torch.iinfo(torch.int64).min, dtype=torch.int64)
-    ranked[rows_t, column] = descending_then_lower_index_key(similarities, local_t, n)
-    padded = torch.zeros((batch, width), dtype=torch.float32)
-    padded[rows_t, column] = similarities
+    matrix = _distinct_per_row(np.concatenate([candidates, np.broadcast_to(empty, (batch, len(empty)))], axis=1))
+    short = (matrix >= 0).sum(axis=1) < k
+    if short.any():
+        first = np.full((batch, k), -1, dtype=np.int64)
+        first[short] = np.arange(k)
+        matrix = _distinct_per_row(np.concatenate([matrix, first], axis=1))
+    local = torch.from_numpy(matrix)
+    found = local >= 0
+    rows = local.clamp(min=0)
+    similarities = torch.empty(local.shape, dtype=torch.float32)
+    for at in range(0, batch, RERANK_ROWS):
+        part = slice(at, at + RERANK_ROWS)
+        gathered = keys.index_select(0, rows[part].reshape(-1)).view(-1, rows.shape[1], keys.shape[1])
+        similarities[part] = torch.bmm(gathered, queries[part].unsqueeze(2)).squeeze(2)
+    ranked = descending_then_lower_index_key(similarities, rows, n).masked_fill_(~found, torch.iinfo(torch.int64).min)
     best = torch.topk(ranked, k, dim=1).indices
-    chosen = ranked.gather(1, best).bitwise_and_(LOW_HALF).neg_().add_(n - 1)
-    return padded.gather(1, best), chosen + start
+    return similarities.gather(1, best), rows.gather(1, best) + start
+
+
+def _distinct_per_row(matrix: np.ndarray) -> np.ndarray:
+    """Each row sorted, with repeats (and the -1 padding) as -1."""
+    matrix = np.sort(matrix, axis=1)
+    matrix[:, 1:][matrix[:, 1:] == matrix[:, :-1]] = -1
+    return matrix
+
+
+def _rows_as_matrix(batch: int, rows: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """Candidate pairs (row of the batch, shard row) as a [batch, most per row] matrix padded with -1."""
+    counts = np.bincount(rows, minlength=batch)
+    order = np.argsort(rows, kind="stable")
+    first = np.cumsum(counts) - counts
+    matrix = np.full((batch, int(counts.max(initial=0))), -1, dtype=np.int64)
+    matrix[rows[order], np.arange(len(rows)) - first[rows[order]]] = local[order]
+    return matrix
 
 
 class LshIndex:
@@ -180,7 +184,7 @@ class LshIndex:
                 found_local.append(local[current])
         rows = np.concatenate(found_rows) if found_rows else np.empty(0, dtype=np.int64)
         local = np.concatenate(found_local) if found_local else np.empty(0, dtype=np.int64)
-        return rerank(self.keys, self.start, queries, rows, local, k, self.zero)
+        return rerank(self.keys, self.start, queries, _rows_as_matrix(len(queries), rows, local), k, self.zero)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}  # a function of the keys and the seed
@@ -318,20 +322,14 @@ class FaissIvfIndex:
 
     def search(self, queries: torch.Tensor, k: int, empty_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         queries = queries.cpu()
-        batch = len(queries)
         if self.index is None:  # before the first fill: exact over the filled rows
             filled = torch.from_numpy(np.flatnonzero(~self.zero.zero))
             top = min(k, len(filled))
-            nearest = torch.topk(queries @ self.keys[filled].T, top, dim=1).indices if top else None
-            local = filled[nearest].numpy().ravel() if top else np.empty(0, dtype=np.int64)
-            rows = np.repeat(np.arange(batch), top)
+            candidates = filled[torch.topk(queries @ self.keys[filled].T, top, dim=1).indices].numpy()
         else:
             wanted = k if self.codes == "flat" else SQ8_CANDIDATES_PER_NEIGHBOR * k
-            _, found = self.index.search(np.ascontiguousarray(queries.numpy()), wanted)
-            rows = np.repeat(np.arange(batch), found.shape[1])
-            local = found.ravel()
-            rows, local = rows[local >= 0], local[local >= 0]
-        return rerank(self.keys, self.start, queries, rows, local, k, self.zero)
+            candidates = self.index.search(np.ascontiguousarray(queries.numpy()), wanted)[1]
+        return rerank(self.keys, self.start, queries, candidates, k, self.zero)
 
     def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
         local = (slots - self.start).numpy()
