@@ -50,6 +50,24 @@ def descending_then_lower_index_key(
     return key
 
 
+def lsh_bytes(rows: int, dim: int, tables: int, bits: int) -> int:
+    """Host bytes an LshIndex over ``rows`` holds at most: per table each row's code (int32) and base entry
+    (int64) and the moved entries up to a merge, the empty-row mask and the hyperplanes."""
+    moved = max(MIN_MOVED, rows // MOVED_SHARE)
+    return tables * (rows * (4 + 8) + moved * 8) + rows + tables * bits * dim * 4
+
+
+# Per row of an IVF list besides its code: the id (int64) and its node in the direct map's hash table.
+IVF_ROW_BYTES = 8 + 48
+
+
+def ivf_bytes(rows: int, dim: int, lists: int, codes: str) -> int:
+    """Host bytes a FaissIvfIndex over ``rows`` holds at most: every row's code (float32 or 8-bit per
+    component), id and hash-table entry, the empty-row mask and the centroids."""
+    code = dim * 4 if codes == "flat" else dim
+    return rows * (code + IVF_ROW_BYTES + 1) + lists * dim * 4
+
+
 class ZeroRows:
     """Which rows of a shard hold a zero key (empty slots), and up to k of them to offer a search."""
 

@@ -31,7 +31,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from lifelong_memory.server.ann import LOW_HALF, descending_then_lower_index_key
+from lifelong_memory.server.ann import LOW_HALF, descending_then_lower_index_key, ivf_bytes, lsh_bytes
 from lifelong_memory.server.devices import canonical_device, check_usable, is_out_of_memory
 from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from lifelong_memory.server.index import SEARCH_DTYPES, build_index, score_rows, shard_bounds
@@ -187,7 +187,8 @@ class MemoryConfig:
     def footprint(self, max_batch: int) -> dict[str, int]:
         """Bytes a memory of this config holds at most, per device: its slots on ``device``; the
         recent-label table (at most memory_size labels) in host memory; per shard the index's own copies
-        of its keys (bf16; float32 on another device; faiss) and the score buffer for batches of up to
+        of its keys (bf16; float32 on another device; faiss; an approximate index's buckets or lists, of a
+        validated config) and the score buffer for batches of up to
         ``max_batch`` rows, on the shard's device. Call it once the devices are known to be usable (a CUDA
         score buffer is sized from the device's memory)."""
         dim = self.key_dim
@@ -199,6 +200,10 @@ class MemoryConfig:
             rows = stop - start
             if self.backend == "faiss":
                 shard = rows * dim * 4
+            elif self.backend == "lsh":
+                shard = lsh_bytes(rows, dim, self.lsh_tables, self.lsh_bits)
+            elif self.backend == "faiss-ivf":
+                shard = ivf_bytes(rows, dim, self.ivf_lists, self.ivf_codes)
             else:
                 shard = rows * dim * 2 if self.search_dtype == "bfloat16" else 0
                 shard += rows * dim * 4 if device != self.device else 0

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lifelong_memory.server import ann, persistence
+from lifelong_memory.server.errors import ResourceExhausted
 from lifelong_memory.server.index import build_index
 from lifelong_memory.server.memory import EMPTY, Memory, MemoryConfig, MemoryState
 from lifelong_memory.server.registry import MemoryRegistry
@@ -185,3 +186,25 @@ def test_a_snapshot_carries_the_trained_quantizer():
     state = persistence.read_snapshot(io.BytesIO(b"".join(persistence.snapshot_chunks(memory.capture()))))
     assert state.index_state.keys() == {"shard0.centroids"}
     assert torch.equal(state.index_state["shard0.centroids"], memory.index.state()["shard0.centroids"])
+
+
+@pytest.mark.parametrize(
+    "options, index_bytes_per_slot",
+    [
+        pytest.param(dict(backend="faiss-ivf"), 4 * D, id="ivf-flat: a float32 copy of each key"),
+        pytest.param(dict(backend="faiss-ivf", ivf_codes="sq8"), D, id="ivf-sq8: a byte per component"),
+        pytest.param(dict(backend="lsh", lsh_tables=8), 8 * 12, id="lsh: a code and an entry per table"),
+    ],
+)
+def test_the_memory_budget_counts_an_approximate_index(options, index_bytes_per_slot):
+    """An approximate index's buckets or lists count against the server's memory budget: a budget that holds
+    the exact memory refuses the approximate one, and says so on create."""
+    exact = MemoryConfig(key_dim=D, memory_size=1 << 16).validated().footprint(16)["cpu"]
+    flat = MemoryConfig(key_dim=D, memory_size=1 << 16, backend="faiss").validated().footprint(16)["cpu"]
+    slots_alone = flat - 4 * D * (1 << 16)  # keys, values, ages, ... and the recent labels: no index
+    config = MemoryConfig(key_dim=D, memory_size=1 << 16, **options).validated()
+    assert config.footprint(16)["cpu"] - slots_alone >= index_bytes_per_slot * config.memory_size
+    registry = MemoryRegistry(memory_budget_bytes=exact, max_batch=16)
+    with pytest.raises(ResourceExhausted, match="config.memory_size"):
+        registry.create("m", key_dim=D, memory_size=1 << 16, **options)
+    assert registry.list() == [] and registry.create("exact", key_dim=D, memory_size=1 << 16)
