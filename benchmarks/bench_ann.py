@@ -26,7 +26,7 @@ Measured per (backend, B), median of repeated calls after a warm-up:
 Quality is measured before any write, against exact answers on the same keys. Writes made while one backend is
 timed are then applied to every other index, so each is timed on the memory as it is.
 
-Anchors, measured in the same run on the same keys (``--no-anchors`` to skip):
+Anchors, measured in the same run on the same keys, with fresh queries (``--no-anchors`` to skip):
   raw torch          ``torch.topk(q @ K.T, k)``: exact search alone
   faiss-ivf direct   faiss IndexIVFFlat (nlist, nprobe as ivf-flat) used as a library: train, add, search, and
                      remove_ids + add_with_ids of B rows
@@ -199,15 +199,17 @@ def bench_distribution(n: int, kind: str, args, backends: list[str]) -> list[dic
         written.extend(recorder.written)
         written = [torch.unique(torch.cat(written))]
     if not args.no_anchors:
-        rows.extend(anchors(memory, kind, n, batches, configs.get("ivf-flat"), args))
+        rows.extend(anchors(memory, keys, configs.get("ivf-flat"), args))
     return rows
 
 
-def anchors(memory: Memory, kind: str, n: int, batches, ivf_config, args) -> list[dict]:
-    """raw torch top-k, faiss IVF used directly, usearch HNSW: same keys, same queries."""
-    out = []
+def anchors(memory: Memory, keys: Keys, ivf_config, args) -> list[dict]:
+    """raw torch top-k, faiss IVF used directly, usearch HNSW: on the memory's keys as the timed writes left
+    them, with fresh queries of the same distribution (the timed steps wrote theirs into the memory)."""
+    out, kind, n = [], keys.kind, keys.n
+    batches = {b: keys.rows(b) for b in args.batches}
     raw = {"n": n, "keys": kind, "backend": "anchor:raw-torch", "build_s": 0.0, "per_batch": {}}
-    exact = {}  # on the keys as the timed writes left them
+    exact = {}
     for b, (q, _) in batches.items():
         exact[b] = torch.topk(q @ memory.keys.T, K, dim=1).indices
         raw["per_batch"][b] = {
@@ -215,16 +217,16 @@ def anchors(memory: Memory, kind: str, n: int, batches, ivf_config, args) -> lis
         }
     out.append(raw)
     faiss = import_faiss()
-    keys = memory.keys.numpy()
+    stored = memory.keys.numpy()
     if ivf_config is not None:
         lists, probes = ivf_config.ivf_lists, ivf_config.ivf_probes
         start = time.perf_counter()
         quantizer = faiss.IndexFlatIP(D)
         ivf = faiss.IndexIVFFlat(quantizer, D, lists, faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(0).choice(n, min(n, 64 * lists), replace=False)
-        ivf.train(keys[np.sort(sample)])
+        ivf.train(stored[np.sort(sample)])
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-        ivf.add_with_ids(keys, np.arange(n))
+        ivf.add_with_ids(stored, np.arange(n))
         ivf.nprobe = probes
         row = {"n": n, "keys": kind, "backend": "anchor:faiss-ivf", "build_s": time.perf_counter() - start}
         row["config"], row["per_batch"] = {"nlist": lists, "nprobe": probes}, {}
@@ -236,7 +238,7 @@ def anchors(memory: Memory, kind: str, n: int, batches, ivf_config, args) -> lis
 
             def replace(slots=slots):
                 ivf.remove_ids(faiss.IDSelectorArray(len(slots), faiss.swig_ptr(slots)))
-                ivf.add_with_ids(keys[slots], slots)
+                ivf.add_with_ids(stored[slots], slots)
 
             entry["write_us_per_row"] = 1e6 * timed(replace, args.min_time / 2, args.min_reps) / b
             row["per_batch"][b] = entry
@@ -251,7 +253,7 @@ def anchors(memory: Memory, kind: str, n: int, batches, ivf_config, args) -> lis
             return out
         start = time.perf_counter()
         hnsw = UsearchIndex(ndim=D, metric="ip", dtype="f32", connectivity=16, expansion_add=128, expansion_search=K)
-        hnsw.add(np.arange(n), keys, threads=args.threads)
+        hnsw.add(np.arange(n), stored, threads=args.threads)
         row = {"n": n, "keys": kind, "backend": "anchor:usearch-hnsw", "build_s": time.perf_counter() - start}
         row["config"], row["per_batch"] = {"M": 16, "ef_construction": 128, "ef_search": K}, {}
         for b, (q, _) in batches.items():
@@ -265,7 +267,7 @@ def anchors(memory: Memory, kind: str, n: int, batches, ivf_config, args) -> lis
 
             def replace(slots=slots):
                 hnsw.remove(slots)
-                hnsw.add(slots, keys[slots], threads=args.threads)
+                hnsw.add(slots, stored[slots], threads=args.threads)
 
             entry["write_us_per_row"] = 1e6 * timed(replace, args.min_time / 2, args.min_reps) / b
             row["per_batch"][b] = entry
