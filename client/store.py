@@ -111,7 +111,8 @@ class Store:
 
     def import_memory(self, name: str, path: str | Path, **overrides) -> MemoryClient:
         """A new memory ``name`` from an exported or snapshot file. ``overrides`` may set device, backend,
-        search_dtype and shards; what the memory holds comes from the file."""
+        search_dtype, shards and the approximate-search fields (lsh_*, ivf_*: a new ivf_lists or ivf_codes
+        trains a new quantizer); what the memory holds comes from the file."""
         return MemoryClient(self._transport, self._transport.import_file(name, Path(path), overrides))
 
     def close(self) -> None:

@@ -208,3 +208,18 @@ def test_the_memory_budget_counts_an_approximate_index(options, index_bytes_per_
     with pytest.raises(ResourceExhausted, match="config.memory_size"):
         registry.create("m", key_dim=D, memory_size=1 << 16, **options)
     assert registry.list() == [] and registry.create("exact", key_dim=D, memory_size=1 << 16)
+
+
+def test_an_import_may_probe_more_keeping_the_quantizer_or_retrain_it_with_other_lists():
+    keys, labels = clustered(4096, 128, 0.5, seed=3)
+    config = MemoryConfig(key_dim=D, memory_size=4096, choose_k=16, backend="faiss-ivf", ivf_lists=16, ivf_probes=1)
+    state = filled(config, keys, labels).capture()
+    registry = MemoryRegistry()
+    wider = registry.import_state("wider", state, ivf_probes=16)
+    assert wider.config.ivf_probes == 16
+    assert torch.equal(wider.index.state()["shard0.centroids"], state.index_state["shard0.centroids"])
+    queries, query_labels = clustered(64, 128, 0.5, seed=8)
+    exact = registry.import_state("exact", state, backend="torch").query(queries, query_labels)
+    assert torch.equal(wider.query(queries, query_labels).neighbor_slots, exact.neighbor_slots)  # exhaustive
+    retrained = registry.import_state("retrained", state, ivf_lists=8)
+    assert retrained.index.state()["shard0.centroids"].shape == (8, D)
