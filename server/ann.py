@@ -316,9 +316,12 @@ class FaissIvfIndex:
         return index
 
     def _train(self) -> None:
+        """k-means on ``train_size`` filled rows spread evenly over the shard (all of them at the first fill;
+        a memory restored full would otherwise copy every key and train on far more than k-means needs)."""
         filled = np.flatnonzero(~self.zero.zero)
+        sample = filled[np.linspace(0, len(filled) - 1, min(len(filled), self.train_size)).astype(np.int64)]
         index = self._new_index()
-        index.train(np.ascontiguousarray(self.keys[torch.from_numpy(filled)].numpy()))
+        index.train(np.ascontiguousarray(self.keys[torch.from_numpy(sample)].numpy()))
         self._finish(index)
 
     def _build(self, centroids: np.ndarray, ranges: torch.Tensor | None) -> None:
