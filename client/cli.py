@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--backend", choices=BACKENDS)
             sub.add_argument("--search-dtype", choices=sorted(SEARCH_DTYPES))
             sub.add_argument("--shards", type=int)
+            for field in ("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes"):
+                sub.add_argument(f"--{field.replace('_', '-')}", type=int)
+            sub.add_argument("--ivf-codes")
     _add_inspection_commands(commands)
 
     args = parser.parse_args(argv)
@@ -364,6 +367,7 @@ def _admin(store, args) -> int:
         overrides = {
             name: getattr(args, name)
             for name in ("device", "devices", "backend", "search_dtype", "shards")
+            + ("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes")
             if getattr(args, name) is not None
         }
         try:

@@ -114,7 +114,8 @@ class Store:
 
     def import_memory(self, name: str, path: str | Path, **overrides) -> MemoryClient:
         """A new memory ``name`` from an exported or snapshot file. ``overrides`` may set device, backend,
-        search_dtype and shards; what the memory holds comes from the file."""
+        search_dtype, shards and the approximate-search fields (lsh_*, ivf_*: a new ivf_lists or ivf_codes
+        trains a new quantizer); what the memory holds comes from the file."""
         return MemoryClient(self._transport, self._transport.import_file(name, Path(path), overrides))
 
     def close(self) -> None:
@@ -572,7 +573,10 @@ def _config_message(config: dict) -> pb.MemoryConfig:
     if unknown:
         raise InvalidArgument("config", f"unknown fields {sorted(unknown)}")
     message = pb.MemoryConfig()
-    plain = ("key_dim", "memory_size", "choose_k", "correct_in_top", "seed", "shards", "alpha", "device", "age_noise")
+    plain = (
+        *("key_dim", "memory_size", "choose_k", "correct_in_top", "seed", "shards", "alpha", "device", "age_noise"),
+        *("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes"),
+    )
     for name in plain:
         if name in config:
             try:

@@ -13,14 +13,19 @@ canonicalises both.
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
+from lifelong_memory.server.ann import FaissIvfIndex, LshIndex
 from lifelong_memory.server.devices import canonical_device, score_buffer_bytes
 from lifelong_memory.server.errors import FailedPrecondition
 
+if TYPE_CHECKING:
+    from lifelong_memory.server.memory import MemoryConfig
+
+SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RESCORE_ROWS = 16
 # torch.topk on the CPU sorts a row once k is more than about 1/64 of it; numpy's introselect (argpartition)
 # is then 2-5x faster, up to rows of about 256 * k (measured at B = 16, k = 64 to 1024, one thread), unless
@@ -36,6 +41,9 @@ class Index(Protocol):
         """``empty_slots``: how many slots of the memory hold a zero key (they tie at similarity 0)."""
 
     def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None: ...
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a snapshot keeps of the index beyond the keys (a trained quantizer); empty for most."""
 
 
 def score_rows(slots: int, element_bytes: int, device: str, max_batch: int) -> int:
@@ -116,6 +124,9 @@ class TorchFlatIndex:
         if self.search_keys is not self.keys:
             self.search_keys[local] = keys.to(self.search_dtype)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
 
 def import_faiss():
     """The faiss module, once it is clear which faiss this environment has (FailedPrecondition if none,
@@ -172,6 +183,9 @@ class FaissFlatIndex:
     def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
         self.stored[(slots - self.start).numpy()] = keys.numpy()
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
 
 class ShardedIndex:
     """Slot-range shards searched independently, merged into one global top-k on the memory's device."""
@@ -203,6 +217,10 @@ class ShardedIndex:
             if len(rows):
                 shard.update(slots[rows], keys[rows.to(keys.device)])
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Each shard's state, its names prefixed with ``shard<i>.``."""
+        return {f"shard{i}.{name}": t for i, shard in enumerate(self.shards) for name, t in shard.state().items()}
+
 
 def shard_bounds(size: int, shards: int) -> list[int]:
     """Shard i covers slots [bounds[i], bounds[i + 1])."""
@@ -210,18 +228,32 @@ def shard_bounds(size: int, shards: int) -> list[int]:
 
 
 def build_index(
-    keys: torch.Tensor, backend: str, search_dtype: torch.dtype, shard_devices: list[str], max_batch: int
+    keys: torch.Tensor, config: MemoryConfig, max_batch: int, state: dict[str, torch.Tensor] | None = None
 ) -> ShardedIndex:
-    """One index over ``keys`` (the memory's float32 key matrix), split into one slot range per entry of
-    ``shard_devices`` and placed there; score buffers sized for batches of ``max_batch`` rows."""
+    """One index over ``keys`` (the memory's float32 key matrix) of the validated ``config``'s backend, split
+    into one slot range per shard and placed on the shard's device; score buffers sized for batches of
+    ``max_batch`` rows. ``state``: what ``state()`` gave of an index of this same config, if any."""
+    state = state or {}
+    shard_devices = config.shard_devices()
     bounds = shard_bounds(len(keys), len(shard_devices))
     home = canonical_device(str(keys.device))
+    search_dtype = SEARCH_DTYPES[config.search_dtype]
     element_bytes = torch.empty(0, dtype=search_dtype).element_size()
     parts: list[Index] = []
-    for start, stop, device in zip(bounds[:-1], bounds[1:], shard_devices, strict=True):
+    for i, (start, stop, device) in enumerate(zip(bounds[:-1], bounds[1:], shard_devices, strict=True)):
         rows = keys[start:stop]
-        if backend == "faiss":
+        if config.backend == "faiss":
             parts.append(FaissFlatIndex(rows, start))
+            continue
+        if config.backend == "faiss-ivf":
+            prefix = f"shard{i}."
+            own = {name[len(prefix) :]: t for name, t in state.items() if name.startswith(prefix)}
+            parts.append(
+                FaissIvfIndex(rows, start, config.ivf_lists, config.ivf_probes, config.ivf_codes, config.seed, own)
+            )
+            continue
+        if config.backend == "lsh":
+            parts.append(LshIndex(rows, start, config.lsh_tables, config.lsh_bits, config.lsh_probes, config.seed))
             continue
         owns_keys = device != home
         if owns_keys:

@@ -32,15 +32,19 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
+from lifelong_memory.server.ann import LOW_HALF, descending_then_lower_index_key, ivf_bytes, lsh_bytes
 from lifelong_memory.server.devices import canonical_device, check_usable, is_out_of_memory
 from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from lifelong_memory.server.index import build_index, score_rows, shard_bounds
+from lifelong_memory.server.index import SEARCH_DTYPES, build_index, score_rows, shard_bounds
 
 EMPTY = -1
 NO_SLOT = -1
 UNIT_NORM_TOLERANCE = 1e-3
-SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-BACKENDS = ("torch", "faiss")
+BACKENDS = ("torch", "faiss", "lsh", "faiss-ivf")
+IVF_CODES = ("flat", "sq8")
+MAX_LSH_TABLES = 64
+MAX_LSH_BITS = 30  # a bucket code and a row id share one int64
+MAX_PROBES = 4096  # LSH buckets probed per table: the probe order enumerates up to 2 * probes flip sets
 MAX_AGE_BINS = 1000
 MAX_TOP_LABELS = 10000
 # Each shard costs a search call per query: more than this only adds overhead on any one machine.
@@ -76,6 +80,13 @@ class MemoryConfig:
     backend: str = "torch"
     shards: int = 1
     devices: tuple[str, ...] = ()  # where the shards' searches run: empty, all on device
+    # Approximate search (docs/approximate-search.md); 0: chosen from memory_size, shards and choose_k.
+    lsh_tables: int = 0  # backend lsh: L libraries (tables) of hyperplanes; default ceil(sqrt(choose_k))
+    lsh_bits: int = 0  # hyperplanes per table; default round(log2(shard slots * L / choose_k))
+    lsh_probes: int = 0  # buckets probed per table; default 1 (the paper); 2^lsh_bits: exhaustive
+    ivf_lists: int = 0  # backend faiss-ivf: nlist; default the power of two nearest sqrt(shard slots)
+    ivf_probes: int = 0  # nprobe; default max(1, ivf_lists // 32); ivf_lists: exhaustive
+    ivf_codes: str = "flat"  # "flat" (float32 vectors) or "sq8" (8-bit codes, candidates re-ranked exactly)
 
     def validated(self) -> MemoryConfig:
         """This config with choose_k capped at memory_size and device names canonical; InvalidArgument
@@ -117,13 +128,49 @@ class MemoryConfig:
             f"{len(devices)} devices for {self.shards} shards: each device needs a shard (raise shards)",
         )
         if any(d != "cpu" for d in (device, *devices)):
-            check(self.backend == "torch", "backend", "the faiss backend runs on the CPU; use torch on CUDA")
+            check(self.backend == "torch", "backend", f"the {self.backend} backend runs on the CPU; use torch on CUDA")
         check(
             self.backend == "torch" or self.search_dtype == "float32",
             "search_dtype",
             "bfloat16 search needs the torch backend",
         )
-        return dataclasses.replace(self, choose_k=choose_k, seed=int(self.seed), device=device, devices=devices)
+        resolved = dataclasses.replace(self, choose_k=choose_k, seed=int(self.seed), device=device, devices=devices)
+        return resolved._approximate_search_validated(check)
+
+    def _approximate_search_validated(self, check: Callable[[bool, str, str], None]) -> MemoryConfig:
+        """The approximate-search fields checked, and for the memory's own backend with their defaults filled
+        in (a config read back shows what the index uses); a backend's fields must be 0 (default) or in range."""
+        shard_slots = self.memory_size // self.shards  # the smallest shard
+        for field, low, high in (
+            ("lsh_tables", 1, MAX_LSH_TABLES),
+            ("lsh_bits", 1, MAX_LSH_BITS),
+            ("ivf_lists", 1, shard_slots),
+        ):
+            value = getattr(self, field)
+            check(value == 0 or low <= value <= high, field, f"must be 0 (default) or in [{low}, {high}], got {value}")
+        check(self.ivf_codes in IVF_CODES, "ivf_codes", f"must be one of {list(IVF_CODES)}, got {self.ivf_codes!r}")
+        if self.backend == "lsh":
+            tables = self.lsh_tables or min(MAX_LSH_TABLES, math.ceil(math.sqrt(self.choose_k)))
+            bucket_slots = self.choose_k / tables
+            bits = self.lsh_bits or min(MAX_LSH_BITS, max(1, round(math.log2(max(1.0, shard_slots / bucket_slots)))))
+            most = min(MAX_PROBES, 1 << bits)
+            check(
+                0 <= self.lsh_probes <= most,
+                "lsh_probes",
+                f"must be 0 (default) or in [1, {most}], got {self.lsh_probes}",
+            )
+            return dataclasses.replace(self, lsh_tables=tables, lsh_bits=bits, lsh_probes=self.lsh_probes or 1)
+        check(self.lsh_probes >= 0, "lsh_probes", f"must be >= 0, got {self.lsh_probes}")
+        if self.backend == "faiss-ivf":
+            lists = self.ivf_lists or min(shard_slots, 1 << max(0, round(math.log2(math.sqrt(shard_slots)))))
+            check(
+                0 <= self.ivf_probes <= lists,
+                "ivf_probes",
+                f"must be 0 (default) or in [1, ivf_lists={lists}], got {self.ivf_probes}",
+            )
+            return dataclasses.replace(self, ivf_lists=lists, ivf_probes=self.ivf_probes or max(1, lists // 32))
+        check(self.ivf_probes >= 0, "ivf_probes", f"must be >= 0, got {self.ivf_probes}")
+        return self
 
     def check_usable(self) -> None:
         """InvalidArgument naming the field unless this host has the config's devices."""
@@ -145,9 +192,10 @@ class MemoryConfig:
     def footprint(self, max_batch: int) -> dict[str, int]:
         """Bytes a memory of this config holds at most, per device: its slots on ``device``; the
         recent-label table (at most memory_size labels) and the slots' writer tags in host memory; per
-        shard the index's own copies of its keys (bf16; float32 on another device; faiss) and the score
-        buffer for batches of up to ``max_batch`` rows, on the shard's device. Call it once the devices are
-        known to be usable (a CUDA score buffer is sized from the device's memory)."""
+        shard the index's own copies of its keys (bf16; float32 on another device; faiss; an approximate
+        index's buckets or lists, of a validated config) and the score buffer for batches of up to
+        ``max_batch`` rows, on the shard's device. Call it once the devices are known to be usable (a CUDA
+        score buffer is sized from the device's memory)."""
         dim = self.key_dim
         needed = {self.device: self.memory_size * (dim * 4 + SLOT_BYTES)}
         # The recent-label table and the writer tag of each slot (int32) live in host memory.
@@ -158,6 +206,10 @@ class MemoryConfig:
             rows = stop - start
             if self.backend == "faiss":
                 shard = rows * dim * 4
+            elif self.backend == "lsh":
+                shard = lsh_bytes(rows, dim, self.lsh_tables, self.lsh_bits)
+            elif self.backend == "faiss-ivf":
+                shard = ivf_bytes(rows, dim, self.ivf_lists, self.ivf_codes)
             else:
                 shard = rows * dim * 2 if self.search_dtype == "bfloat16" else 0
                 shard += rows * dim * 4 if device != self.device else 0
@@ -328,6 +380,8 @@ class MemoryState:
     writers: torch.Tensor  # int32 [M]: index into writer_names of each slot's last write or merge
     writer_names: list[str]  # the writer table; writer_names[0] == "" (untagged)
     writer_counters: list[tuple[int, int]]  # (writes, merges) per entry of writer_names
+    # The index's own state (Index.state: a trained IVF quantizer), for an index of the same config.
+    index_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 class Journal(Protocol):
@@ -429,9 +483,7 @@ class Memory:
             self.counters = {"queries": 0, "writes": 0, "merges": 0}
             if state is not None:
                 self._load(state)
-            self.index = build_index(
-                self.keys, cfg.backend, SEARCH_DTYPES[cfg.search_dtype], cfg.shard_devices(), max_batch
-            )
+            self.index = build_index(self.keys, cfg, max_batch, self._index_state(state))
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -584,6 +636,7 @@ class Memory:
                 writers=self.writers.clone(),
                 writer_names=list(self.writer_names),
                 writer_counters=[tuple(c) for c in self.writer_counters],
+                index_state=self.index.state(),
             )
 
     def stats(self) -> dict[str, int]:
@@ -788,7 +841,7 @@ class Memory:
                 lowest_empty = torch.nonzero(self.values == EMPTY).flatten()[:k]
                 rank = (zero_empty.cumsum(dim=1) - 1).clamp(min=0)
                 slots = torch.where(zero_empty, lowest_empty[rank], slots)
-        key = _descending_then_lower_index_key(similarities, slots, self.config.memory_size, nan_first=True)
+        key = descending_then_lower_index_key(similarities, slots, self.config.memory_size, nan_first=True)
         order = torch.sort(key, dim=1, descending=True).indices
         return slots.gather(1, order), similarities.gather(1, order)
 
@@ -929,6 +982,14 @@ class Memory:
         self.generations.fill_(self.commit_sequence)
         self.index.update(torch.arange(self.config.memory_size), self.keys)
 
+    def _index_state(self, state: MemoryState | None) -> dict[str, torch.Tensor]:
+        """The captured index state if the index it came from searched the way this one will (an import may
+        change the backend or the shards: the new index then trains anew)."""
+        same = ("key_dim", "backend", "shards", "ivf_lists", "ivf_codes")
+        if state is None or any(getattr(state.config, f) != getattr(self.config, f) for f in same):
+            return {}
+        return state.index_state
+
     def _load(self, state: MemoryState) -> None:
         """Take a captured state, already checked against the config (persistence.read_snapshot), before the
         index is built over the keys."""
@@ -1006,32 +1067,8 @@ def _descending_then_lower_slot(score: torch.Tensor, indices: torch.Tensor, coun
     (``indices``: arange(len(score)), on its device): one top-k of a key with no two alike, so the choice
     needs no round trip to the host."""
     size = len(score)
-    top = torch.topk(_descending_then_lower_index_key(score, indices, size), count).values
+    top = torch.topk(descending_then_lower_index_key(score, indices, size), count).values
     return top.bitwise_and_(LOW_HALF).neg_().add_(size - 1)
-
-
-LOW_HALF = 0xFFFFFFFF
-MONOTONE_NAN = 0x7FFFFFFF  # above the monotone bits of +inf
-
-
-def _descending_then_lower_index_key(
-    score: torch.Tensor, indices: torch.Tensor, size: int, *, nan_first: bool = False
-) -> torch.Tensor:
-    """An int64 key per element of float32 ``score`` (``indices`` in [0, size), size <= 2^31) whose
-    descending order is: score descending, ties to the lower index; no two keys are equal.
-
-    The float's bits, made monotone as an int32 (a negative float's magnitude bits flipped), go in the
-    high half and the index, reversed (size - 1 - index), in the low half. +0.0 stands in for -0.0, which
-    compares equal to it; with ``nan_first`` every NaN orders above +inf, as torch.sort puts it."""
-    bits = (score + 0.0).view(torch.int32)
-    bits.bitwise_xor_(torch.bitwise_right_shift(bits, 31).bitwise_and_(0x7FFFFFFF))
-    if nan_first:
-        bits.masked_fill_(torch.isnan(score), MONOTONE_NAN)
-    key = bits.to(torch.int64)
-    key.bitwise_left_shift_(32)
-    key.sub_(indices)
-    key.add_(size - 1)
-    return key
 
 
 def check_writer(writer) -> None:

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import struct
 import threading
@@ -56,10 +57,13 @@ SNAPSHOT_MAGIC = b"LMEMSNAP"
 SNAPSHOT_END = b"LMEMEND!"
 # 2: no age-noise generator state (the noise is a function of seed, commit and slot). Format 1 files,
 # which end their arrays with that state, are still read; the state is skipped.
-# 3: the writer tag of every slot, and the writer table with its counters in the header. Older files restore
-# with every slot and count untagged.
+# 3: the writer tag of every slot, and the writer table with its counters in the header (older files restore
+# with every slot and count untagged); the index's own state (a trained IVF quantizer) after the state arrays,
+# listed as "index_arrays".
 SNAPSHOT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
+# Index state arrays: shard<i>.<name>, float32.
+INDEX_ARRAY_NAME = re.compile(r"shard\d+\.(centroids|ranges)")
 WAL_MAGIC = b"LMEMWAL1"
 # Record header: crc32 of everything after it, payload length, commit sequence, kind.
 RECORD_HEADER = struct.Struct("<IIQB")
@@ -158,6 +162,11 @@ def _write_all(fd: int, data: bytes) -> None:
 def snapshot_chunks(state: MemoryState) -> Iterator[bytes]:
     """The snapshot file of ``state``, in chunks: header, raw little-endian arrays, checksummed trailer."""
     arrays = {name: getattr(state, name).contiguous() for name in STATE_ARRAYS}
+    index_arrays = {name: t.contiguous() for name, t in sorted(state.index_state.items())}
+
+    def specs(named: dict[str, torch.Tensor]) -> list[dict]:
+        return [{"name": n, "dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape)} for n, a in named.items()]
+
     header = {
         "format": SNAPSHOT_VERSION,
         "config": dataclasses.asdict(state.config),
@@ -167,11 +176,12 @@ def snapshot_chunks(state: MemoryState) -> Iterator[bytes]:
             {"name": name, "writes": writes, "merges": merges}
             for name, (writes, merges) in zip(state.writer_names, state.writer_counters, strict=True)
         ],
-        "arrays": [{"name": n, "dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape)} for n, a in arrays.items()],
+        "arrays": specs(arrays),
+        "index_arrays": specs(index_arrays),
     }
     header_bytes = json.dumps(header, sort_keys=True).encode()
     crc = 0
-    for chunk in _array_chunks(header_bytes, arrays.values()):
+    for chunk in _array_chunks(header_bytes, [*arrays.values(), *index_arrays.values()]):
         crc = zlib.crc32(chunk, crc)
         yield chunk
     yield struct.pack("<I", crc) + SNAPSHOT_END
@@ -210,14 +220,20 @@ def read_snapshot(f: BinaryIO) -> MemoryState:
         # placed, after an import's overrides (a snapshot from a GPU server restores on a CPU host).
         config = MemoryConfig(**header["config"]).validated()
         names = [a["name"] for a in header["arrays"]]
+        index_specs = header.get("index_arrays", []) if version >= 3 else []
+        index_names = [a["name"] for a in index_specs]
     except (ValueError, KeyError, TypeError) as exc:
         raise SnapshotError(f"bad header: {exc}") from None
     present = {name: dtype for name, dtype in STATE_ARRAYS.items() if version >= ADDED_ARRAYS.get(name, 0)}
     expected = {**present, **DROPPED_ARRAYS.get(version, {})}
     if names != list(expected):
         raise SnapshotError(f"arrays {names} are not {list(expected)}")
+    if not all(isinstance(n, str) and INDEX_ARRAY_NAME.fullmatch(n) for n in index_names):
+        raise SnapshotError(f"index arrays {index_names} are not shard<i>.centroids or shard<i>.ranges")
+    expected_index = dict.fromkeys(index_names, torch.float32)
     arrays = {}
-    for spec, (name, dtype) in zip(header["arrays"], expected.items(), strict=True):
+    specs = [*header["arrays"], *index_specs]
+    for spec, (name, dtype) in zip(specs, [*expected.items(), *expected_index.items()], strict=True):
         shape = spec["shape"]
         if spec["dtype"] != DTYPE_NAMES[dtype] or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise SnapshotError(f"array {name}: bad dtype or shape {spec}")
@@ -240,26 +256,43 @@ def read_snapshot(f: BinaryIO) -> MemoryState:
         raise SnapshotError("trailing bytes after the end marker")
     for name in DROPPED_ARRAYS.get(version, {}):
         del arrays[name]
+    index_state = {name: arrays.pop(name) for name in index_names}
     try:
         sequence, counters = int(header["commit_sequence"]), {k: int(v) for k, v in header["counters"].items()}
         if version >= ADDED_ARRAYS["writers"]:
             table = header["writers"]
-            names = [str(w["name"]) for w in table]
+            writer_names = [str(w["name"]) for w in table]
             writer_counters = [(int(w["writes"]), int(w["merges"])) for w in table]
         else:
-            names, writer_counters = [""], [(counters.get("writes", 0), counters.get("merges", 0))]
+            writer_names, writer_counters = [""], [(counters.get("writes", 0), counters.get("merges", 0))]
             arrays["writers"] = torch.zeros(config.memory_size, dtype=torch.int32)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SnapshotError(f"bad header: {exc}") from None
-    _check_state(config, arrays, names)
+    _check_state(config, arrays, writer_names)
+    _check_index_state(config, index_state)
     return MemoryState(
         config=config,
         commit_sequence=sequence,
         counters=counters,
-        writer_names=names,
+        writer_names=writer_names,
         writer_counters=writer_counters,
+        index_state=index_state,
         **arrays,
     )
+
+
+def _check_index_state(config: MemoryConfig, index_state: dict[str, torch.Tensor]) -> None:
+    """Each shard's trained IVF state has the config's shape: centroids [ivf_lists, key_dim], sq8 ranges
+    [2 * key_dim], both finite, and only for a faiss-ivf memory."""
+    if index_state and config.backend != "faiss-ivf":
+        raise SnapshotError(f"index arrays {sorted(index_state)} for backend {config.backend}")
+    shapes = {"centroids": [config.ivf_lists, config.key_dim], "ranges": [2 * config.key_dim]}
+    for name, array in index_state.items():
+        shard, part = name.split(".")
+        if int(shard[len("shard") :]) >= config.shards or list(array.shape) != shapes[part]:
+            raise SnapshotError(f"index array {name} of shape {list(array.shape)} does not fit the config")
+        if not bool(torch.isfinite(array).all()):
+            raise SnapshotError(f"index array {name} must be finite")
 
 
 def _check_state(config: MemoryConfig, arrays: dict[str, torch.Tensor], writer_names: list[str]) -> None:

@@ -33,7 +33,10 @@ log = logging.getLogger("lifelong_memory.server.registry")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(MemoryConfig))
 # What an import may change: where and how the memory is searched, never what it holds.
-IMPORT_OVERRIDES = frozenset({"device", "devices", "backend", "search_dtype", "shards"})
+IMPORT_OVERRIDES = frozenset(
+    {"device", "devices", "backend", "search_dtype", "shards"}
+    | {"lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes"}
+)
 GIB = 1 << 30
 
 

@@ -27,7 +27,7 @@ from lifelong_memory.v1 import memory_pb2 as pb
 
 NUMPY_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.INT64: np.dtype("<i8"), pb.BOOL: np.dtype("?")}
 WIRE_DTYPES = {np.dtype("float32"): pb.FLOAT32, np.dtype("int64"): pb.INT64, np.dtype("bool"): pb.BOOL}
-BACKENDS = {pb.TORCH: "torch", pb.FAISS: "faiss"}
+BACKENDS = {pb.TORCH: "torch", pb.FAISS: "faiss", pb.LSH: "lsh", pb.FAISS_IVF: "faiss-ivf"}
 SEARCH_DTYPES = {pb.SEARCH_FLOAT32: "float32", pb.SEARCH_BFLOAT16: "bfloat16"}
 RESULT_FIELDS = {
     pb.NEIGHBORS: "neighbors",
@@ -91,6 +91,12 @@ def config_to_proto(config: MemoryConfig) -> pb.MemoryConfig:
         backend={v: k for k, v in BACKENDS.items()}[config.backend],
         shards=config.shards,
         devices=config.devices,
+        lsh_tables=config.lsh_tables,
+        lsh_bits=config.lsh_bits,
+        lsh_probes=config.lsh_probes,
+        ivf_lists=config.ivf_lists,
+        ivf_probes=config.ivf_probes,
+        ivf_codes=config.ivf_codes,
     )
 
 
@@ -107,6 +113,12 @@ def config_from_proto(message: pb.MemoryConfig) -> dict:
         "alpha",
         "age_noise",
         "device",
+        "lsh_tables",
+        "lsh_bits",
+        "lsh_probes",
+        "ivf_lists",
+        "ivf_probes",
+        "ivf_codes",
     ):
         if message.HasField(name):
             config[name] = getattr(message, name)

@@ -221,6 +221,22 @@ BAD_CONFIGS = [
     pytest.param({"backend": "nope"}, "config.backend", id="backend-nope"),
     pytest.param({"search_dtype": "float16"}, "config.search_dtype", id="search_dtype-float16"),
     pytest.param({"backend": "faiss", "search_dtype": "bfloat16"}, "config.search_dtype", id="faiss-bfloat16"),
+    pytest.param({"backend": "lsh", "search_dtype": "bfloat16"}, "config.search_dtype", id="lsh-bfloat16"),
+    pytest.param({"backend": "lsh", "lsh_tables": -1}, "config.lsh_tables", id="lsh_tables-negative"),
+    pytest.param({"backend": "lsh", "lsh_tables": 65}, "config.lsh_tables", id="lsh_tables-too-many"),
+    pytest.param({"backend": "lsh", "lsh_bits": 31}, "config.lsh_bits", id="lsh_bits-too-many"),
+    pytest.param({"backend": "lsh", "lsh_bits": 2, "lsh_probes": 5}, "config.lsh_probes", id="lsh_probes-above-2^bits"),
+    pytest.param({"backend": "lsh", "lsh_tables": 2**31}, "config.lsh_tables", id="lsh_tables-beyond-int32"),
+    pytest.param({"lsh_probes": -1}, "config.lsh_probes", id="lsh_probes-negative-other-backend"),
+    pytest.param(
+        {"backend": "faiss-ivf", "ivf_lists": 17, "shards": 2}, "config.ivf_lists", id="ivf_lists-above-shard"
+    ),
+    pytest.param(
+        {"backend": "faiss-ivf", "ivf_lists": 4, "ivf_probes": 5}, "config.ivf_probes", id="ivf_probes-above-lists"
+    ),
+    pytest.param({"backend": "faiss-ivf", "ivf_probes": -2}, "config.ivf_probes", id="ivf_probes-negative"),
+    pytest.param({"backend": "faiss-ivf", "ivf_codes": "pq"}, "config.ivf_codes", id="ivf_codes-unknown"),
+    pytest.param({"ivf_codes": 8}, "config.ivf_codes", id="ivf_codes-not-a-string"),
     pytest.param({"device": "tpu"}, "config.device", id="device-tpu"),
     pytest.param({"device": "cuda:x"}, "config.device", id="device-malformed"),
     pytest.param({"device": 5}, "config.device", id="device-not-a-string"),

@@ -155,7 +155,9 @@ def test_a_shard_with_its_own_copy_of_the_keys_follows_every_write():
     """Stand-ins for shards on other devices: each holds its own copy of its slot range (as a shard on
     another GPU does), is updated on every write and searches like views of the memory's keys."""
     keys = torch.zeros(48, 8)
-    views = build_index(keys, "torch", torch.float32, ["cpu", "cpu", "cpu"], max_batch=16)
+    views = build_index(
+        keys, MemoryConfig(memory_size=len(keys), key_dim=keys.shape[1], shards=3).validated(), max_batch=16
+    )
     bounds = views.bounds
     copies = index_module.ShardedIndex(
         [

@@ -123,8 +123,10 @@ def assert_state_agrees(driver, ref, where):
 # (backend, shards, correct_in_top, use_recent); the stream seed differs per case.
 STREAM_CASES = [
     pytest.param(backend, shards, 1, True, id=f"{backend}-shards{shards}")
-    for backend, shards in itertools.product(("torch", "faiss"), (1, 3, 4))
+    for backend, shards in itertools.product(("torch", "faiss", "lsh", "faiss-ivf"), (1, 3, 4))
 ] + [
+    pytest.param("lsh", 3, 2, True, id="lsh-shards3-top2"),
+    pytest.param("faiss-ivf", 1, 1, False, id="faiss-ivf-shards1-norecent"),
     pytest.param("torch", 3, 2, True, id="torch-shards3-top2"),
     pytest.param("faiss", 1, 1, False, id="faiss-shards1-norecent"),
 ]
@@ -134,7 +136,15 @@ NOISY_CASES = [
     pytest.param("torch", 1, 1, True, (2.0, 5, ()), id="torch-shards1-noise"),
     pytest.param("faiss", 3, 1, True, (8.0, 2**63 - 1, ()), id="faiss-shards3-noise-largest-seed"),
     pytest.param("torch", 4, 2, True, (2.0, 5, ("cpu", "cpu")), id="torch-shards4-two-devices-noise"),
+    pytest.param("lsh", 3, 1, True, (8.0, 2**63 - 1, ()), id="lsh-shards3-noise-largest-seed"),
+    pytest.param("faiss-ivf", 4, 1, True, (2.0, 5, ()), id="faiss-ivf-shards4-noise"),
 ]
+# The approximate backends with their search made exhaustive: every LSH bucket of every table probed,
+# nprobe = nlist. The IVF lists are trained as the memory first fills (16 rows per list), in the stream.
+EXHAUSTIVE = {
+    "lsh": dict(lsh_tables=2, lsh_bits=3, lsh_probes=8),
+    "faiss-ivf": dict(ivf_lists=2, ivf_probes=2),
+}
 M, B, STEPS, VOCAB, NOISE = 64, 8, 48, 48, 1.0
 
 
@@ -152,6 +162,7 @@ def config(backend, shards, correct_in_top, memory_size=M, noise=(0.0, 0, ())):
         search_dtype="float32",
         shards=shards,
         devices=devices,
+        **EXHAUSTIVE.get(backend, {}),
     )
 
 

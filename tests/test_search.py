@@ -47,7 +47,7 @@ def test_tied_neighbours_come_lower_slot_first_whatever_order_the_index_returns(
     keys = -torch.nn.functional.normalize(torch.rand(64, 8, generator=generator) + 0.1, dim=1)
     keys[tied] = torch.eye(8)[0]
     memory.keys.copy_(keys)
-    memory.index = build_index(memory.keys, backend, torch.float32, memory.config.shard_devices(), 16)
+    memory.index = build_index(memory.keys, memory.config, 16)
     result = memory.query(torch.eye(8)[:1], fields={"neighbors"})
     assert result.neighbor_slots.tolist() == [sorted(tied)]
     assert (result.neighbor_similarities == 1).all()

@@ -19,6 +19,8 @@ class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKEND_UNSPECIFIED: _ClassVar[Backend]
     TORCH: _ClassVar[Backend]
     FAISS: _ClassVar[Backend]
+    LSH: _ClassVar[Backend]
+    FAISS_IVF: _ClassVar[Backend]
 
 class SearchDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -41,6 +43,8 @@ BOOL: DType
 BACKEND_UNSPECIFIED: Backend
 TORCH: Backend
 FAISS: Backend
+LSH: Backend
+FAISS_IVF: Backend
 SEARCH_DTYPE_UNSPECIFIED: SearchDtype
 SEARCH_FLOAT32: SearchDtype
 SEARCH_BFLOAT16: SearchDtype
@@ -62,7 +66,7 @@ class Array(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class MemoryConfig(_message.Message):
-    __slots__ = ("key_dim", "memory_size", "choose_k", "alpha", "age_noise", "correct_in_top", "seed", "device", "search_dtype", "backend", "shards", "devices")
+    __slots__ = ("key_dim", "memory_size", "choose_k", "alpha", "age_noise", "correct_in_top", "seed", "device", "search_dtype", "backend", "shards", "devices", "lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes")
     KEY_DIM_FIELD_NUMBER: _ClassVar[int]
     MEMORY_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHOOSE_K_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +79,12 @@ class MemoryConfig(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    LSH_TABLES_FIELD_NUMBER: _ClassVar[int]
+    LSH_BITS_FIELD_NUMBER: _ClassVar[int]
+    LSH_PROBES_FIELD_NUMBER: _ClassVar[int]
+    IVF_LISTS_FIELD_NUMBER: _ClassVar[int]
+    IVF_PROBES_FIELD_NUMBER: _ClassVar[int]
+    IVF_CODES_FIELD_NUMBER: _ClassVar[int]
     key_dim: int
     memory_size: int
     choose_k: int
@@ -87,7 +97,13 @@ class MemoryConfig(_message.Message):
     backend: Backend
     shards: int
     devices: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, key_dim: _Optional[int] = ..., memory_size: _Optional[int] = ..., choose_k: _Optional[int] = ..., alpha: _Optional[float] = ..., age_noise: _Optional[float] = ..., correct_in_top: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., search_dtype: _Optional[_Union[SearchDtype, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., shards: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ...) -> None: ...
+    lsh_tables: int
+    lsh_bits: int
+    lsh_probes: int
+    ivf_lists: int
+    ivf_probes: int
+    ivf_codes: str
+    def __init__(self, key_dim: _Optional[int] = ..., memory_size: _Optional[int] = ..., choose_k: _Optional[int] = ..., alpha: _Optional[float] = ..., age_noise: _Optional[float] = ..., correct_in_top: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., search_dtype: _Optional[_Union[SearchDtype, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., shards: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., lsh_tables: _Optional[int] = ..., lsh_bits: _Optional[int] = ..., lsh_probes: _Optional[int] = ..., ivf_lists: _Optional[int] = ..., ivf_probes: _Optional[int] = ..., ivf_codes: _Optional[str] = ...) -> None: ...
 
 class MemoryStats(_message.Message):
     __slots__ = ("filled_slots", "commit_sequence", "queries", "writes", "merges", "recent_labels")
