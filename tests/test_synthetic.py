@@ -49,9 +49,15 @@ def test_no_two_sets_share_a_sequence_and_test_items_know_how_often_x_was_seen()
     np.testing.assert_array_equal(test.seen, counts[test.symbols])
     np.testing.assert_array_equal(train.seen, counts[train.symbols])
     # Short sequences have few A/B contexts; the redraw still finds new ones instead of repeating training ones.
-    short = {**CONFIG, "digits": 2, "min_length": 3, "max_length": 4, "train_sequences": 300, "test_sequences": 50}
-    _, train, _, test = synthetic.make_task(short)
-    assert not {r.tobytes() for r in train.inputs} & {r.tobytes() for r in test.inputs}
+    # 256 sequences exist at this size: the training set takes most, the rest are found, and asking for
+    # more than exist is refused instead of searched for ever.
+    short = {**CONFIG, "digits": 2, "min_length": 3, "max_length": 4, "train_sequences": 200,
+             "validation_sequences": 20, "test_sequences": 20}  # fmt: skip
+    _, train, validation, test = synthetic.make_task(short)
+    held_out = {r.tobytes() for r in validation.inputs} | {r.tobytes() for r in test.inputs}
+    assert len(held_out) == 40 and not {r.tobytes() for r in train.inputs} & held_out
+    with pytest.raises(ValueError, match="found .* of 200 held-out sequences"):
+        synthetic.make_task({**short, "test_sequences": 200})
 
 
 def test_epoch_batches_cover_the_training_set_once_and_depend_only_on_seed_and_epoch():

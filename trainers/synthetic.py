@@ -154,7 +154,9 @@ def make_task(config: dict) -> tuple[np.ndarray, Sequences, Sequences, Sequences
     held_out = []
     for n in (config["validation_sequences"], config["test_sequences"]):
         rows: list[Sequences] = []
-        while sum(map(len, rows)) < n:
+        for _ in range(100):
+            if sum(map(len, rows)) == n:
+                break
             candidates = sample_sequences(n, f, config, rng)
             fresh = []
             for i, row in enumerate(candidates.inputs):
@@ -162,6 +164,11 @@ def make_task(config: dict) -> tuple[np.ndarray, Sequences, Sequences, Sequences
                     taken.add(row.tobytes())
                     fresh.append(i)
             rows.append(candidates.subset(np.array(fresh[: n - sum(map(len, rows))], dtype=np.int64)))
+        else:
+            raise ValueError(
+                f"found {sum(map(len, rows))} of {n} held-out sequences unlike any training one in "
+                f"100 draws: too few sequences of length {config['min_length']}-{config['max_length']}"
+            )
         sequences = Sequences(*(np.concatenate([getattr(r, k) for r in rows]) for k in Sequences.__annotations__))
         sequences.seen = counts[sequences.symbols]
         held_out.append(sequences)
