@@ -71,6 +71,25 @@ def test_neighbor_weights_are_differentiable_softmax(store):
     assert float(x.grad.abs().sum()) > 0
 
 
+def test_neighbor_weights_are_the_same_local_and_remote(server_url):
+    """The wire carries alpha as a float32; a local memory's config keeps 0.1 as a double. The softmax temperature
+    ln(0.2 k) / alpha must not see the difference, or the weights part in the last bit and trainings drift apart."""
+    weights = []
+    for url in ("local", server_url):
+        torch.manual_seed(0)
+        with connect(url) as store:
+            module = MemoryModule(store, KEY_DIM, INPUT_DIM, name="weights-same", memory_size=64, choose_k=8,
+                                  alpha=0.1, return_neighbors=True)  # fmt: skip
+            fill(module)
+            weights.append(module(torch.randn(BATCH, INPUT_DIM, generator=torch.Generator().manual_seed(1))))
+            store.delete_memory("weights-same")
+    local, remote = weights
+    assert torch.equal(local.query, remote.query) and torch.equal(
+        local.result.neighbor_keys, remote.result.neighbor_keys
+    )
+    assert torch.equal(local.neighbor_weights, remote.neighbor_weights)
+
+
 def train_a_little(url: str) -> list[tuple[float, list[int]]]:
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(INPUT_DIM, 32), nn.ReLU(), nn.Linear(32, KEY_DIM))
