@@ -22,7 +22,6 @@ Outputs in out_dir: checkpoint.pt, metrics.jsonl, accuracy-by-age.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from lifelong_memory.client import MemoryModule, connect
-from lifelong_memory.trainers import omniglot_data
+from lifelong_memory.trainers import flags, omniglot_data
 from lifelong_memory.trainers.omniglot import Encoder
 
 # -------------------------------------------------------------------- config
@@ -68,19 +67,7 @@ SEEN_EDGES = [0, 1, 2, 4, 8, 10**9]  # buckets of how often this trainer showed 
 
 
 def configure(argv: list[str] | None = None) -> dict:
-    config = {
-        k: v
-        for k, v in globals().items()
-        if k.islower() and not k.startswith("_") and isinstance(v, (int, float, str, bool))
-    }
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for key, value in config.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    return vars(parser.parse_args(argv))
+    return flags.configure(globals(), __doc__, argv)
 
 
 class MLPEncoder(nn.Module):

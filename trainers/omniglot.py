@@ -17,7 +17,6 @@ Outputs in out_dir: checkpoint.pt, metrics.jsonl, accuracy.png, evaluation.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from lifelong_memory.client import MemoryModule, connect
-from lifelong_memory.trainers import omniglot_data
+from lifelong_memory.trainers import flags, omniglot_data
 
 # -------------------------------------------------------------------- config
 data = os.environ.get("OMNIGLOT_DIR", "data/omniglot")  # folder with images_*.zip and all_runs.zip
@@ -78,20 +77,7 @@ SHOTS = 6  # report 0..5-shot accuracy
 
 
 def configure(argv: list[str] | None = None) -> dict:
-    # The lower-case plain values above; not the module's own dunders (__name__ is a lower-case str too).
-    config = {
-        k: v
-        for k, v in globals().items()
-        if k.islower() and not k.startswith("_") and isinstance(v, (int, float, str, bool))
-    }
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for key, value in config.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    return vars(parser.parse_args(argv))
+    return flags.configure(globals(), __doc__, argv)
 
 
 class Encoder(nn.Module):

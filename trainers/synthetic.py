@@ -36,7 +36,6 @@ step), metrics.jsonl, accuracy.png, evaluation.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -49,6 +48,7 @@ import torch
 from torch import nn
 
 from lifelong_memory.client import MemoryModule, connect
+from lifelong_memory.trainers import flags
 
 # -------------------------------------------------------------------- config
 model = "memory"  # "memory" or "baseline" (no memory)
@@ -86,20 +86,8 @@ SEEN = ("0", "1", "2", "3+")  # how often a test item's x occurred in training
 PAPER = {"baseline": "about 1%", "memory": "over 30%"}  # test accuracy reported in the paper (section 4.2)
 
 
-def configure() -> dict:
-    config = {
-        k: v
-        for k, v in globals().items()
-        if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, bool))
-    }
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for key, value in config.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    return vars(parser.parse_args())
+def configure(argv: list[str] | None = None) -> dict:
+    return flags.configure(globals(), __doc__, argv)
 
 
 # ---------------------------------------------------------------------- data
