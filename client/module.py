@@ -68,8 +68,7 @@ class MemoryModule(nn.Module):
             raise ValueError(f"memory {memory.name!r} has key_dim {memory.config.key_dim}, not {key_dim}")
         self.memory = memory
         self._stream = None
-        # As the wire carries it (a float32), so that a local and a remote memory give the same weights and loss.
-        self.alpha = torch.tensor(memory.config.alpha, dtype=torch.float32).item()
+        self.alpha = memory.config.alpha
         self.use_recent = use_recent
         self.return_neighbors = return_neighbors
         self.query_proj = nn.Parameter(torch.empty(input_dim or key_dim, key_dim))

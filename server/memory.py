@@ -134,7 +134,17 @@ class MemoryConfig:
             "search_dtype",
             "bfloat16 search needs the torch backend",
         )
-        resolved = dataclasses.replace(self, choose_k=choose_k, seed=int(self.seed), device=device, devices=devices)
+        # alpha and age_noise as float32, the precision the wire carries them in: an embedded memory then computes
+        # the same softmax temperature and age noise, bit for bit, as the same memory behind a server.
+        resolved = dataclasses.replace(
+            self,
+            choose_k=choose_k,
+            seed=int(self.seed),
+            device=device,
+            devices=devices,
+            alpha=float(np.float32(self.alpha)),
+            age_noise=float(np.float32(self.age_noise)),
+        )
         return resolved._approximate_search_validated(check)
 
     def _approximate_search_validated(self, check: Callable[[bool, str, str], None]) -> MemoryConfig:

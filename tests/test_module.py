@@ -72,9 +72,9 @@ def test_neighbor_weights_are_differentiable_softmax(store):
 
 
 def test_neighbor_weights_are_the_same_local_and_remote(server_url):
-    """The wire carries alpha as a float32; a local memory's config keeps 0.1 as a double. The softmax temperature
-    ln(0.2 k) / alpha must not see the difference, or the weights part in the last bit and trainings drift apart."""
-    weights = []
+    """The wire carries alpha as a float32, so a memory's config holds it in float32 precision in every mode: the
+    softmax temperature ln(0.2 k) / alpha, and with it the weights, must not part in the last bit local and remote."""
+    weights, served = [], []
     for url in ("local", server_url):
         torch.manual_seed(0)
         with connect(url) as store:
@@ -82,8 +82,10 @@ def test_neighbor_weights_are_the_same_local_and_remote(server_url):
                                   alpha=0.1, return_neighbors=True)  # fmt: skip
             fill(module)
             weights.append(module(torch.randn(BATCH, INPUT_DIM, generator=torch.Generator().manual_seed(1))))
+            served.append(module.memory.query(weights[-1].query.detach(), fields={"weights"}).weights)
             store.delete_memory("weights-same")
     local, remote = weights
+    assert torch.equal(served[0], served[1])  # the memory's own weights, too
     assert torch.equal(local.query, remote.query) and torch.equal(
         local.result.neighbor_keys, remote.result.neighbor_keys
     )
