@@ -400,7 +400,7 @@ def bench_size(n, batches, device, stores, bare, args, generator, write) -> list
                     cases.append(Case("float32", mode, "fused", over_unix))
             # The bare anchors carry exactly the bytes of the fused float32 call, request and response.
             labelled, update, fields = OPS["fused"]
-            sent = query_request(f"bench-{n}-float32", qs[0], ys[0], 0, True, update, fields).ByteSize()
+            sent = query_request(f"bench-{n}-float32", qs[0], ys[0], 0, True, update, fields, "").ByteSize()
             answer = mems[("embedded", "float32")].query(qs[0], ys[0], update=update, fields=fields)
             received = wire.result_to_proto(answer).ByteSize()
             for flavour, client in bare.items():
