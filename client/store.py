@@ -471,13 +471,9 @@ class GrpcTransport:
         return wire.result_from_proto(self._call(self.stub.Query, request, idempotent=not update))
 
     def update(self, name, queries, labels, ticket, writer):
-        request = pb.UpdateRequest(
-            memory=name,
-            queries=_encode(queries, "queries"),
-            labels=_encode(labels, "labels"),
-            ticket=wire.ticket_to_proto(ticket),
-            writer=writer,
-        )
+        request = pb.UpdateRequest(memory=name, ticket=wire.ticket_to_proto(ticket), writer=writer)
+        _fill(request.queries, queries, "queries")
+        _fill(request.labels, labels, "labels")
         response = self._call(self.stub.Update, request, idempotent=False)
         return UpdateResult(
             response.commit_sequence,
@@ -539,21 +535,21 @@ def query_request(name, queries, labels, k, use_recent, update, fields, writer) 
         raise InvalidArgument("k", f"must be an integer, got {k!r}")
     request = pb.QueryRequest(
         memory=name,
-        queries=_encode(queries, "queries"),
         k=k,
         use_recent=use_recent,
         update=update,
         fields=sorted(wire.RESULT_FIELD_IDS[f] for f in fields),
         writer=writer,
     )
+    _fill(request.queries, queries, "queries")
     if labels is not None:
-        request.labels.CopyFrom(_encode(labels, "labels"))
+        _fill(request.labels, labels, "labels")
     return request
 
 
-def _encode(x: torch.Tensor, field: str) -> pb.Array:
+def _fill(message: pb.Array, x: torch.Tensor, field: str) -> None:
     try:
-        return wire.encode_array(x)
+        wire.fill_array(message, x)
     except TypeError as exc:
         raise InvalidArgument(field, str(exc)) from None
 

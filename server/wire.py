@@ -45,14 +45,23 @@ REPORT_ARRAYS = ("age_bin_edges", "age_counts", "top_labels", "top_label_counts"
 
 def encode_array(x) -> pb.Array:
     """A numpy array or torch tensor as an Array message."""
+    message = pb.Array()
+    fill_array(message, x)
+    return message
+
+
+def fill_array(message: pb.Array, x) -> None:
+    """Writes ``x`` into an Array field of a message being built, without copying a finished Array into it
+    (CopyFrom copies the data again: at B = 256 a fused reply's arrays are 0.5 MB)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
     wire = WIRE_DTYPES.get(x.dtype)
     if wire is None:
         raise TypeError(f"no wire dtype for {x.dtype}")
-    data = np.ascontiguousarray(x, dtype=NUMPY_DTYPES[wire]).tobytes()
-    return pb.Array(dtype=wire, shape=x.shape, data=data)
+    message.dtype = wire
+    message.shape[:] = x.shape
+    message.data = np.ascontiguousarray(x, dtype=NUMPY_DTYPES[wire]).tobytes()
 
 
 def decode_array(message: pb.Array, field: str, dtype: int, ndim: int | None = None) -> torch.Tensor:
@@ -156,7 +165,7 @@ def result_to_proto(result: QueryResult) -> pb.QueryResponse:
     for name in RESULT_ARRAYS:
         value = getattr(result, name)
         if value is not None:
-            getattr(response, name).CopyFrom(encode_array(value))
+            fill_array(getattr(response, name), value)
     if result.ticket is not None:
         response.ticket.CopyFrom(ticket_to_proto(result.ticket))
     return response
