@@ -129,25 +129,40 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 
 
 async def _arriving_within(requests, context, timeout: float):
-    """The client's messages; the call is closed (UNAVAILABLE) when none comes for ``timeout`` seconds."""
+    """The client's messages; the call is closed (UNAVAILABLE) when none comes for ``timeout`` seconds.
+
+    One timer per call, not per message: it fires at most once a ``timeout`` and re-arms itself for what is
+    left of the current wait (a stream's messages then cost no timer each)."""
     loop = asyncio.get_running_loop()
     call = asyncio.current_task()
-    iterator = aiter(requests)
+    waiting_since = loop.time()  # None while the server holds a message and waits for nothing
     expired = []  # the timer's mark: its cancellation, not the call's own (the call ends either way)
-    while True:
-        # A timer that cancels the waiting call, rather than asyncio.wait_for: no task per message.
-        timer = loop.call_later(timeout, lambda: expired.append(call.cancel()))
-        try:
-            message = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        except asyncio.CancelledError:
-            if not expired:  # the call itself was cancelled
-                raise
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"no message from the client for {timeout:g} s: the server closed this idle call; open a new one",
-            )
-        finally:
-            timer.cancel()
-        yield message
+
+    def check():
+        nonlocal timer
+        if waiting_since is not None and loop.time() - waiting_since >= timeout:
+            expired.append(call.cancel())
+        else:
+            left = timeout if waiting_since is None else waiting_since + timeout - loop.time()
+            timer = loop.call_later(left, check)
+
+    timer = loop.call_later(timeout, check)
+    iterator = aiter(requests)
+    try:
+        while True:
+            try:
+                message = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if not expired:  # the call itself was cancelled
+                    raise
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no message from the client for {timeout:g} s: the server closed this idle call; open a new one",
+                )
+            waiting_since = None
+            yield message
+            waiting_since = loop.time()
+    finally:
+        timer.cancel()

@@ -170,6 +170,31 @@ def test_idle_stream_is_closed_and_frees_its_place():
             assert store.memory(memory.name).info().stats["commit_sequence"] == 0
 
 
+def test_stream_sending_within_the_idle_timeout_stays_open_past_it():
+    """The idle timer re-arms for what is left of each wait: a stream whose messages come every 0.15 s stays
+    open for many idle timeouts, and is closed once it pauses for longer than one."""
+    limits = ServerLimits(idle_timeout=0.5)
+    with running_server(limits) as port:
+        with connect(f"grpc://127.0.0.1:{port}") as store:
+            store.create_memory("steady", **CONFIG)
+        pause = threading.Event()
+
+        def steady_then_paused():
+            for step in range(12):  # 1.8 s: more than three idle timeouts
+                yield pb.QueryRequest(memory="steady", queries=wire.encode_array(unit_rows(step)))
+                time.sleep(0.15)
+            pause.wait()
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = pb_grpc.MemoryServiceStub(channel).QueryStream(steady_then_paused(), timeout=HOLD_DEADLINE)
+            answers = [next(stream) for _ in range(12)]
+            with pytest.raises(grpc.RpcError) as closed:
+                next(stream)
+            pause.set()
+        assert len(answers) == 12
+        assert closed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 def test_client_stream_opens_a_new_call_after_the_server_closed_an_idle_one():
     with running_server(ServerLimits(idle_timeout=0.5)) as port, connect(f"grpc://127.0.0.1:{port}") as store:
         memory = store.create_memory("resumed", **CONFIG)
