@@ -1,6 +1,7 @@
 """The anchor for what gRPC costs: a bare grpc-python server and client that move opaque bytes, nothing else.
 
     .venv/bin/python benchmarks/bare_grpc.py --listen 127.0.0.1:0 [--aio]    # serves until SIGTERM
+    .venv/bin/python benchmarks/bare_grpc.py --aio --memory-step 8192,16      # the same, doing a memory step
 
 The server answers each request with a response of the length the request's first 8 bytes ask for
 (little-endian), so one server stands in for every request and response size a benchmark measures. It has
@@ -8,6 +9,11 @@ no protobuf, no memory, no interceptors: a generic handler with identity (de)ser
 grpc.server (a thread pool, grpc-python's default) or a grpc.aio server (``--aio``). ``BareClient`` calls it
 the way lifelong_memory's client calls its server: unary calls on one channel, and a bidirectional stream fed
 from a queue, one request and one response at a time.
+
+``--memory-step N,B`` (with ``--aio``): before answering, the handler runs one fused query + update of B rows
+on an embedded memory of N full slots (d = 128, k = 256), inline, as lifelong_memory's server does on its
+worker thread. It is the anchor for what gRPC costs a call whose handler does the memory's own work in a
+server process, with none of lifelong_memory's protocol, servicer, interceptors or thread hand-off.
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ def request_bytes(size: int, response_size: int) -> bytes:
 
 
 class _Responses:
-    """Zero-filled responses by length, made once."""
+    """Zero-filled responses by length, made once; after ``step()`` when one is given."""
 
-    def __init__(self):
+    def __init__(self, step=None):
         self._by_length: dict[int, bytes] = {}
+        self._step = step
 
     def __call__(self, request: bytes) -> bytes:
+        if self._step is not None:
+            self._step()
         length = LENGTH.unpack_from(request)[0]
         response = self._by_length.get(length)
         if response is None:
@@ -67,8 +76,30 @@ def _sync_server(address: str) -> tuple[grpc.Server, int]:
     return server, server.add_insecure_port(address)
 
 
-async def _serve_aio(address: str) -> None:
-    respond = _Responses()
+def memory_step(n: int, b: int):
+    """One fused query + update of ``b`` rows on an embedded memory of ``n`` slots, filled as bench_memory.py
+    fills its memories; the function that runs it, cycling through 8 query batches."""
+    import torch  # only this anchor needs torch and the memory
+    from bench_memory import CHOOSE_K, KEY_DIM, N_BATCHES, OPS, fill, unit_rows
+
+    from lifelong_memory.client import connect
+
+    memory = connect("local").create_memory("step", key_dim=KEY_DIM, memory_size=n, choose_k=CHOOSE_K)
+    fill(memory, n, seed=n)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(unit_rows(b, generator), torch.randint(0, n, (b,), generator=generator)) for _ in range(N_BATCHES)]
+    _, update, fields = OPS["fused"]
+    calls = iter(range(1 << 62))
+
+    def step():
+        queries, labels = batches[next(calls) % N_BATCHES]
+        memory.query(queries, labels, update=update, fields=fields)
+
+    return step
+
+
+async def _serve_aio(address: str, step=None) -> None:
+    respond = _Responses(step)
 
     async def unary(request, context):
         return respond(request)
@@ -128,9 +159,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: a free one) or unix:///path")
     parser.add_argument("--aio", action="store_true", help="a grpc.aio server instead of the thread-pool one")
+    parser.add_argument("--memory-step", metavar="N,B", help="with --aio: run a fused memory step before each answer")
     args = parser.parse_args(argv)
+    if args.memory_step and not args.aio:
+        parser.error("--memory-step needs --aio")
     if args.aio:
-        asyncio.run(_serve_aio(args.listen))
+        step = memory_step(*(int(x) for x in args.memory_step.split(","))) if args.memory_step else None
+        asyncio.run(_serve_aio(args.listen, step))
         return 0
     server, port = _sync_server(args.listen)
     server.start()

@@ -41,6 +41,9 @@ Anchors, measured in the same rounds as everything else:
             and responses of exactly the bytes of the fused float32 call; once with grpc-python's thread-pool
             server (bare-sync) and once with a grpc.aio server (bare-aio). The time gRPC adds to our call is
             compared with the faster of the two.
+  bare-step at N=8192, B=16: bare-aio whose handler runs the same fused step on its own embedded memory
+            before answering (``bare_grpc.py --memory-step``). What gRPC adds to it over the embedded call is
+            what any grpc-python server doing the memory's work in its process pays; ours is printed against it.
 
 The targets (issue 10; printed at the end and stored in the JSON), all ratios within this one run:
   embedded fused / raw fp32 top-k            <= 1.5 at N=8192, B=16; <= 1.1 at N=1M, B=256
@@ -96,6 +99,7 @@ DEFAULT_SIZES = (8_192, 65_536, 1_048_576)
 QUICK_SIZES = (8_192, 65_536)
 BARE_FLAVOURS = ("bare-sync", "bare-aio")
 UNIX_FLAVOURS = ("bare-sync-unix", "bare-aio-unix")
+STEP_FLAVOURS = ("bare-aio-step",)  # bare-aio running the fused step itself before answering, at N=8192 B=16
 UNIX_MODES = ("unix-unary", "unix-stream")  # the fused float32 call on a server on a Unix socket, at N=8192 B=16
 BIG_N, BIG_B = 1_048_576, 256
 SMALL_N, SMALL_B = 8_192, 16
@@ -200,9 +204,12 @@ class Server:
 
 
 def bare_server(flavour: str, listen: str | None = None) -> Server:
-    """benchmarks/bare_grpc.py in a subprocess: bare-sync (thread pool) or bare-aio, on TCP or ``listen``."""
+    """benchmarks/bare_grpc.py in a subprocess: bare-sync (thread pool) or bare-aio, on TCP or ``listen``;
+    bare-aio-step runs the fused step of an embedded memory of N=8192 slots, B=16 rows, in its handler."""
     script = str(Path(__file__).resolve().parent / "bare_grpc.py")
     cmd = [sys.executable, script, "--listen", "{listen}"] + (["--aio"] if flavour.startswith("bare-aio") else [])
+    if flavour in STEP_FLAVOURS:
+        cmd += ["--memory-step", f"{SMALL_N},{SMALL_B}"]
     return Server(0, cmd, ready_line="bare: serving on", listen=listen)
 
 
@@ -404,6 +411,8 @@ def bench_size(n, batches, device, stores, bare, args, generator, write) -> list
             answer = mems[("embedded", "float32")].query(qs[0], ys[0], update=update, fields=fields)
             received = wire.result_to_proto(answer).ByteSize()
             for flavour, client in bare.items():
+                if flavour in STEP_FLAVOURS and (n, b) != (SMALL_N, SMALL_B):
+                    continue
                 message = request_bytes(sent, received)
                 for op, call in (("unary", client.unary), ("stream", client.stream)):
                     cases.append(Case("float32", flavour, op, lambda i, call=call, message=message: call(message)))
@@ -498,6 +507,14 @@ def print_group(rows, n, b) -> None:
                 f"{fmt_ms(stream['median_ms'])} ms (requests of {unary['request_bytes']:,} bytes, responses of "
                 f"{unary['response_bytes']:,}: the fused float32 call's)"
             )
+    step = step_anchor(rows, n, b)
+    if step is not None:
+        for op in ("unary", "stream"):
+            print(
+                f"{n:>9,} {b:>4} bare-aio-step   {op}: {fmt_ms(step[f'{op}_ms'])} ms, "
+                f"{step[f'{op}_added_ms']:+.3f} ms over the embedded fused call; "
+                f"ours adds {step[f'{op}_ours_ms']:+.3f} ms = {step[f'{op}_ratio']:.2f}x that"
+            )
     for transport, modes, flavours in (("TCP", MODES[1:], BARE_FLAVOURS), ("a Unix socket", UNIX_MODES, UNIX_FLAVOURS)):
         added = grpc_added(rows, n, b, modes, flavours)
         if added is not None:
@@ -533,6 +550,23 @@ def grpc_added(rows, n, b, modes=MODES[1:], flavours=BARE_FLAVOURS) -> dict | No
         out[f"bare_{op}_ms"] = bare[op]["median_ms"]
         out[f"{op}_ratio"] = added / bare[op]["median_ms"]
         out[f"bare_{op}"] = f"{bare[op]['mode']}, {fmt_ms(bare[op]['median_ms'])} ms"
+    return out
+
+
+def step_anchor(rows, n, b) -> dict | None:
+    """What gRPC adds to the fused float32 call when a bare aio server runs the same step in its handler
+    (bare-aio-step), next to what it adds to ours (both over the embedded call): the part of our added time
+    that a server doing the memory's work in Python pays however lean its protocol and servicer."""
+    emb = find(rows, n, b, "float32", "embedded", "fused")
+    out = {}
+    for op, mode in (("unary", "grpc-unary"), ("stream", "grpc-stream")):
+        step, ours = find(rows, n, b, "float32", STEP_FLAVOURS[0], op), find(rows, n, b, "float32", mode, "fused")
+        if emb is None or step is None or ours is None:
+            return None
+        out[f"{op}_ms"] = step["median_ms"]
+        out[f"{op}_added_ms"] = step["median_ms"] - emb["median_ms"]
+        out[f"{op}_ours_ms"] = ours["median_ms"] - emb["median_ms"]
+        out[f"{op}_ratio"] = out[f"{op}_ours_ms"] / out[f"{op}_added_ms"]
     return out
 
 
@@ -573,6 +607,17 @@ def targets(rows) -> list[dict]:
             added[f"{op}_ratio"] <= goal,
             f"adds {added[f'{op}_ms']:.3f} ms; bare {added[f'bare_{op}']}",
         )
+
+    step = step_anchor(rows, n, b)
+    if step is not None:
+        for op in ("stream", "unary"):
+            add(
+                f"(info) the same / what gRPC adds to a bare aio server doing the step ({op}), N={n:,} B={b}",
+                round(step[f"{op}_ratio"], 3),
+                "info",
+                None,
+                f"adds {step[f'{op}_ours_ms']:.3f} ms; bare-aio-step adds {step[f'{op}_added_ms']:.3f} ms",
+            )
 
     added = grpc_added(rows, n, b, UNIX_MODES, UNIX_FLAVOURS)
     if added is not None:
@@ -708,7 +753,10 @@ def main(argv=None) -> int:
             servers.append(bare_server(flavour))
             bare[flavour] = BareClient(servers[-1].target)
         unix = None
-        if SMALL_N in sizes and SMALL_B in batches:  # the same over Unix domain sockets, at the target shape
+        if SMALL_N in sizes and SMALL_B in batches:  # at the target shape: the step anchor, and Unix sockets
+            for flavour in STEP_FLAVOURS:
+                servers.append(bare_server(flavour))
+                bare[flavour] = BareClient(servers[-1].target)
             servers.append(Server(max_batch, listen=f"unix://{sockets}/lmem.sock"))
             unix = connect(servers[-1].url)
             for flavour in UNIX_FLAVOURS:
