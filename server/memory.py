@@ -32,6 +32,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
+from lifelong_memory.server.age_order import AgeOrder
 from lifelong_memory.server.ann import LOW_HALF, descending_then_lower_index_key, ivf_bytes, lsh_bytes
 from lifelong_memory.server.devices import canonical_device, check_usable, is_out_of_memory
 from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -475,13 +476,14 @@ class Memory:
             self._padded_generations = torch.full((size + 1,), NO_SLOT, dtype=torch.int64, device=self.device)
             self.keys = self._padded_keys[:size]
             self.values = self._padded_values[:size]
-            self.ages = torch.zeros(size, dtype=torch.float32, device=self.device)
             # Commit sequence of each slot's last write, merge or clear: how a
             # two-phase update tells that a slot changed under it.
             self.generations = self._padded_generations[:size]
             self.generations.zero_()
-            self._slot_ids = torch.arange(size, device=self.device)
-            # Host-side bookkeeping, read by people rather than by the search: on the CPU whatever the device.
+            # Host-side bookkeeping, on the CPU whatever the device. A slot's age is the commits since it was
+            # last written, merged into or cleared (its stamp in ``_touched``); ``_age_order`` finds the oldest.
+            self._touched = np.zeros(size, dtype=np.int64)
+            self._filled = np.zeros(size, dtype=bool)
             self.writers = torch.zeros(size, dtype=torch.int32)
             self.writer_names = [""]
             self._writer_ids = {"": 0}
@@ -493,6 +495,7 @@ class Memory:
             self.counters = {"queries": 0, "writes": 0, "merges": 0}
             if state is not None:
                 self._load(state)
+            self._age_order = AgeOrder(self._touched)
             self.index = build_index(self.keys, cfg, max_batch, self._index_state(state))
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
@@ -506,6 +509,15 @@ class Memory:
         # What recovery at the last start cut from the log or set aside (persistence.py); "" if nothing.
         self.recovery_report = ""
         self.journal = journal
+
+    @property
+    def ages(self) -> torch.Tensor:
+        """Every slot's age, float32 [M] on the CPU: commits since its last write, merge or clear. float32 as
+        the rule counts them (adding 1 per commit, which stops at 2^24)."""
+        return self._ages_of(self._touched)
+
+    def _ages_of(self, touched: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.minimum(self.commit_sequence - touched, MAX_AGE).astype(np.float32))
 
     # ----------------------------------------------------------------- public
 
@@ -593,7 +605,7 @@ class Memory:
                 self.commit_sequence,
                 self.keys[slots].clone(),
                 self.values[slots].clone(),
-                self.ages[slots].clone(),
+                self._ages_of(self._touched[slots.cpu().numpy()]).to(self.device),
                 self.generations[slots].clone(),
                 tuple(self.writer_names[i] for i in self.writers[slots.cpu()].tolist()),
             )
@@ -625,8 +637,7 @@ class Memory:
             if delta is None:
                 self._clear()
             else:
-                newly_filled = int((self.values[delta.targets.to(self.device)] == EMPTY).sum())
-                self._commit(delta, newly_filled)
+                self._commit(delta)
 
     @_out_of_memory_is_resource_exhausted
     def capture(self) -> MemoryState:
@@ -638,7 +649,7 @@ class Memory:
                 commit_sequence=self.commit_sequence,
                 keys=self.keys.to("cpu", copy=True),
                 values=self.values.to("cpu", copy=True),
-                ages=self.ages.to("cpu", copy=True),
+                ages=self.ages,
                 generations=self.generations.to("cpu", copy=True),
                 recent_labels=recent[:, 0].clone(),
                 recent_slots=recent[:, 1].clone(),
@@ -665,7 +676,7 @@ class Memory:
         _check_count(top_labels, "top_labels", 0, MAX_TOP_LABELS)
         with self._locked():  # copies of the per-slot vectors; the statistics are computed after releasing it
             values = self.values.clone()
-            ages = self.ages.clone()
+            ages = self.ages
             # A norm is inf or nan exactly when a component is (or squares past float32), so one pass
             # over the keys serves both the norm range and the non-finite count.
             norms = torch.linalg.vector_norm(self.keys, dim=1)
@@ -682,7 +693,7 @@ class Memory:
             ),
             key=lambda w: (-w.slots, w.name),
         )
-        values, ages, norms = values[filled].cpu(), ages[filled].cpu(), norms[filled].cpu()
+        values, ages, norms = values[filled].cpu(), ages[filled.cpu()], norms[filled].cpu()
 
         width = max(1, math.ceil((float(ages.max()) + 1 if len(ages) else 1) / age_bins))
         age_counts = torch.bincount(torch.div(ages, width, rounding_mode="floor").long(), minlength=age_bins)
@@ -717,7 +728,10 @@ class Memory:
         with self._locked():
             slots = torch.nonzero(self.values == label).flatten()
             return LabelSlots(
-                self.commit_sequence, slots.cpu(), self.ages[slots].cpu(), self.recent.get(int(label), NO_SLOT)
+                self.commit_sequence,
+                slots.cpu(),
+                self._ages_of(self._touched[slots.cpu().numpy()]),
+                self.recent.get(int(label), NO_SLOT),
             )
 
     # ------------------------------------------------------------- validation
@@ -900,19 +914,38 @@ class Memory:
             result.positive_keys, result.negative_keys = self._padded_keys[read.best_slots]  # zeros for NO_SLOT
         return result
 
-    def _oldest(self, count: int, merging: torch.Tensor, positive_slots: torch.Tensor) -> torch.Tensor:
-        """The ``count`` slots of largest age + noise, in decreasing order, ties to the lower slot, leaving
-        out the slots this batch's merging rows merge into. One top-k over a key that orders by exactly
-        that (no ties left to break), so the choice needs no round trip to the host."""
-        if self.config.age_noise:
-            noise = age_noise(self.config.seed, self.commit_sequence + 1, self._slot_ids, self.config.age_noise)
-            score = noise.add_(self.ages)  # float32 addition commutes: the same bits as ages + noise
-        else:
-            score = self.ages.clone()
-        # amin with +inf leaves a slot alone: rows that do not merge exclude nothing, whatever their slot.
-        excluded = torch.where(merging, -math.inf, math.inf)
-        score.scatter_reduce_(0, positive_slots.clamp(min=0), excluded, reduce="amin")
-        return _descending_then_lower_slot(score, self._slot_ids, count)
+    def _oldest(self, count: int, excluded: np.ndarray) -> np.ndarray:
+        """The ``count`` slots of largest age + noise, in decreasing order, ties to the lower slot, leaving out
+        ``excluded`` (the slots this batch's merging rows merge into): the rule over every slot, evaluated
+        only where it can be met. With noise in [-a, a), a slot more than 2a (and float32's rounding)
+        younger than the count-th oldest slot cannot score above any of the count oldest, so the walk from
+        the oldest stops there and only the slots it passed are scored."""
+        half_width = self.config.age_noise
+        candidates, found, bound = [], 0, None
+        for slots, stamps in self._age_order.oldest_first(self._touched):  # ages never increase along the walk
+            if len(excluded):
+                kept = ~np.isin(slots, excluded)
+                slots, stamps = slots[kept], stamps[kept]
+            ages = np.minimum(self.commit_sequence - stamps, MAX_AGE)
+            if bound is None and found + len(slots) >= count:
+                kth = int(ages[count - 1 - found])  # the age of the count-th oldest slot
+                # Rounding: age + noise is a float32, off by at most half a unit in its last place.
+                bound = kth - 2 * half_width - 4 * float(np.spacing(np.float32(kth + half_width))) - 1
+            inside = slots if bound is None else slots[ages >= bound]
+            candidates.append(inside)
+            found += len(inside)
+            if len(inside) < len(slots):  # the walk passed the bound: every slot left is younger
+                break
+        slots = np.concatenate(candidates)
+        score = self._ages_of(self._touched[slots])
+        if len(slots) < count:  # fewer slots than rows outside the merged ones: score every slot, as the rule
+            slots = np.arange(self.config.memory_size)
+            score = self.ages
+            score[excluded] = -math.inf
+        ids = torch.from_numpy(slots)
+        if half_width:
+            score = age_noise(self.config.seed, self.commit_sequence + 1, ids, half_width).add_(score)
+        return _descending_then_lower_slot(score, ids, count, self.config.memory_size).numpy()
 
     def _apply(
         self, q: torch.Tensor, y: torch.Tensor, incorrect: torch.Tensor, positive_slots: torch.Tensor, writer: str
@@ -925,12 +958,14 @@ class Memory:
                 f"writer: this memory already keeps {MAX_WRITERS} writer tags; a new one, {writer!r}, would "
                 "exceed that: reuse a tag"
             )
-        oldest = self._oldest(len(q), ~incorrect, positive_slots)
-        slots = torch.where(incorrect, oldest, positive_slots)
-        merged_keys = _l2_normalize(q + self._padded_keys[positive_slots])  # used only where a row merges
+        host_incorrect, host_positive = torch.stack([incorrect.long(), positive_slots]).cpu().numpy()
+        host_incorrect = host_incorrect.astype(bool)
+        oldest = self._oldest(len(q), np.unique(host_positive[~host_incorrect & (host_positive >= 0)]))
+        host_slots = np.where(host_incorrect, oldest, host_positive)
+        slots = torch.from_numpy(host_slots)
+        device_slots = slots.to(self.device)
+        merged_keys = _l2_normalize(q + self._padded_keys[device_slots])  # used only where a row merges
         new_keys = torch.where(incorrect[:, None], q, merged_keys)
-        host = torch.stack([slots, incorrect.long(), self.values[slots]]).cpu()
-        host_slots, host_incorrect, host_values = host.numpy()
         # Rows apply in batch order: where two rows touch one slot, the later wins.
         order = np.argsort(host_slots, kind="stable")
         sorted_slots = host_slots[order]
@@ -941,28 +976,29 @@ class Memory:
             new_keys[rows.to(self.device)],
             y[rows],
             y,
-            host[0],
+            slots,
             int(host_incorrect.sum()),
             writer,
         )
         if self.journal is not None:
             self.journal.append(self.commit_sequence + 1, delta)
-        self._commit(delta, int((host_values[rows.numpy()] == EMPTY).sum()))
-        return slots
+        self._commit(delta)
+        return device_slots
 
-    def _commit(self, delta: Delta, newly_filled: int) -> None:
-        """Make one write part of the memory: the only place slots change, live or replayed.
-        ``newly_filled``: how many of its targets were empty."""
+    def _commit(self, delta: Delta) -> None:
+        """Make one write part of the memory: the only place slots change, live or replayed."""
         targets = delta.targets.to(self.device)
         keys, values = delta.keys.to(self.device), delta.values.to(self.device)
         recent = list(zip(delta.labels.tolist(), delta.slots.tolist(), strict=True))
+        host_targets = delta.targets.numpy()
         # Nothing above changed the memory: an allocation failing there leaves it as it was.
-        self.empty_slots -= newly_filled
+        self.empty_slots -= int((~self._filled[host_targets]).sum())
+        self._filled[host_targets] = True
         self.keys.index_copy_(0, targets, keys)
         self.values.index_copy_(0, targets, values)
-        self.ages += 1
-        self.ages.index_fill_(0, targets, 0)
         self.commit_sequence += 1
+        self._touched[host_targets] = self.commit_sequence
+        self._age_order.record(host_targets, self.commit_sequence, self._touched)
         self.generations.index_fill_(0, targets, self.commit_sequence)
         for label, slot in recent:
             self.recent[label] = slot
@@ -984,11 +1020,13 @@ class Memory:
     def _clear(self) -> None:
         self.keys.zero_()
         self.values.fill_(EMPTY)
-        self.ages.zero_()
         self.writers.zero_()
         self.recent.clear()
         self.empty_slots = self.config.memory_size
+        self._filled[:] = False
         self.commit_sequence += 1
+        self._touched[:] = self.commit_sequence
+        self._age_order = AgeOrder(self._touched)
         self.generations.fill_(self.commit_sequence)
         self.index.update(torch.arange(self.config.memory_size), self.keys)
 
@@ -1003,13 +1041,16 @@ class Memory:
     def _load(self, state: MemoryState) -> None:
         """Take a captured state, already checked against the config (persistence.read_snapshot), before the
         index is built over the keys."""
-        for name in ("keys", "values", "ages", "generations"):
+        for name in ("keys", "values", "generations"):
             getattr(self, name).copy_(getattr(state, name))
         bound = self.config.memory_size  # an older snapshot may hold more: keep the most recently written
         recent = zip(state.recent_labels[-bound:].tolist(), state.recent_slots[-bound:].tolist(), strict=True)
         self.recent = OrderedDict(recent)
         self.commit_sequence = state.commit_sequence
-        self.empty_slots = int((self.values == EMPTY).sum())
+        # Ages saturate at MAX_AGE, so a stamp this far back stands for every earlier one.
+        self._touched = state.commit_sequence - state.ages.numpy().astype(np.int64)
+        self._filled = (state.values != EMPTY).numpy()
+        self.empty_slots = int((~self._filled).sum())
         self.counters = {**self.counters, **state.counters}
         self.writers.copy_(state.writers)
         self.writer_names = list(state.writer_names)
@@ -1021,6 +1062,7 @@ class Memory:
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 MIX_1, MIX_2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 NOISE_BITS = 24  # a float32 holds 24-bit integers exactly
+MAX_AGE = 2**24  # where a float32 age, counted up by 1 per commit, stops growing
 
 
 def _signed64(value: int) -> int:
@@ -1072,11 +1114,9 @@ def age_noise(seed: int, commit: int, slots: torch.Tensor, half_width: float) ->
     return noise
 
 
-def _descending_then_lower_slot(score: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` indices of largest float32 ``score``, in decreasing order, ties to the lower index
-    (``indices``: arange(len(score)), on its device): one top-k of a key with no two alike, so the choice
-    needs no round trip to the host."""
-    size = len(score)
+def _descending_then_lower_slot(score: torch.Tensor, indices: torch.Tensor, count: int, size: int) -> torch.Tensor:
+    """The ``count`` of ``indices`` (distinct, in [0, size)) of largest float32 ``score``, in decreasing
+    order, ties to the lower index: one top-k of a key with no two alike."""
     top = torch.topk(descending_then_lower_index_key(score, indices, size), count).values
     return top.bitwise_and_(LOW_HALF).neg_().add_(size - 1)
 

@@ -387,16 +387,6 @@ def test_the_noise_of_a_slot_does_not_depend_on_which_slots_are_asked():
     assert torch.equal(age_noise(5, 9, some, 2.0), everywhere[some])
 
 
-def test_oldest_ties_go_to_the_lower_slot():
-    memory = Memory(MemoryConfig(key_dim=4, memory_size=16, choose_k=2, age_noise=0.0))
-    ages = torch.tensor([3, 7, 7, 1, 7, 0, 3, 7, 2, 2, 2, 2, 9, 0, 0, 0], dtype=torch.float32)
-    memory.ages.copy_(ages)
-    merging = torch.tensor([True, False, False, False, False, False])
-    chosen = memory._oldest(6, merging, torch.tensor([12, 1, -1, 2, 4, 7]))
-    # 12 is merged into (excluded, though the oldest); 1 is some other row's positive, not excluded.
-    assert chosen.tolist() == [1, 2, 4, 7, 0, 6]
-
-
 # ------------------------------------------------------------------ the image's torch build, the extras
 
 
