@@ -15,6 +15,10 @@ each in turn, so load from elsewhere hits them alike:
   current   the same with the installed code (with --writer, its calls carry that writer tag: the tag's cost
             against a --baseline from before writer tags)
 
+``--backend lsh`` or ``faiss-ivf`` gives both memories that approximate index (the raw anchors stay exact):
+with a sublinear search, what the step does outside the search shows. The memories are filled N / 256 slots
+per commit, so a full memory's oldest slots come in groups of N / 256 of one age.
+
 Reported: median ms per call, ratios, and whether the answers were the same. Table and JSON (--out).
 """
 
@@ -71,11 +75,11 @@ def unit_rows(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(n, KEY_DIM, generator=generator), dim=1)
 
 
-def filled(module, n: int, max_batch: int):
+def filled(module, n: int, max_batch: int, backend: str):
     """A memory of ``module`` with every slot written (the same keys for every module). Small batches: the
     empty slots soon are older than the age noise can hide, so writes land in them."""
     memory = module.Memory(
-        module.MemoryConfig(key_dim=KEY_DIM, memory_size=n, choose_k=CHOOSE_K, age_noise=AGE_NOISE),
+        module.MemoryConfig(key_dim=KEY_DIM, memory_size=n, choose_k=CHOOSE_K, age_noise=AGE_NOISE, backend=backend),
         max_batch=max(max_batch, n // 256),
     )
     generator = torch.Generator().manual_seed(n)
@@ -96,8 +100,8 @@ def same(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def bench_shape(baseline, n: int, b: int, seconds: float, writer: str) -> dict:
-    memories = {"baseline": filled(baseline, n, b), "current": filled(current, n, b)}
+def bench_shape(baseline, n: int, b: int, seconds: float, writer: str, backend: str) -> dict:
+    memories = {"baseline": filled(baseline, n, b, backend), "current": filled(current, n, b, backend)}
     generator = torch.Generator().manual_seed(n + b)
     keys = unit_rows(n, generator)
     buffer = torch.empty(b, n)
@@ -137,6 +141,7 @@ def bench_shape(baseline, n: int, b: int, seconds: float, writer: str) -> dict:
     return {
         "N": n,
         "B": b,
+        "backend": backend,
         "calls": step,
         "median_ms": median,
         "baseline/raw": median["baseline"] / median["raw"],
@@ -152,14 +157,17 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="8192x16,65536x16,8192x256", help="NxB, comma-separated")
     parser.add_argument("--seconds", type=float, default=8.0, help="per shape")
     parser.add_argument("--writer", default="", help="the current memory's calls carry this writer tag")
+    parser.add_argument(
+        "--backend", default="torch", help="the memories' search backend (torch, faiss, lsh, faiss-ivf)"
+    )
     parser.add_argument("--out", default="benchmarks/results/fused-step.json")
     args = parser.parse_args(argv)
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     with tempfile.TemporaryDirectory() as folder:
         baseline = load_baseline(args.baseline, pathlib.Path(folder))
-        rows = [bench_shape(baseline, n, b, args.seconds, args.writer) for n, b in shapes]
+        rows = [bench_shape(baseline, n, b, args.seconds, args.writer, args.backend) for n, b in shapes]
     print(
-        f"embedded fused query + update, d={KEY_DIM} k={CHOOSE_K}; torch {torch.__version__}, "
+        f"embedded fused query + update, d={KEY_DIM} k={CHOOSE_K}, backend {args.backend}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; median ms per call"
     )
     header = f"{'N':>9} {'B':>4} {'raw':>8} {'raw-out':>8} {'baseline':>9} {'current':>8} "
