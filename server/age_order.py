@@ -43,6 +43,12 @@ class AgeOrder:
         self._stamps[self._end : self._end + len(slots)] = stamp
         self._end += len(slots)
 
+    def live_stamped_by_at_least(self, stamp: int) -> int:
+        """A lower bound on the slots last stamped at or before ``stamp``, found without a walk: the entries
+        stamped by then (the log is in stamp order) less every stale entry (each slot has one live entry)."""
+        entries = int(np.searchsorted(self._stamps[self._start : self._end], stamp, side="right"))
+        return entries - (len(self) - self._size)
+
     def oldest_first(self, touched: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(slots, stamps) of the live entries, oldest first, in chunks of growing size; within one stamp in
         no particular order. The log must not change while the walk is used."""

@@ -484,6 +484,7 @@ class Memory:
             # last written, merged into or cleared (its stamp in ``_touched``); ``_age_order`` finds the oldest.
             self._touched = np.zeros(size, dtype=np.int64)
             self._filled = np.zeros(size, dtype=bool)
+            self._slot_ids = torch.arange(size)
             self.writers = torch.zeros(size, dtype=torch.int32)
             self.writer_names = [""]
             self._writer_ids = {"": 0}
@@ -916,11 +917,25 @@ class Memory:
 
     def _oldest(self, count: int, excluded: np.ndarray) -> np.ndarray:
         """The ``count`` slots of largest age + noise, in decreasing order, ties to the lower slot, leaving out
-        ``excluded`` (the slots this batch's merging rows merge into): the rule over every slot, evaluated
-        only where it can be met. With noise in [-a, a), a slot more than 2a (and float32's rounding)
-        younger than the count-th oldest slot cannot score above any of the count oldest, so the walk from
-        the oldest stops there and only the slots it passed are scored."""
+        ``excluded`` (the slots this batch's merging rows merge into)."""
+        candidates = self._oldest_candidates(count, excluded)
+        if candidates is None:  # score every slot, as the rule reads
+            ids, score = self._slot_ids, self.ages
+            score[excluded] = -math.inf
+        else:
+            ids, score = torch.from_numpy(candidates), self._ages_of(self._touched[candidates])
+        if self.config.age_noise:
+            score = age_noise(self.config.seed, self.commit_sequence + 1, ids, self.config.age_noise).add_(score)
+        return _descending_then_lower_slot(score, ids, count, self.config.memory_size).numpy()
+
+    def _oldest_candidates(self, count: int, excluded: np.ndarray) -> np.ndarray | None:
+        """The slots outside ``excluded`` that can be among the ``count`` chosen, or None where every slot is
+        to be scored. With noise in [-a, a), a slot more than 2a (and float32's rounding) younger than the
+        count-th oldest cannot outscore any of the count oldest, so the walk from the oldest stops there.
+        None: fewer than ``count`` slots lie outside ``excluded``, or the band holds much of the memory (a
+        fresh or cleared memory's slots share one age), where one pass over every slot costs less."""
         half_width = self.config.age_noise
+        most = self.config.memory_size // 8  # more candidates than this: one pass over every slot is cheaper
         candidates, found, bound = [], 0, None
         for slots, stamps in self._age_order.oldest_first(self._touched):  # ages never increase along the walk
             if len(excluded):
@@ -931,21 +946,16 @@ class Memory:
                 kth = int(ages[count - 1 - found])  # the age of the count-th oldest slot
                 # Rounding: age + noise is a float32, off by at most half a unit in its last place.
                 bound = kth - 2 * half_width - 4 * float(np.spacing(np.float32(kth + half_width))) - 1
+                if self._age_order.live_stamped_by_at_least(math.floor(self.commit_sequence - bound)) > most:
+                    return None
             inside = slots if bound is None else slots[ages >= bound]
             candidates.append(inside)
             found += len(inside)
             if len(inside) < len(slots):  # the walk passed the bound: every slot left is younger
                 break
-        slots = np.concatenate(candidates)
-        score = self._ages_of(self._touched[slots])
-        if len(slots) < count:  # fewer slots than rows outside the merged ones: score every slot, as the rule
-            slots = np.arange(self.config.memory_size)
-            score = self.ages
-            score[excluded] = -math.inf
-        ids = torch.from_numpy(slots)
-        if half_width:
-            score = age_noise(self.config.seed, self.commit_sequence + 1, ids, half_width).add_(score)
-        return _descending_then_lower_slot(score, ids, count, self.config.memory_size).numpy()
+            if bound is not None and found > most:
+                return None
+        return None if bound is None else np.concatenate(candidates)
 
     def _apply(
         self, q: torch.Tensor, y: torch.Tensor, incorrect: torch.Tensor, positive_slots: torch.Tensor, writer: str
