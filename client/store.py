@@ -319,7 +319,7 @@ class LocalTransport:
         return Snapshot(*self.registry.snapshot(name))
 
     def export(self, name):
-        return snapshot_chunks(self.registry.get(name).capture())
+        return snapshot_chunks(self.registry.get(name).capture(streamed=True))
 
     def import_file(self, name, path, overrides):
         check_name(name)

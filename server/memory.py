@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import heapq
 import math
 import numbers
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -375,13 +377,70 @@ class Delta:
     writer: str = ""  # the writer tag of the whole batch
 
 
+class KeysAtCommit:
+    """A memory's keys as they were at one commit, read in ranges of slots while its writes go on, so a
+    snapshot or export streams them instead of holding a second copy of the memory's largest part.
+
+    Copy on write: until the reader has passed a slot, a write or clear saves the slot's key as it was
+    first (Memory._commit, _clear), and the reader takes the saved key instead of the live one. What it
+    holds beyond one chunk is the keys of the slots written meanwhile ahead of the reader."""
+
+    def __init__(self, memory: Memory):
+        self._memory = memory
+        self.dtype = torch.float32
+        self.shape = tuple(memory.keys.shape)
+        self._read_up_to = 0  # slots below this were read
+        self._saved: dict[int, torch.Tensor] = {}  # slot -> key at the commit, for slots written since
+        self._saved_order: list[int] = []  # the same slots, a heap
+        self._frozen: torch.Tensor | None = None  # after a clear: every key from _frozen_from on, at the commit
+        self._frozen_from = 0
+
+    def before_write(self, targets: np.ndarray | None) -> None:
+        """Called under the memory's lock before the slots ``targets`` (None: every slot) change."""
+        if self._frozen is not None:
+            return
+        keys = self._memory.keys
+        if targets is None:  # a clear: keep what is left to read, as it is now, in one block
+            block = keys[self._read_up_to :].to("cpu", copy=True)
+            for slot, row in self._saved.items():
+                block[slot - self._read_up_to] = row
+            self._frozen, self._frozen_from = block, self._read_up_to
+            self._saved.clear()
+            self._saved_order.clear()
+            return
+        new = [int(slot) for slot in targets[targets >= self._read_up_to] if int(slot) not in self._saved]
+        if new:
+            rows = keys[torch.tensor(new, device=keys.device)].cpu()
+            self._saved.update(zip(new, rows, strict=True))
+            for slot in new:
+                heapq.heappush(self._saved_order, slot)
+
+    def chunks(self, rows: int) -> Iterator[torch.Tensor]:
+        """The keys at the commit, ``rows`` slots at a time, on the CPU."""
+        memory, size = self._memory, self.shape[0]
+        for start in range(0, size, rows):
+            stop = min(size, start + rows)
+            with memory._locked():
+                if self._frozen is not None:
+                    block = self._frozen[start - self._frozen_from : stop - self._frozen_from]
+                else:
+                    block = memory.keys[start:stop].to("cpu", copy=True)
+                    while self._saved_order and self._saved_order[0] < stop:
+                        slot = heapq.heappop(self._saved_order)
+                        block[slot - start] = self._saved.pop(slot)
+                self._read_up_to = stop
+            yield block
+        with memory._lock:
+            memory._streamed_keys.discard(self)
+
+
 @dataclass
 class MemoryState:
     """Everything a memory is, on the CPU: what a snapshot stores and a restore rebuilds."""
 
     config: MemoryConfig
     commit_sequence: int
-    keys: torch.Tensor  # float32 [M, D]
+    keys: torch.Tensor | KeysAtCommit  # float32 [M, D]; KeysAtCommit from capture(streamed=True)
     values: torch.Tensor  # int64 [M]
     ages: torch.Tensor  # float32 [M]
     generations: torch.Tensor  # int64 [M]
@@ -485,6 +544,8 @@ class Memory:
             self._touched = np.zeros(size, dtype=np.int64)
             self._filled = np.zeros(size, dtype=bool)
             self._slot_ids = torch.arange(size)
+            # Streamed captures still being read (capture(streamed=True)); one dropped unread goes with it.
+            self._streamed_keys: weakref.WeakSet[KeysAtCommit] = weakref.WeakSet()
             self.writers = torch.zeros(size, dtype=torch.int32)
             self.writer_names = [""]
             self._writer_ids = {"": 0}
@@ -641,14 +702,21 @@ class Memory:
                 self._commit(delta)
 
     @_out_of_memory_is_resource_exhausted
-    def capture(self) -> MemoryState:
-        """A consistent copy of the whole memory, on the CPU (for snapshots and export)."""
+    def capture(self, streamed: bool = False) -> MemoryState:
+        """A consistent copy of the whole memory, on the CPU. ``streamed`` (for snapshots and export): the
+        keys, most of a memory, are not copied now but read later in chunks as they are at this commit
+        (KeysAtCommit), while writes go on."""
         with self._locked():
             recent = torch.tensor(list(self.recent.items()), dtype=torch.int64).reshape(-1, 2)
+            if streamed:
+                keys = KeysAtCommit(self)
+                self._streamed_keys.add(keys)
+            else:
+                keys = self.keys.to("cpu", copy=True)
             return MemoryState(
                 config=self.config,
                 commit_sequence=self.commit_sequence,
-                keys=self.keys.to("cpu", copy=True),
+                keys=keys,
                 values=self.values.to("cpu", copy=True),
                 ages=self.ages,
                 generations=self.generations.to("cpu", copy=True),
@@ -1001,6 +1069,8 @@ class Memory:
         keys, values = delta.keys.to(self.device), delta.values.to(self.device)
         recent = list(zip(delta.labels.tolist(), delta.slots.tolist(), strict=True))
         host_targets = delta.targets.numpy()
+        for reader in list(self._streamed_keys):
+            reader.before_write(host_targets)
         # Nothing above changed the memory: an allocation failing there leaves it as it was.
         self.empty_slots -= int((~self._filled[host_targets]).sum())
         self._filled[host_targets] = True
@@ -1028,6 +1098,8 @@ class Memory:
         self.writer_counters[writer][1] += len(delta.labels) - delta.writes
 
     def _clear(self) -> None:
+        for reader in list(self._streamed_keys):
+            reader.before_write(None)
         self.keys.zero_()
         self.values.fill_(EMPTY)
         self.writers.zero_()

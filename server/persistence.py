@@ -48,7 +48,7 @@ from lifelong_memory.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from lifelong_memory.server.memory import DEFAULT_MAX_BATCH, Delta, Memory, MemoryConfig, MemoryState
+from lifelong_memory.server.memory import DEFAULT_MAX_BATCH, Delta, KeysAtCommit, Memory, MemoryConfig, MemoryState
 
 log = logging.getLogger("lifelong_memory.server.persistence")
 
@@ -160,8 +160,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def snapshot_chunks(state: MemoryState) -> Iterator[bytes]:
-    """The snapshot file of ``state``, in chunks: header, raw little-endian arrays, checksummed trailer."""
-    arrays = {name: getattr(state, name).contiguous() for name in STATE_ARRAYS}
+    """The snapshot file of ``state``, in chunks: header, raw little-endian arrays, checksummed trailer. Keys
+    captured streamed (KeysAtCommit) are read from the memory chunk by chunk as the file is written."""
+    arrays = {name: getattr(state, name) for name in STATE_ARRAYS}
     index_arrays = {name: t.contiguous() for name, t in sorted(state.index_state.items())}
 
     def specs(named: dict[str, torch.Tensor]) -> list[dict]:
@@ -187,12 +188,21 @@ def snapshot_chunks(state: MemoryState) -> Iterator[bytes]:
     yield struct.pack("<I", crc) + SNAPSHOT_END
 
 
-def _array_chunks(header: bytes, arrays: Iterable[torch.Tensor]) -> Iterator[bytes]:
+def _array_chunks(header: bytes, arrays: Iterable[torch.Tensor | KeysAtCommit]) -> Iterator[bytes]:
     yield SNAPSHOT_MAGIC + struct.pack("<IQ", SNAPSHOT_VERSION, len(header)) + header
     for array in arrays:
-        raw = memoryview(array.numpy()).cast("B") if array.numel() else memoryview(b"")
+        if isinstance(array, KeysAtCommit):
+            row_bytes = max(1, math.prod(array.shape[1:]) * 4)
+            for block in array.chunks(max(1, CHUNK_BYTES // row_bytes)):
+                yield _raw(block).tobytes()
+            continue
+        raw = _raw(array.contiguous())
         for start in range(0, len(raw), CHUNK_BYTES):
             yield bytes(raw[start : start + CHUNK_BYTES])
+
+
+def _raw(array: torch.Tensor) -> memoryview:
+    return memoryview(array.numpy()).cast("B") if array.numel() else memoryview(b"")
 
 
 def read_snapshot(f: BinaryIO) -> MemoryState:
@@ -686,7 +696,7 @@ class DataDirectory:
             staging.mkdir()
             write_atomically(staging / "config.json", [json.dumps(dataclasses.asdict(memory.config)).encode()])
             if memory.commit_sequence:
-                state = memory.capture()
+                state = memory.capture(streamed=True)
                 write_atomically(staging / _snapshot_name(state.commit_sequence), snapshot_chunks(state))
             os.close(create_segment(staging, memory.commit_sequence + 1))
             os.rename(staging, folder)
@@ -875,7 +885,7 @@ class DataDirectory:
         Returns (commit sequence, path, bytes)."""
         with self._snapshot_lock:
             journal = memory.journal
-            state = memory.capture()
+            state = memory.capture(streamed=True)
             if isinstance(journal, WriteAheadLog):
                 journal.rotate()
                 journal.flush()  # what the snapshot holds is on disk in the log too, whatever happens next

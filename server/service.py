@@ -208,7 +208,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     @_statuses
     async def ExportMemory(self, request, context):
         self._authorize(context, write=False)
-        chunks = await self._in_worker(context, lambda: snapshot_chunks(self.registry.get(request.name).capture()))
+        chunks = await self._in_worker(
+            context, lambda: snapshot_chunks(self.registry.get(request.name).capture(streamed=True))
+        )
         while (chunk := await self._in_worker(context, next, chunks, None)) is not None:
             await context.write(pb.FileChunk(data=chunk))
 
