@@ -54,9 +54,12 @@ MAX_TOP_LABELS = 10000
 MAX_SHARDS = 256
 MIB = 1 << 20
 DEFAULT_MAX_BATCH = 4096
-# Bytes per slot besides its key: value, age, generation, the slot id the noise hashes, and the noise,
-# score and sort key one write computes for every slot.
-SLOT_BYTES = 8 + 4 + 8 + 8 + 4 + 4 + 8 + 8
+# Bytes per slot besides its key on the memory's device: value and generation.
+DEVICE_SLOT_BYTES = 8 + 8
+# Bytes per slot in host memory, whatever the device: the stamp, filled flag and slot id; the age order's
+# log (slot and stamp, up to twice the memory size); what a write that scores every slot computes (age, noise,
+# hash scratch, sort key); and a snapshot's copies of the value, age, generation and writer tag.
+HOST_SLOT_BYTES = (8 + 1 + 8) + 2 * (8 + 8) + (4 + 4 + 8 + 8 + 8) + (8 + 4 + 8 + 4)
 # Host bytes one entry of the recent-label table costs (an OrderedDict entry and two ints), whatever the device.
 RECENT_ENTRY_BYTES = 160
 # Working memory of a query per (row, neighbour), measured on the CPU: search output, canonical order,
@@ -204,15 +207,16 @@ class MemoryConfig:
 
     def footprint(self, max_batch: int) -> dict[str, int]:
         """Bytes a memory of this config holds at most, per device: its slots on ``device``; the
-        recent-label table (at most memory_size labels) and the slots' writer tags in host memory; per
+        recent-label table (at most memory_size labels), the slots' writer tags and the write and snapshot
+        bookkeeping (HOST_SLOT_BYTES) in host memory; per
         shard the index's own copies of its keys (bf16; float32 on another device; faiss; an approximate
         index's buckets or lists, of a validated config) and the score buffer for batches of up to
         ``max_batch`` rows, on the shard's device. Call it once the devices are known to be usable (a CUDA
         score buffer is sized from the device's memory)."""
         dim = self.key_dim
-        needed = {self.device: self.memory_size * (dim * 4 + SLOT_BYTES)}
-        # The recent-label table and the writer tag of each slot (int32) live in host memory.
-        needed["cpu"] = needed.get("cpu", 0) + self.memory_size * (RECENT_ENTRY_BYTES + 4)
+        needed = {self.device: self.memory_size * (dim * 4 + DEVICE_SLOT_BYTES)}
+        # The recent-label table, the writer tag of each slot (int32) and the write's bookkeeping live in host memory.
+        needed["cpu"] = needed.get("cpu", 0) + self.memory_size * (RECENT_ENTRY_BYTES + 4 + HOST_SLOT_BYTES)
         score_element = 2 if self.search_dtype == "bfloat16" else 4
         bounds = shard_bounds(self.memory_size, self.shards)
         for start, stop, device in zip(bounds[:-1], bounds[1:], self.shard_devices(), strict=True):
