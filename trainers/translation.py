@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         first_step, metrics = state["step"] + 1, state["metrics"]
-        print(f"resumed from {source} after step {state['step']}")
+        print(f"{'evaluating' if config['evaluate'] else 'resumed from'} {source} after step {state['step']}")
 
     if not config["evaluate"]:
         train(config, model, optimizer, store, task, first_step, metrics, checkpoint_path, vocabulary_models)
@@ -700,7 +700,7 @@ def main(argv: list[str] | None = None) -> None:
     results = final_evaluation(model, store, task, config, out)
     (out / "evaluation.json").write_text(json.dumps(results, indent=2))
     print_evaluation(results)
-    if metrics:
+    if not config["evaluate"]:
         print(f"\nplot: {out / 'bleu.png'}   metrics: {out / 'metrics.jsonl'}")
     if store is not None:
         store.delete_memory(config["memory_name"])
