@@ -61,6 +61,9 @@ def test_the_pipeline_runs_end_to_end(straight_run):
         context = test["context"]
         assert (context["context_lines"], context["test_lines"]) == (20, 20)
         assert context["gain_bleu"] == context["with"]["bleu"] - context["without"]["bleu"]
+        for when in ("without", "with"):
+            recall = context[when]["teacher_forced"]
+            assert recall["subwords"] > 0 and 0 <= recall["only_memory"] <= recall["memory"] <= 1
         rare = test["rare_words"]
         assert rare["at most once"]["n"] == rare["never"]["n"] + rare["once"]["n"] > 0
 
@@ -186,3 +189,19 @@ def test_the_context_test_leaves_the_memory_as_it_was_and_changes_nothing_withou
     baseline = translation.Translator(20, 20, 8, 16, 0.0)
     result = translation.context_test(baseline, None, pairs, Counter(), config, Vocabulary())
     assert result["gain_bleu"] == 0.0
+
+
+def test_teacher_forced_recall_counts_what_the_memory_holds():
+    store = connect("local")
+    module = MemoryModule(store, 8, 16, name="recall", return_neighbors=True, memory_size=256, choose_k=4)
+    model = translation.Translator(20, 20, 8, 16, 0.0, module)
+    pairs = translation.Pairs([[4, 5, 6], [7, 8]], [[5, 6, 9], [7]], [""] * 2, [""] * 2)
+    empty = translation.teacher_forced_recall(model, pairs)
+    assert empty["subwords"] == 6 and empty["memory"] == empty["only_memory"] == 0.0, "an empty slot is no answer"
+    translation.memorise(model, pairs)
+    remembered = translation.teacher_forced_recall(model, pairs)
+    # Each written key is its own query: the memory now answers every reference subword it was shown.
+    assert remembered["memory"] == 1.0 and remembered["model"] == empty["model"]
+    assert remembered["only_memory"] == 1.0 - remembered["model"]
+    baseline = translation.teacher_forced_recall(translation.Translator(20, 20, 8, 16, 0.0), pairs)
+    assert baseline["memory"] is None and baseline["subwords"] == 6

@@ -266,11 +266,11 @@ class Translator(nn.Module):
         return (self.attention(encoded), encoded, padding), (h, torch.zeros_like(h))
 
     def decode(self, encoded, decoder_inputs, state, labels=None):
-        """Logits [B, T, V] for the decoder steps, the new state and the memory loss.
+        """Logits [B, T, V] for the decoder steps, the new state and the memory's output (None without one).
 
-        With a memory, every step whose input is not PAD queries it; ``labels`` [B, T] (the reference subwords,
-        PAD where there is none) make it learn from them (update) and give the memory loss; without, it is
-        only read."""
+        With a memory, every step whose input is not PAD queries it, in row-major order; ``labels`` [B, T] (the
+        reference subwords, PAD where there is none) make it learn from them (update) and give the memory loss;
+        without, it is only read."""
         attention_keys, values, padding = encoded
         decoded, state = self.decoder(self.dropout(self.target_embed(decoder_inputs)), state)
         scores = (decoded @ attention_keys.transpose(1, 2)).masked_fill(padding[:, None, :], -math.inf)
@@ -286,14 +286,15 @@ class Translator(nn.Module):
         weight = out.neighbor_weights[:, 0] * (nearest >= 0)
         recalled = torch.zeros_like(attention_vector)
         recalled[steps] = self.value_embedding(nearest.clamp(min=0)) * weight[:, None]
-        return self.output(torch.cat([attention_vector, recalled], dim=-1)), state, out.loss
+        return self.output(torch.cat([attention_vector, recalled], dim=-1)), state, out
 
 
 def train_step(model, optimizer, source, decoder_inputs, targets, config) -> tuple[float, float]:
     """One gradient step: label-smoothed cross-entropy of every target subword, plus the memory loss."""
     model.train()
     encoded, state = model.encode(source)
-    logits, _, memory_loss = model.decode(encoded, decoder_inputs, state, targets)
+    logits, _, recall = model.decode(encoded, decoder_inputs, state, targets)
+    memory_loss = None if recall is None else recall.loss
     loss = nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
@@ -309,7 +310,7 @@ def train_step(model, optimizer, source, decoder_inputs, targets, config) -> tup
 
 
 @torch.no_grad()
-def validation_loss(model, pairs: Pairs, batch_size: int = 100) -> float:
+def validation_loss(model, pairs: Pairs, batch_size: int = 50) -> float:
     """Per-subword cross-entropy (no smoothing) of the references, the memory only read."""
     model.eval()
     total, count = 0.0, 0
@@ -455,6 +456,34 @@ def memorise(model, pairs: Pairs, batch_size: int = 8) -> None:
         model.decode(encoded, decoder_inputs, state, targets)
 
 
+@torch.no_grad()
+def teacher_forced_recall(model, pairs: Pairs, batch_size: int = 8) -> dict:
+    """On the reference subwords of ``pairs``, teacher-forced, the memory only read: the fraction the model's most
+    probable subword gets right, the fraction the memory's nearest value gets right, and the fraction only the
+    memory gets right (what the memory could add, if the output layer followed it). Batches as in memorise."""
+    model.eval()
+    model_right = memory_right = only_memory = n = 0
+    for start in range(0, len(pairs), batch_size):
+        source, decoder_inputs, targets = as_batch(pairs, range(start, min(start + batch_size, len(pairs))))
+        encoded, state = model.encode(source)
+        logits, _, recall = model.decode(encoded, decoder_inputs, state)
+        reference = targets[targets != PAD]
+        argmax_right = logits[targets != PAD].argmax(dim=-1) == reference
+        n += len(reference)
+        model_right += int(argmax_right.sum())
+        if recall is not None:
+            nearest_right = recall.neighbor_values[:, 0] == reference
+            memory_right += int(nearest_right.sum())
+            only_memory += int((nearest_right & ~argmax_right).sum())
+    with_memory = model.memory is not None
+    return {
+        "subwords": n,
+        "model": model_right / n,
+        "memory": memory_right / n if with_memory else None,
+        "only_memory": only_memory / n if with_memory else None,
+    }
+
+
 def context_test(model, store, pairs: Pairs, train_counts: Counter, config: dict, target_vocab) -> dict:
     """The paper's one-shot test: BLEU on the odd lines before and after ``context_passes`` passes of memory
     updates over the even lines (index 0 is even). The memory is put back as it was afterwards."""
@@ -473,6 +502,7 @@ def context_test(model, store, pairs: Pairs, train_counts: Counter, config: dict
             results[when] = {
                 **bleu_chrf(hypotheses, odd.target_text),
                 "rare_words": rare_word_accuracy(hypotheses, odd.target_text, train_counts, context_words),
+                "teacher_forced": teacher_forced_recall(model, odd),
             }
         if model.memory is not None:
             store.delete_memory(config["memory_name"])
