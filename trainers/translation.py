@@ -69,7 +69,7 @@ label_smoothing = 0.1
 memory = "local"  # "local" (embedded) or "grpc://host:port"
 memory_name = "translation"
 key_dim = 64
-memory_size = 16_384
+memory_size = 16_384  # at least a batch's rows: one query per target subword (up to 64 x 61), each may write a slot
 choose_k = 16
 alpha = 0.1
 age_noise = 8.0
@@ -215,8 +215,8 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def padded(sequences: list[list[int]], prefix: list[int] = (), suffix: list[int] = ()) -> torch.Tensor:
-    rows = [list(prefix) + s + list(suffix) for s in sequences]
+def padded(sequences: list[list[int]], prefix: tuple[int, ...] = (), suffix: tuple[int, ...] = ()) -> torch.Tensor:
+    rows = [[*prefix, *s, *suffix] for s in sequences]
     out = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.int64)
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
@@ -225,9 +225,9 @@ def padded(sequences: list[list[int]], prefix: list[int] = (), suffix: list[int]
 
 def as_batch(pairs: Pairs, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source (ends in EOS), decoder input (BOS first) and decoder target (EOS last) of ``rows``."""
-    source = padded([pairs.source[i] for i in rows], suffix=[EOS])
+    source = padded([pairs.source[i] for i in rows], suffix=(EOS,))
     target = [pairs.target[i] for i in rows]
-    return source, padded(target, prefix=[BOS]), padded(target, suffix=[EOS])
+    return source, padded(target, prefix=(BOS,)), padded(target, suffix=(EOS,))
 
 
 # --------------------------------------------------------------------- model
@@ -377,7 +377,7 @@ def translate(model, pairs: Pairs, beam: int, length_penalty: float, target_voca
     out = [""] * len(pairs)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        source = padded([pairs.source[i] for i in rows], suffix=[EOS])
+        source = padded([pairs.source[i] for i in rows], suffix=(EOS,))
         for row, hypothesis in zip(rows, beam_search(model, source, beam, length_penalty), strict=True):
             out[row] = target_vocab.decode(hypothesis)
     return out
