@@ -1,0 +1,207 @@
+"""The translation trainer on a tiny slice of Multi30k: the pipeline end to end, exact resume, the context test,
+the rare-word measure and beam search."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+from lifelong_memory.client import MemoryModule, connect
+from lifelong_memory.trainers import translation
+
+DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"Multi30k not at {DATA}")
+
+# A few hundred pairs, a tiny model, a few steps: seconds on one thread.
+TINY = ["--data-dir", str(DATA), "--train-pairs", "300", "--test-pairs", "40", "--validation-pairs", "20",
+        "--vocab-size", "300", "--embedding-dim", "16", "--hidden", "32", "--key-dim", "16", "--memory-size", "2048",
+        "--choose-k", "8", "--batch-size", "20", "--validate-every", "10", "--checkpoint-every", "10", "--beam", "2",
+        "--threads", "1"]  # fmt: skip
+
+
+def run_trainer(out: pathlib.Path, *flags: str) -> tuple[list[dict], dict]:
+    subprocess.run([sys.executable, "-m", "lifelong_memory.trainers.translation", *TINY, "--out-dir", str(out), *flags],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    metrics_file = out / "metrics.jsonl"  # an evaluation writes none
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    return metrics, json.loads((out / "evaluation.json").read_text())
+
+
+def without_timing(results: dict) -> dict:
+    """Metrics or an evaluation without the CPU times, which no two runs share."""
+    if "tests" in results:
+        return {**results, "tests": {name: without_timing(test) for name, test in results["tests"].items()}}
+    return {k: v for k, v in results.items() if k not in ("cpu_s", "step_cpu_ms")}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """A tiny memory model trained for 20 steps, then evaluated: (out_dir, metrics, evaluation)."""
+    out = tmp_path_factory.mktemp("straight")
+    return (out, *run_trainer(out, "--steps", "20"))
+
+
+@needs_data
+def test_the_pipeline_runs_end_to_end(straight_run):
+    out, metrics, evaluation = straight_run
+    assert [m["step"] for m in metrics] == [10, 20]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert (out / "bleu.png").stat().st_size > 0
+    for name in ("test_2016_flickr", "test_2017_flickr"):
+        test = evaluation["tests"][name]
+        assert test["lines"] == 40 and 0 <= test["bleu"] <= 100 and 0 <= test["chrf"] <= 100
+        lines = (out / f"translations-{name}.txt").read_text().splitlines()
+        assert len(lines) == 40 and any(lines), "one detokenized translation per test line"
+        context = test["context"]
+        assert (context["context_lines"], context["test_lines"]) == (20, 20)
+        assert context["gain_bleu"] == context["with"]["bleu"] - context["without"]["bleu"]
+        for when in ("without", "with"):
+            recall = context[when]["teacher_forced"]
+            assert recall["subwords"] > 0 and 0 <= recall["only_memory"] <= recall["memory"] <= 1
+        rare = test["rare_words"]
+        assert rare["at most once"]["n"] == rare["never"]["n"] + rare["once"]["n"] > 0
+
+
+@needs_data
+def test_resume_continues_exactly_where_the_run_stopped(straight_run, tmp_path):
+    out, straight, evaluation = straight_run
+    # Stopped after step 10 (a validation logged after that checkpoint is dropped), then resumed to 20.
+    run_trainer(tmp_path, "--steps", "10")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 15, "train_loss": 9.0}) + "\n")
+    resumed, resumed_evaluation = run_trainer(tmp_path, "--steps", "20", "--resume")
+    assert [without_timing(m) for m in resumed] == [without_timing(m) for m in straight]
+    assert without_timing(resumed_evaluation) == without_timing(evaluation)
+    weights = [torch.load(run / "checkpoint.pt", weights_only=False)["model"] for run in (out, tmp_path)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert [p.name for p in tmp_path.glob("memory-*.lmem")] == ["memory-20.lmem"]
+
+
+@needs_data
+def test_an_evaluation_over_grpc_gives_the_local_numbers(straight_run, tmp_path, server_url):
+    out, _, local = straight_run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the in-process server searches with the trainer's one thread, as the embedded memory
+    try:
+        _, remote = run_trainer(
+            tmp_path, "--steps", "20", "--evaluate", str(out / "checkpoint.pt"), "--memory", server_url
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert remote["memory"] == server_url
+    assert without_timing({**remote, "memory": "local"}) == without_timing(local)
+
+
+@needs_data
+def test_the_vocabulary_is_trained_on_the_training_split_only(tmp_path):
+    """A word only the test sets hold gets no piece of its own, whatever the test files say."""
+    config = translation.configure([*TINY, "--out-dir", str(tmp_path)])
+    task, models = translation.make_task(config, None)
+    target_vocab = task.vocabularies[1]
+    pieces = {target_vocab.id_to_piece(i) for i in range(target_vocab.get_piece_size())}
+    train_words = {w for line in task.train.target_text for w in line.split()}
+    test_only = {w for p in task.tests.values() for line in p.target_text for w in line.split()} - train_words
+    assert test_only and not {"▁" + w for w in test_only} & pieces
+    again, models_again = translation.make_task(config, models)
+    assert models_again == models and again.train.target == task.train.target
+
+
+def test_rare_word_accuracy_counts_clipped_occurrences_by_training_frequency():
+    counts = Counter({"Hund": 5, "Dackel": 1, "läuft": 2})
+    references = ["Ein Dackel und ein Dackel", "Zwei Zebras und ein Dackel"]
+    hypotheses = ["Ein Dackel und ein Hund", "Zwei Zebras"]
+    result = translation.rare_word_accuracy(hypotheses, references, counts, context_words={"Dackel"})
+    # "Dackel" (seen once) three times in the references, produced once where two were needed and not at all.
+    assert (result["once"]["correct"], result["once"]["n"]) == (1, 3)
+    # Never seen: "Ein", "und", "ein" in line 0, all made; "Zwei", "Zebras", "und", "ein" in line 1, two made.
+    assert (result["never"]["correct"], result["never"]["n"]) == (5, 7)
+    assert (result["at most once"]["correct"], result["at most once"]["n"]) == (6, 10)
+    assert (result["in context"]["correct"], result["in context"]["n"]) == (1, 3)
+    assert result["once"]["ci95"] == pytest.approx(translation.wilson_interval(1, 3))
+    assert result["once"]["translated"][0]["word"] == "Dackel" and result["once"]["missed"][0]["line"] == 1
+
+
+def test_wilson_interval():
+    assert translation.wilson_interval(0, 100) == pytest.approx((0.0, 0.0370), abs=1e-4)
+    assert translation.wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+
+
+class TableModel:
+    """A stand-in for the decoder: the next token's probabilities depend only on the last token.
+
+    After BOS: A 0.6, B 0.4; after A: EOS 0.45, C 0.55; after B or C: EOS. Greedy decoding takes A C (0.33);
+    the most probable sequence is B (0.4); per token, A C (log 0.33 / 3) beats B (log 0.4 / 2)."""
+
+    A, B, C = 4, 5, 6
+    NEXT = {translation.BOS: {A: 0.6, B: 0.4}, A: {translation.EOS: 0.45, C: 0.55}, B: {translation.EOS: 1.0},
+            C: {translation.EOS: 1.0}}  # fmt: skip
+
+    def eval(self):
+        return self
+
+    def encode(self, source):
+        rows = source.shape[0]
+        return (torch.zeros(rows, 1), torch.zeros(rows, 1), torch.zeros(rows, 1)), (torch.zeros(1, rows, 1),)
+
+    def decode(self, encoded, inputs, state):
+        probabilities = torch.full((inputs.shape[0], 1, 7), 1e-9)
+        for row, token in enumerate(inputs[:, 0].tolist()):
+            for following, p in self.NEXT.get(token, {translation.EOS: 1.0}).items():
+                probabilities[row, 0, following] = p
+        return probabilities.log(), state, None
+
+
+@pytest.mark.parametrize(
+    ("beam", "length_penalty", "expected"),
+    [(1, 0.0, [TableModel.A, TableModel.C]), (2, 0.0, [TableModel.B]), (2, 1.0, [TableModel.A, TableModel.C])],
+)
+def test_beam_search_keeps_ended_hypotheses_and_ranks_by_normalised_score(beam, length_penalty, expected):
+    sources = torch.tensor([[7, translation.EOS], [8, translation.EOS]])
+    assert translation.beam_search(TableModel(), sources, beam, length_penalty) == [expected, expected]
+
+
+def test_the_context_test_leaves_the_memory_as_it_was_and_changes_nothing_without_one(tmp_path):
+    store = connect("local")
+    module = MemoryModule(store, 8, 16, name="context", return_neighbors=True, memory_size=256, choose_k=4)
+    model = translation.Translator(20, 20, 8, 16, 0.0, module)
+    pairs = translation.Pairs([[4, 5, 6], [7, 8], [4, 9], [10, 11, 12]], [[5, 6], [7], [8, 9], [10]], [""] * 4,
+                              ["a b", "c", "d e", "f"])  # fmt: skip
+
+    class Vocabulary:
+        def decode(self, ids):
+            return " ".join("abcdefghijklmnopqrst"[i] for i in ids)
+
+    config = {"memory_name": "context", "context_passes": 3, "beam": 2, "length_penalty": 1.0}
+    translation.memorise(model, pairs.subset([1, 3]))  # the memory as training left it: some slots written
+    before = store.memory("context").slots(range(256))
+    result = translation.context_test(model, store, pairs, Counter(), config, Vocabulary())
+    after = store.memory("context").slots(range(256))
+    assert (result["context_lines"], result["test_lines"]) == (2, 2)
+    assert (before[1] >= 0).any(), "slots were written before the test"
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "the context's writes are undone"
+    baseline = translation.Translator(20, 20, 8, 16, 0.0)
+    result = translation.context_test(baseline, None, pairs, Counter(), config, Vocabulary())
+    assert result["gain_bleu"] == 0.0
+
+
+def test_teacher_forced_recall_counts_what_the_memory_holds():
+    store = connect("local")
+    module = MemoryModule(store, 8, 16, name="recall", return_neighbors=True, memory_size=256, choose_k=4)
+    model = translation.Translator(20, 20, 8, 16, 0.0, module)
+    pairs = translation.Pairs([[4, 5, 6], [7, 8]], [[5, 6, 9], [7]], [""] * 2, [""] * 2)
+    empty = translation.teacher_forced_recall(model, pairs)
+    assert empty["subwords"] == 6 and empty["memory"] == empty["only_memory"] == 0.0, "an empty slot is no answer"
+    translation.memorise(model, pairs)
+    remembered = translation.teacher_forced_recall(model, pairs)
+    # Each written key is its own query: the memory now answers every reference subword it was shown.
+    assert remembered["memory"] == 1.0 and remembered["model"] == empty["model"]
+    assert remembered["only_memory"] == 1.0 - remembered["model"]
+    baseline = translation.teacher_forced_recall(translation.Translator(20, 20, 8, 16, 0.0), pairs)
+    assert baseline["memory"] is None and baseline["subwords"] == 6
