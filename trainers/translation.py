@@ -682,10 +682,11 @@ EXPERIMENT_SETTINGS = ("model", "source_language", "target_language", "train_pai
 
 
 def check_same_experiment(config: dict, saved: dict, source) -> None:
+    saved = {key: globals()[key] for key in EXPERIMENT_SETTINGS} | saved  # older checkpoints: later settings' defaults
     differ = [
         f"--{key.replace('_', '-')} {saved[key]} (given {config[key]})"
         for key in EXPERIMENT_SETTINGS
-        if saved.get(key, globals()[key]) != config[key]  # a setting added later: older checkpoints had its default
+        if saved[key] != config[key]
     ]
     if differ:
         raise SystemExit(f"{source} was trained with " + ", ".join(differ) + "; pass the same settings")
