@@ -205,3 +205,41 @@ def test_teacher_forced_recall_counts_what_the_memory_holds():
     assert remembered["only_memory"] == 1.0 - remembered["model"]
     baseline = translation.teacher_forced_recall(translation.Translator(20, 20, 8, 16, 0.0), pairs)
     assert baseline["memory"] is None and baseline["subwords"] == 6
+
+
+def test_the_recall_gate_decides_how_much_of_the_recall_reaches_the_output():
+    store = connect("local")
+    module = MemoryModule(store, 8, 16, name="gate", return_neighbors=True, memory_size=256, choose_k=4)
+    torch.manual_seed(0)
+    gated = translation.Translator(20, 20, 8, 16, 0.0, module, recall_gate=True)
+    ungated = translation.Translator(20, 20, 8, 16, 0.0, module)
+    missing, unexpected = ungated.load_state_dict(gated.state_dict(), strict=False)
+    assert not missing and unexpected == ["recall_gate.weight", "recall_gate.bias"]
+    pairs = translation.Pairs([[4, 5, 6], [7, 8]], [[5, 6, 9], [7]], [""] * 2, [""] * 2)
+    translation.memorise(gated, pairs)  # every step now recalls a written slot
+    source, decoder_inputs, _ = translation.as_batch(pairs, range(2))
+
+    def logits(model):
+        model.eval()
+        encoded, state = model.encode(source)
+        return model.decode(encoded, decoder_inputs, state)[0]
+
+    with torch.no_grad():
+        gated.recall_gate.weight.zero_()
+        gated.recall_gate.bias.fill_(30.0)  # open: the ungated model's output
+        assert torch.allclose(logits(gated), logits(ungated), atol=1e-5)
+        gated.recall_gate.bias.fill_(-30.0)  # closed: as if nothing were recalled
+        closed = logits(gated)
+        ungated.value_embedding.weight.zero_()
+        assert torch.allclose(closed, logits(ungated), atol=1e-5)
+        assert not torch.allclose(closed, logits(translation.Translator(20, 20, 8, 16, 0.0, module)), atol=1e-3)
+    gated.recall_gate.bias.data.zero_()
+    logits(gated).sum().backward()
+    assert gated.recall_gate.weight.grad[0, -1] != 0, "the nearest neighbour's similarity is an input of the gate"
+
+
+def test_a_checkpoint_from_before_the_recall_gate_counts_as_trained_without_it():
+    saved = {key: translation.configure([])[key] for key in translation.EXPERIMENT_SETTINGS if key != "recall_gate"}
+    translation.check_same_experiment(translation.configure([]), saved, "old.pt")
+    with pytest.raises(SystemExit, match="--recall-gate False"):
+        translation.check_same_experiment(translation.configure(["--recall-gate"]), saved, "old.pt")

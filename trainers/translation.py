@@ -13,7 +13,9 @@ CPU core trains in half an hour, on Multi30k (29,000 English-German image descri
               embedding of the nearest neighbour's value, weighted by that neighbour's softmax score, is
               concatenated with the attention vector and the output layer, one linear layer, mixes the two
               before the final softmax. The memory loss (triplet) is added to the cross-entropy, and every
-              training step updates the memory with the reference subwords.
+              training step updates the memory with the reference subwords. With --recall-gate the recalled
+              embedding is also scaled by a learned gate, a sigmoid of a linear function of the attention
+              vector and the nearest neighbour's cosine similarity, so the model can learn when to trust it.
 
 Evaluation (at the end of training, or --evaluate CHECKPOINT): beam search on test_2016_flickr and
 test_2017_flickr, BLEU and chrF with sacrebleu on the detokenized output; the paper's one-shot context test
@@ -70,6 +72,8 @@ memory = "local"  # "local" (embedded) or "grpc://host:port"
 memory_name = "translation"
 key_dim = 64
 memory_size = 16_384  # at least a batch's rows: one query per target subword (up to 64 x 61), each may write a slot
+search_dtype = "float32"  # the memory's search scores: "float32" or "bfloat16" (about half the cost, ranks may tie)
+recall_gate = False  # memory model: gate the recalled embedding on the attention vector and the nearest similarity
 choose_k = 16
 alpha = 0.1
 age_noise = 8.0
@@ -237,7 +241,16 @@ class Translator(nn.Module):
     """Bidirectional LSTM encoder, LSTM decoder with Luong's general attention; with a memory, the nearest
     neighbour's value, embedded and weighted by its softmax score, joins the attention vector at the output."""
 
-    def __init__(self, source_vocab, target_vocab, embedding_dim, hidden, dropout, memory: MemoryModule | None = None):
+    def __init__(
+        self,
+        source_vocab,
+        target_vocab,
+        embedding_dim,
+        hidden,
+        dropout,
+        memory: MemoryModule | None = None,
+        recall_gate: bool = False,
+    ):
         super().__init__()
         self.source_embed = nn.Embedding(source_vocab, embedding_dim, padding_idx=PAD)
         self.target_embed = nn.Embedding(target_vocab, embedding_dim, padding_idx=PAD)
@@ -250,6 +263,8 @@ class Translator(nn.Module):
         self.memory = memory
         if memory is not None:
             self.value_embedding = nn.Embedding(target_vocab, hidden)
+            # the attention vector and the nearest neighbour's cosine similarity -> how much of the recall to use
+            self.recall_gate = nn.Linear(hidden + 1, 1) if recall_gate else None
         self.output = nn.Linear(hidden * (2 if memory is not None else 1), target_vocab)
 
     def encode(self, source: torch.Tensor):
@@ -284,6 +299,10 @@ class Translator(nn.Module):
         out = self.memory(attention_vector[steps], None if labels is None else labels[steps])
         nearest = out.neighbor_values[:, 0]  # the memory's answer, a subword id (-1: an empty slot)
         weight = out.neighbor_weights[:, 0] * (nearest >= 0)
+        if self.recall_gate is not None:
+            similarity = (out.query * out.result.neighbor_keys[:, 0].to(out.query.device)).sum(dim=1, keepdim=True)
+            gate_input = torch.cat([attention_vector[steps], similarity.to(attention_vector.dtype)], dim=1)
+            weight = weight * torch.sigmoid(self.recall_gate(gate_input))[:, 0]
         recalled = torch.zeros_like(attention_vector)
         recalled[steps] = self.value_embedding(nearest.clamp(min=0)) * weight[:, None]
         return self.output(torch.cat([attention_vector, recalled], dim=-1)), state, out
@@ -658,10 +677,12 @@ def print_evaluation(results: dict) -> None:
 
 # What a checkpoint's weights and memory depend on: resuming or evaluating under other values would mix experiments.
 EXPERIMENT_SETTINGS = ("model", "source_language", "target_language", "train_pairs", "vocab_size", "max_train_length",
-                       "embedding_dim", "hidden", "key_dim", "memory_size", "choose_k", "seed")  # fmt: skip
+                       "embedding_dim", "hidden", "key_dim", "memory_size", "choose_k", "recall_gate",
+                       "seed")  # fmt: skip
 
 
 def check_same_experiment(config: dict, saved: dict, source) -> None:
+    saved = {key: globals()[key] for key in EXPERIMENT_SETTINGS} | saved  # older checkpoints: later settings' defaults
     differ = [
         f"--{key.replace('_', '-')} {saved[key]} (given {config[key]})"
         for key in EXPERIMENT_SETTINGS
@@ -712,9 +733,12 @@ def main(argv: list[str] | None = None) -> None:
             alpha=config["alpha"],
             age_noise=config["age_noise"],
             seed=config["seed"],
+            search_dtype=config["search_dtype"],
         )
     vocab = [v.get_piece_size() for v in task.vocabularies]
-    model = Translator(*vocab, config["embedding_dim"], config["hidden"], config["dropout"], module)
+    model = Translator(
+        *vocab, config["embedding_dim"], config["hidden"], config["dropout"], module, config["recall_gate"]
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     first_step, metrics = 1, []
     if state:
