@@ -53,6 +53,7 @@ from torch import nn
 
 from lifelong_memory.client import MemoryModule, connect
 from lifelong_memory.trainers import flags
+from lifelong_memory.trainers.statistics import wilson_interval
 
 # -------------------------------------------------------------------- config
 model = "memory"  # "memory" or "baseline" (no memory)
@@ -412,16 +413,6 @@ def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------ rare words
-
-
-def wilson_interval(successes: float, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sound near 0 and 1, where the normal one is not)."""
-    if n == 0:
-        return (math.nan, math.nan)
-    z, p = 1.96, successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def rare_word_accuracy(hypotheses, references, train_counts: Counter, context_words: set | None = None) -> dict:
