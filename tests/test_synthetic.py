@@ -70,11 +70,6 @@ def test_epoch_batches_cover_the_training_set_once_and_depend_only_on_seed_and_e
     assert not all(len(a) == len(b) and (a == b).all() for a, b in zip(batches, other, strict=True))
 
 
-def test_wilson_interval():
-    assert synthetic.wilson_interval(0, 100) == pytest.approx((0.0, 0.0370), abs=1e-4)
-    assert synthetic.wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
-
-
 def test_flags_are_the_config_values_only(monkeypatch):
     """Module attributes such as __name__ and __doc__ are strings too; they are no options."""
     monkeypatch.setattr(sys, "argv", ["synthetic"])
@@ -91,6 +86,27 @@ def test_a_checkpoint_is_only_resumed_or_evaluated_under_its_own_settings():
         synthetic.check_same_experiment(config, {**config, "memory_size": 2}, "run.pt")
 
 
+@pytest.mark.parametrize("block_encoder", [True, False])
+def test_the_block_encoders_query_is_the_same_for_the_same_x_in_any_context(block_encoder):
+    """What lets a test item find its x's entry from training: with the block encoder the query depends on x
+    alone; the attention-mixed state (--no-block-encoder) also carries the As and Bs around the block."""
+    torch.manual_seed(0)
+    model = synthetic.Seq2Seq(16, 32, 3, block_encoder=block_encoder).eval()
+    A, B, D = synthetic.A, synthetic.B, synthetic.DIGIT
+    inputs = torch.tensor([[A, D + 1, D + 2, D + 3, B, A, B], [B, B, A, B, D + 1, D + 2, D + 3], [A, D, D, D, B, A, B]])
+    encoded = model.encode(inputs)
+    if block_encoder:
+        query = encoded[3]
+    else:  # the decoder's attention-mixed state at the block's first digit, teacher forced
+        starts = synthetic.block_positions(inputs) == 0
+        decoded, _ = model.decoder(model.embed(synthetic.teacher_forced(inputs)))
+        context = torch.softmax(decoded @ encoded[0].transpose(1, 2), dim=-1) @ encoded[1]
+        query = torch.tanh(model.mix(torch.cat([decoded, context], dim=-1)))[starts]
+    same_x, other_x = (query[0] - query[1]).abs().max(), (query[0] - query[2]).abs().max()
+    assert other_x > 1e-3
+    assert (same_x == 0) == block_encoder, (same_x, other_x)
+
+
 # A task small enough to learn in seconds: 3 digits (64 symbols), each seen about 16 times in training.
 TINY = ["--digits", "3", "--train-sequences", "1000", "--validation-sequences", "100", "--test-sequences", "200",
         "--min-length", "4", "--max-length", "8", "--embedding-dim", "16", "--hidden", "32", "--key-dim", "16",
@@ -105,9 +121,9 @@ def run_trainer(out: pathlib.Path, *flags: str) -> tuple[list[dict], dict]:
     return metrics, json.loads((out / "evaluation.json").read_text())
 
 
-@pytest.mark.parametrize("model", ["baseline", "memory"])
-def test_a_tiny_run_learns_above_chance(tmp_path, model):
-    metrics, evaluation = run_trainer(tmp_path, "--model", model, "--epochs", "10")
+@pytest.mark.parametrize("design", [["--model", "baseline"], ["--model", "memory"], ["--no-block-encoder"]])
+def test_a_tiny_run_learns_above_chance(tmp_path, design):
+    metrics, evaluation = run_trainer(tmp_path, *design, "--epochs", "10")
     seen = evaluation["test"]["3+"]
     assert seen["n"] == 200
     # Chance: a quarter of the digits, one block in 4^3 = 64.
