@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from lifelong_memory.client import connect
+from lifelong_memory.client import MemoryModule, connect
 from lifelong_memory.trainers import lifelong, omniglot_data
+from lifelong_memory.trainers.omniglot import Encoder
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 TINY = ["--data", str(DATA), "--classes", "20", "--batch", "8", "--rep-dim", "32", "--memory-size", "256",
@@ -70,3 +72,90 @@ def test_class_frequencies_follow_zipf():
     p = lifelong.class_frequencies(1000, 1.0, rng)
     ranked = np.sort(p)[::-1]
     assert p.sum() == pytest.approx(1) and ranked[0] / ranked[9] == pytest.approx(10) and ranked[0] / ranked[-1] == 1000
+
+
+def omniglot_checkpoint(path: pathlib.Path, rep_dim: int = 32, input: str = "raw") -> dict:
+    """A checkpoint as trainers/omniglot.py saves one, with random weights that differ from any seed's."""
+    torch.manual_seed(1234)
+    encoder = Encoder(rep_dim, 0.3)
+    projection = MemoryModule(connect("local"), rep_dim, name="source").state_dict()
+    state = {"encoder": encoder.state_dict(), "memory_module": projection, "episode_batch": 7,
+             "config": {"input": input, "rep_dim": rep_dim, "split": "reference", "init": "he", "seed": 5}}  # fmt: skip
+    torch.save(state, path)
+    return state
+
+
+def test_init_from_starts_the_convnet_and_its_query_projection_from_an_omniglot_checkpoint(tmp_path):
+    source = omniglot_checkpoint(tmp_path / "omniglot.pt")
+    flags = ["--steps", "1", "--learning-rate", "0", "--input", "raw", "--init-from", str(tmp_path / "omniglot.pt")]
+    run(tmp_path / "out", tmp_path / "memory", *flags)
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    for name, weight in source["encoder"].items():
+        assert torch.equal(state["encoder"][name], weight), name
+    assert torch.equal(state["memory_module"]["query_proj"], source["memory_module"]["query_proj"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--input", "ink"], "--input raw (given ink)"),
+        (["--input", "raw", "--rep-dim", "16"], "--rep-dim 32 (given 16)"),
+        (["--input", "raw", "--encoder", "mlp"], "needs --encoder convnet, got mlp"),
+    ],
+)
+def test_init_from_refuses_a_checkpoint_of_another_set_up_naming_the_setting(tmp_path, flags, message):
+    omniglot_checkpoint(tmp_path / "omniglot.pt")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        run(tmp_path / "out", tmp_path / "memory", "--steps", "1", "--init-from", str(tmp_path / "omniglot.pt"), *flags)
+
+
+PROBES = ["--probe-classes", "6", "--probe-start", "2", "--probe-every", "2", "--probe-wave", "3"]
+
+
+def test_probe_classes_are_written_once_at_their_steps_and_asked_at_known_ages(tmp_path):
+    metrics = run(tmp_path / "out", tmp_path / "memory", "--steps", "6", *PROBES)
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    assert state["probes_written_at"] == {0: 2, 1: 2, 2: 2, 3: 4, 4: 4, 5: 4}  # two waves of three
+    offset = len(omniglot_data.load_split(DATA).train)
+    probes = metrics[-1]["evaluation"]["probes"]  # at step 6: 6 training commits and 2 probe waves, 8 in all
+    assert probes["labels"] == [offset + i for i in range(6)] and probes["lost"] == 0
+    assert probes["age_steps"] == [4, 4, 4, 2, 2, 2]
+    assert probes["age_commits"] == [5, 5, 5, 2, 2, 2]  # the wave at step 4 is itself a commit after step 2's
+    assert probes["writers"] == ["convnet"] * 6 and probes["drawings"] == 4
+    assert all(0 <= c <= 4 for c in probes["correct"])
+    assert metrics[0]["evaluation"]["probes"]["labels"] == [offset + i for i in range(3)]  # step 3: one wave
+
+
+def test_another_model_asks_about_probes_only_the_first_one_wrote(tmp_path):
+    memory_dir = tmp_path / "memory"
+    run(tmp_path / "convnet", memory_dir, "--steps", "4", *PROBES)
+    mlp = run(tmp_path / "mlp", memory_dir, "--steps", "3", "--encoder", "mlp", "--writer", "mlp", "--seed", "1",
+              *PROBES[:2], "--probe-group", "1", "--probe-start", "100")  # fmt: skip
+    probes = mlp[-1]["evaluation"]["probes"]
+    assert probes["writers"] == ["convnet"] * 6 and probes["age_steps"] == [-1] * 6  # not this model's probes
+    assert probes["age_commits"] == [6, 6, 6, 3, 3, 3]  # 4 + 2 commits of the convnet's, then 3 of the MLP's
+
+
+def test_overwritten_probe_entries_count_as_lost_and_are_not_asked(tmp_path):
+    metrics = run(tmp_path / "out", tmp_path / "memory", "--steps", "12", "--memory-size", "48", *PROBES)
+    probes = metrics[-1]["evaluation"]["probes"]
+    assert probes["lost"] > 0 and len(probes["labels"]) == 6 - probes["lost"]
+
+
+def test_a_probe_group_beyond_the_evaluation_split_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--probe-group 3 with --probe-classes 200 needs evaluation-split classes"):
+        run(tmp_path / "out", tmp_path / "memory", "--steps", "1", "--probe-classes", "200", "--probe-group", "3")
+
+
+def test_probe_accuracy_counts_each_entry_once_per_age_bucket():
+    asked = [
+        {"labels": [10, 11], "writers": ["a", "b"], "age_commits": [5, 5], "correct": [4, 0], "drawings": 4},
+        {"labels": [10, 11], "writers": ["a", "b"], "age_commits": [50, 500], "correct": [2, 4], "drawings": 4},
+    ]
+    young, old = lifelong.probe_accuracy(asked, lambda writer: True, [0, 100, 1000])
+    assert young["n"] == 2 and young["accuracy"] == pytest.approx((0.75 + 0.0) / 2)  # probe 10 once: (1 + 0.5) / 2
+    assert young["ci95"] == pytest.approx(1.96 * np.std([0.75, 0.0], ddof=1) / np.sqrt(2))
+    assert young["mean_age"] == pytest.approx((5 + 5 + 50) / 3)
+    assert old["n"] == 1 and old["accuracy"] == 1.0 and np.isnan(old["ci95"])
+    only_a = lifelong.probe_accuracy(asked, lambda writer: writer == "a", [0, 100, 1000])
+    assert only_a[0]["n"] == 1 and only_a[1]["n"] == 0
