@@ -159,3 +159,27 @@ def test_probe_accuracy_counts_each_entry_once_per_age_bucket():
     assert old["n"] == 1 and old["accuracy"] == 1.0 and np.isnan(old["ci95"])
     only_a = lifelong.probe_accuracy(asked, lambda writer: writer == "a", [0, 100, 1000])
     assert only_a[0]["n"] == 1 and only_a[1]["n"] == 0
+
+
+def test_the_report_summarizes_finished_runs_and_plots_them_side_by_side(tmp_path, capsys):
+    memory_dir = tmp_path / "memory"
+    run(tmp_path / "convnet", memory_dir, "--steps", "4", *PROBES)
+    run(tmp_path / "mlp", memory_dir, "--steps", "3", "--encoder", "mlp", "--writer", "mlp", "--seed", "1",
+        *PROBES[:2], "--probe-group", "1", "--probe-start", "1", "--probe-every", "1")  # fmt: skip
+    capsys.readouterr()
+    plot = tmp_path / "report.png"
+    lifelong.main(["--report", f"{tmp_path / 'convnet'},{tmp_path / 'mlp'}", "--report-plot", str(plot),
+                   "--report-targets", "0,1.01"])  # fmt: skip
+    printed = capsys.readouterr().out
+    mlp = printed[printed.index("mlp: mlp from scratch") :]
+    assert "writer 'mlp', 3 steps, memory commit 10" in mlp  # 4 + 2 waves of the convnet's, 3 + 1 wave of the MLP's
+    assert "probe classes, entries written by convnet, last evaluation" in mlp
+    assert "probe classes, own entries, last evaluation" in mlp and "by entry age in own steps: [0, 100)" in mlp
+    assert "first step at stream accuracy 0.0: 3, 1.01: not reached" in mlp
+    assert plot.stat().st_size > 0
+
+
+def test_first_step_at_a_target():
+    metrics = [{"step": 5, "a": 0.2}, {"step": 10, "a": 0.6}, {"step": 15, "a": 0.5}]
+    assert lifelong.first_step_at(metrics, lambda m: m["a"], 0.5) == 10
+    assert lifelong.first_step_at(metrics, lambda m: m["a"], 0.7) is None

@@ -78,6 +78,9 @@ out_dir = "runs/lifelong"
 resume = False
 threads = 0
 seed = 0
+report = ""  # comma-separated out_dirs of finished runs: print their summary, plot them side by side, train nothing
+report_targets = "0.25,0.5,0.75"  # the accuracies whose first step the report gives
+report_plot = "lifelong-report.png"
 
 WRITTEN_DRAWERS = 16  # drawings 0..15 of a class are shown; 16..19 only asked about
 AGE_EDGES = [0, 100, 1000, 10000, 100000]  # buckets of an entry's age, in memory commits
@@ -364,8 +367,92 @@ def plot(metrics: list[dict], path: pathlib.Path, writer_tag: str) -> None:
     plt.close(figure)
 
 
+def first_step_at(metrics: list[dict], accuracy_of, target: float) -> int | None:
+    """The first evaluated step whose accuracy reaches ``target`` (None: never in this run)."""
+    return next((m["step"] for m in metrics if accuracy_of(m) >= target), None)
+
+
+def format_cells(cells: list[dict]) -> str:
+    return "  ".join(
+        f"[{c['ages'][0]:,}, {c['ages'][1]:,}): {c['accuracy']:.3f} ± {c['ci95']:.3f} (n {c['n']})"
+        for c in cells
+        if c["n"]
+    )
+
+
+def summarize(out_dirs: list[str], targets: list[float], plot_path: pathlib.Path) -> None:
+    """Per finished run: its model, the last evaluation's accuracy on stream and probe classes by whose entry,
+    probe accuracy by entry age over every evaluation, and the first step at each target accuracy. Then one
+    figure, a panel per run, of accuracy against entry age by writer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, panels = plt.subplots(1, len(out_dirs), figsize=(5.5 * len(out_dirs), 4.6), squeeze=False)
+    for out_dir, axes in zip(out_dirs, panels[0], strict=True):
+        run = pathlib.Path(out_dir)
+        config = torch.load(run / "checkpoint.pt", weights_only=False)["config"]
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        last, tag = metrics[-1], config["writer"]
+        origin = "pre-trained" if config.get("init_from") else "from scratch"
+        print(
+            f"\n{run}: {config['encoder']} {origin}"
+            + (f" ({config['init_from']})" if config.get("init_from") else "")
+            + f", writer {tag!r}, "
+            f"{last['step']:,} steps, memory commit {last['commit_sequence']:,}, "
+            f"{last['filled_slots']:,} of {config['memory_size']:,} slots filled"
+        )
+        stream = last["evaluation"]["accuracy"]
+        print(f"  stream classes: {stream['accuracy']:.3f} ± {stream['ci95']:.3f} (n {stream['n']})")
+        probes = [m["evaluation"]["probes"] for m in metrics if "probes" in m["evaluation"]]
+        for writer in probe_writers(metrics):
+            whose = "own entries" if writer == tag else f"entries written by {writer}"
+            cell = probe_accuracy(probes[-1:], lambda w, writer=writer: w == writer, [0, 10**9])[0]
+            print(
+                f"  probe classes, {whose}, last evaluation: {cell['accuracy']:.3f} ± {cell['ci95']:.3f} "
+                f"(n {cell['n']} classes; own entries lost: {probes[-1]['lost']})"
+            )
+            cells = probe_accuracy(probes, lambda w, writer=writer: w == writer)
+            print(f"    by entry age in commits, over every evaluation: {format_cells(cells)}")
+            if writer == tag:
+                steps = probe_accuracy(probes, lambda w, writer=writer: w == writer, age="age_steps")
+                print(f"    by entry age in own steps: {format_cells(steps)}")
+            shown = [c for c in cells if c["n"]]
+            axes.errorbar(
+                [c["mean_age"] for c in shown],
+                [c["accuracy"] for c in shown],
+                yerr=[np.nan_to_num(c["ci95"]) for c in shown],
+                marker="o",
+                capsize=3,
+                label=whose,
+            )
+        reached = [first_step_at(metrics, lambda m: m["evaluation"]["accuracy"]["accuracy"], t) for t in targets]
+        print(
+            "  first step at stream accuracy "
+            + ", ".join(f"{t}: {s or 'not reached'}" for t, s in zip(targets, reached, strict=True))
+        )
+        axes.set_xscale("log")
+        axes.set(
+            xlabel="entry age (memory commits)",
+            ylabel="accuracy on held-out drawings",
+            ylim=(0, 1.02),
+            title=f"{tag} ({config['encoder']}, {origin})",
+        )
+        axes.grid(alpha=0.3)
+        axes.legend(loc="lower left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(plot_path, dpi=110)
+    plt.close(figure)
+    print(f"\nplot: {plot_path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     config = configure(argv)
+    if config["report"]:
+        targets = [float(t) for t in config["report_targets"].split(",")]
+        summarize(config["report"].split(","), targets, pathlib.Path(config["report_plot"]))
+        return
     torch.manual_seed(config["seed"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
