@@ -183,3 +183,18 @@ def test_first_step_at_a_target():
     metrics = [{"step": 5, "a": 0.2}, {"step": 10, "a": 0.6}, {"step": 15, "a": 0.5}]
     assert lifelong.first_step_at(metrics, lambda m: m["a"], 0.5) == 10
     assert lifelong.first_step_at(metrics, lambda m: m["a"], 0.7) is None
+
+
+def test_a_read_only_trainer_learns_from_the_others_entries_and_writes_nothing(tmp_path):
+    memory_dir = tmp_path / "memory"
+    run(tmp_path / "convnet", memory_dir, "--steps", "6")
+    mlp = run(tmp_path / "mlp", memory_dir, "--steps", "3", "--encoder", "mlp", "--writer", "mlp", "--seed", "1",
+              "--read-only-steps", "3")  # fmt: skip
+    _, report = memory_state(memory_dir)
+    assert report.commit_sequence == 6 and {w.name for w in report.writers} == {"convnet"}
+    evaluation = mlp[-1]["evaluation"]
+    answered = evaluation["by_answering_writer"]  # every answer came from an entry the convnet wrote
+    assert list(answered) == ["convnet"] and answered["convnet"]["n"] == evaluation["held"] > 0
+    state = torch.load(tmp_path / "mlp" / "checkpoint.pt", weights_only=False)
+    assert all(int(s["step"]) == 3 for s in state["optimizer"]["state"].values())  # it learned at every step
+    assert np.isfinite(mlp[-1]["train_loss"])

@@ -68,6 +68,7 @@ clip_norm = 5.0
 dropout_keep = 0.3
 eval_every = 1000
 eval_classes = 500  # classes asked about at each evaluation
+read_only_steps = 0  # the first steps learn from the memory's keys without writing (a late joiner aligns first)
 probe_classes = 0  # evaluation-split classes this trainer writes once each and asks about at every evaluation
 probe_group = 0  # this trainer's block of probe classes: [group * probe_classes, (group + 1) * probe_classes)
 probe_start = 1  # the step of the first probe wave
@@ -251,14 +252,16 @@ def bucket(values: np.ndarray, edges: list[int]) -> np.ndarray:
 def evaluate(encoder, module, classes, seen, config, rng) -> dict:
     """Ask the memory about held-out drawings of random classes, without updating it. Over the classes it holds:
     accuracy by the age of the class's newest entry and by whose it is (this trainer's or another's), by how
-    often this trainer showed the class (0: only others wrote it), and per writer."""
+    often this trainer showed the class (0: only others wrote it), per writer of the newest entry (by_writer) and
+    per writer of the entry that answered, the nearest (by_answering_writer)."""
     encoder.eval()
     asked = rng.choice(len(classes), size=min(config["eval_classes"], len(classes)), replace=False)
     drawers = rng.integers(WRITTEN_DRAWERS, classes.shape[1], size=len(asked))
     images = torch.from_numpy(classes[asked, drawers])
-    result = module.memory.query(module.project(encoder(images)), fields=())
+    result = module.memory.query(module.project(encoder(images)), fields=("neighbors",))
     encoder.train()
     correct = result.predictions.numpy() == asked
+    answering = module.memory.read_slots(result.neighbor_slots[:, 0].clamp(min=0)).writers
     ages, writers = np.full(len(asked), np.inf), [""] * len(asked)
     for i, label in enumerate(asked.tolist()):
         found = module.memory.find_label(label)
@@ -288,6 +291,10 @@ def evaluate(encoder, module, classes, seen, config, rng) -> dict:
         "by_writer": {
             w: accuracy(np.array([x == w for x in writers]))
             for w in sorted(set(writers[i] for i in np.flatnonzero(held)))
+        },
+        "by_answering_writer": {
+            w: accuracy(np.array([x == w for x in answering]))
+            for w in sorted(set(answering[i] for i in np.flatnonzero(held)))
         },
     }
 
@@ -404,7 +411,9 @@ def summarize(out_dirs: list[str], targets: list[float], plot_path: pathlib.Path
             f"{last['filled_slots']:,} of {config['memory_size']:,} slots filled"
         )
         stream = last["evaluation"]["accuracy"]
-        print(f"  stream classes: {stream['accuracy']:.3f} ± {stream['ci95']:.3f} (n {stream['n']})")
+        print(f"  stream classes: {stream['accuracy']:.3f} ± {stream['ci95']:.3f} (n {stream['n']}); answered by "
+              + ", ".join(f"{w}'s entries {c['accuracy']:.3f} (n {c['n']})"
+                          for w, c in last["evaluation"].get("by_answering_writer", {}).items()))  # fmt: skip
         probes = [m["evaluation"]["probes"] for m in metrics if "probes" in m["evaluation"]]
         for writer in probe_writers(metrics):
             whose = "own entries" if writer == tag else f"entries written by {writer}"
@@ -510,7 +519,10 @@ def main(argv: list[str] | None = None) -> None:
         labels = rng.choice(len(classes), size=config["batch"], p=frequencies)
         drawers = rng.integers(0, WRITTEN_DRAWERS, size=config["batch"])
         np.add.at(seen, labels, 1)
-        output = module(encoder(torch.from_numpy(classes[labels, drawers])), torch.from_numpy(labels))
+        images = torch.from_numpy(classes[labels, drawers])
+        # Read-only, the loss's positive keys can only be other trainers' entries: the query projection is pulled
+        # into their key space before this model writes keys of its own that its later queries would find first.
+        output = module(encoder(images), torch.from_numpy(labels), update=step > config["read_only_steps"])
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         nn.utils.clip_grad_norm_(parameters, config["clip_norm"])
@@ -544,7 +556,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"step {step:6d}  loss {metrics[-1]['train_loss']:+.4f}  held-out accuracy "
                 f"{evaluation['accuracy']['accuracy']:.3f}  by entry age (own) "
                 + " ".join(f"{c['accuracy']:.2f}/{c['n']}" for c in own)
-                + f"  filled {stats['filled_slots']}"
+                + f"  filled {stats['filled_slots']}  answered by "
+                + " ".join(f"{w} {c['accuracy']:.2f}/{c['n']}" for w, c in evaluation["by_answering_writer"].items())
             )
             if config["probe_classes"]:
                 probes = evaluation["probes"]
