@@ -411,9 +411,11 @@ def summarize(out_dirs: list[str], targets: list[float], plot_path: pathlib.Path
             f"{last['filled_slots']:,} of {config['memory_size']:,} slots filled"
         )
         stream = last["evaluation"]["accuracy"]
-        print(f"  stream classes: {stream['accuracy']:.3f} ± {stream['ci95']:.3f} (n {stream['n']}); answered by "
-              + ", ".join(f"{w}'s entries {c['accuracy']:.3f} (n {c['n']})"
-                          for w, c in last["evaluation"].get("by_answering_writer", {}).items()))  # fmt: skip
+        answered = last["evaluation"].get("by_answering_writer", {})  # absent in runs from before it was measured
+        print(
+            f"  stream classes: {stream['accuracy']:.3f} ± {stream['ci95']:.3f} (n {stream['n']})"
+            + "".join(f"; answered by {w}'s entries: {c['accuracy']:.3f} (n {c['n']})" for w, c in answered.items())
+        )
         probes = [m["evaluation"]["probes"] for m in metrics if "probes" in m["evaluation"]]
         for writer in probe_writers(metrics):
             whose = "own entries" if writer == tag else f"entries written by {writer}"
