@@ -424,6 +424,8 @@ def summarize(out_dirs: list[str], targets: list[float], plot_path: pathlib.Path
                 f"  probe classes, {whose}, last evaluation: {cell['accuracy']:.3f} ± {cell['ci95']:.3f} "
                 f"(n {cell['n']} classes; own entries lost: {probes[-1]['lost']})"
             )
+            latest = probe_accuracy(probes[-1:], lambda w, writer=writer: w == writer)
+            print(f"    by entry age in commits, last evaluation (one encoder, one memory): {format_cells(latest)}")
             cells = probe_accuracy(probes, lambda w, writer=writer: w == writer)
             print(f"    by entry age in commits, over every evaluation: {format_cells(cells)}")
             if writer == tag:
