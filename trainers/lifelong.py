@@ -450,7 +450,7 @@ def summarize(out_dirs: list[str], targets: list[float], plot_path: pathlib.Path
             xlabel="entry age (memory commits)",
             ylabel="accuracy on held-out drawings",
             ylim=(0, 1.02),
-            title=f"{tag} ({config['encoder']}, {origin})",
+            title=f"{run.name}: {tag} ({config['encoder']}, {origin})",
         )
         axes.grid(alpha=0.3)
         axes.legend(loc="lower left", fontsize=8)
