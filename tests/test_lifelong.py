@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -198,3 +199,30 @@ def test_a_read_only_trainer_learns_from_the_others_entries_and_writes_nothing(t
     state = torch.load(tmp_path / "mlp" / "checkpoint.pt", weights_only=False)
     assert all(int(s["step"]) == 3 for s in state["optimizer"]["state"].values())  # it learned at every step
     assert np.isfinite(mlp[-1]["train_loss"])
+
+
+def test_aligned_keys_are_the_named_writer_s_newest_entry_of_each_row_s_class():
+    store = connect("local")
+    a = store.create_memory("aligned", key_dim=4, memory_size=16, choose_k=4, age_noise=0.0, writer="a")
+    b = store.memory("aligned", writer="b")
+    e = torch.eye(4)
+    a.query(e[:2], torch.tensor([1, 2]), update=True)  # a: label 1 at e0, label 2 at e1
+    a.query(-e[2:3], torch.tensor([1]), update=True)  # a again, newer: label 1 at -e2
+    b_key = torch.nn.functional.normalize(e[1] + 0.1 * e[3], dim=0)  # nearest is a's label 2: b writes a new slot
+    b.query(b_key[None], torch.tensor([1]), update=True)
+    rows, keys = lifelong.aligned_keys(b, np.array([1, 2, 3]), "a")
+    assert rows.tolist() == [0, 1] and torch.allclose(keys, torch.stack([-e[2], e[1]]))
+    rows, keys = lifelong.aligned_keys(a, np.array([2, 1]), "b")
+    assert rows.tolist() == [1] and torch.allclose(keys, b_key[None])
+
+
+def test_align_to_adds_the_pull_towards_the_other_writer_s_keys_to_the_loss(tmp_path):
+    memory_dir = tmp_path / "memory"
+    run(tmp_path / "convnet", memory_dir, "--steps", "6")
+    copy = tmp_path / "memory-copy"
+    shutil.copytree(memory_dir, copy)
+    mlp = ["--steps", "1", "--encoder", "mlp", "--writer", "mlp", "--seed", "1", "--eval-every", "1"]
+    plain = run(tmp_path / "plain", memory_dir, *mlp)
+    aligned = run(tmp_path / "aligned", copy, *mlp, "--align-to", "convnet")
+    # The same first step (same weights, same batch, same memory) plus 1 - cosine to the convnet's keys.
+    assert aligned[0]["train_loss"] > plain[0]["train_loss"] + 0.1

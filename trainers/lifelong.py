@@ -68,6 +68,7 @@ clip_norm = 5.0
 dropout_keep = 0.3
 eval_every = 1000
 eval_classes = 500  # classes asked about at each evaluation
+align_to = ""  # another trainer's writer tag: each query is also pulled towards that writer's newest entry of its class
 read_only_steps = 0  # the first steps learn from the memory's keys without writing (a late joiner aligns first)
 probe_classes = 0  # evaluation-split classes this trainer writes once each and asks about at every evaluation
 probe_group = 0  # this trainer's block of probe classes: [group * probe_classes, (group + 1) * probe_classes)
@@ -236,6 +237,23 @@ def probe_accuracy(evaluations: list[dict], keep, edges: list[int] = PROBE_AGE_E
             }
         )
     return cells
+
+
+def aligned_keys(memory, labels: np.ndarray, writer: str) -> tuple[np.ndarray, torch.Tensor]:
+    """For each row whose class has an entry ``writer`` wrote (or last merged), that writer's newest such key.
+    Returns the rows that have one and their keys [rows, key_dim]."""
+    found = [memory.find_label(int(label)) for label in labels]
+    slots = torch.cat([f.slots for f in found])
+    read = memory.read_slots(slots)
+    rows, keys, start = [], [], 0
+    for row, f in enumerate(found):
+        mine = [i for i in range(len(f.slots)) if read.writers[start + i] == writer]
+        if mine:
+            newest = min(mine, key=lambda i: float(f.ages[i]))
+            rows.append(row)
+            keys.append(read.keys[start + newest])
+        start += len(f.slots)
+    return np.array(rows, dtype=np.int64), torch.stack(keys) if keys else torch.empty(0, memory.config.key_dim)
 
 
 def class_frequencies(count: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
@@ -524,14 +542,21 @@ def main(argv: list[str] | None = None) -> None:
         drawers = rng.integers(0, WRITTEN_DRAWERS, size=config["batch"])
         np.add.at(seen, labels, 1)
         images = torch.from_numpy(classes[labels, drawers])
+        if config["align_to"]:
+            aligned_rows, targets = aligned_keys(module.memory, labels, config["align_to"])
         # Read-only, the loss's positive keys can only be other trainers' entries: the query projection is pulled
         # into their key space before this model writes keys of its own that its later queries would find first.
         output = module(encoder(images), torch.from_numpy(labels), update=step > config["read_only_steps"])
+        loss = output.loss
+        if config["align_to"] and len(aligned_rows):
+            # The memory loss only ever meets this model's own keys (they are its queries' nearest): pull each
+            # query to the other model's key of its class too, so that the two models' keys of a class meet.
+            loss = loss + (1 - (output.query[aligned_rows] * targets).sum(dim=1)).mean()
         optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
+        loss.backward()
         nn.utils.clip_grad_norm_(parameters, config["clip_norm"])
         optimizer.step()
-        losses.append(output.loss.item())
+        losses.append(loss.item())
         wave = probe_wave_at(step, block, config) if block else range(0)
         if wave:
             write_probes(encoder, module, probe_pool, probe_offset, wave)
