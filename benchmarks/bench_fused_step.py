@@ -12,8 +12,9 @@ each in turn, so load from elsewhere hits them alike:
             B = 16)
   raw-out   the same into a kept [B, N] buffer
   baseline  Memory.query(q, labels, update=True, fields={"positive_negative_keys"}) at --baseline
-  current   the same with the installed code (with --writer, its calls carry that writer tag: the tag's cost
-            against a --baseline from before writer tags)
+  current   the same with the installed code, untagged
+  tagged    with --writer: the installed code again, a third memory with the same fill, whose calls carry that
+            writer tag; tagged/current is the tag's cost, measured in the same run, interleaved
 
 ``--backend lsh`` or ``faiss-ivf`` gives both memories that approximate index (the raw anchors stay exact):
 with a sublinear search, what the step does outside the search shows. The memories are filled N / 256 slots
@@ -102,6 +103,8 @@ def same(a, b) -> bool:
 
 def bench_shape(baseline, n: int, b: int, seconds: float, writer: str, backend: str) -> dict:
     memories = {"baseline": filled(baseline, n, b, backend), "current": filled(current, n, b, backend)}
+    if writer:
+        memories["tagged"] = filled(current, n, b, backend)
     generator = torch.Generator().manual_seed(n + b)
     keys = unit_rows(n, generator)
     buffer = torch.empty(b, n)
@@ -121,8 +124,10 @@ def bench_shape(baseline, n: int, b: int, seconds: float, writer: str, backend: 
         "raw": lambda i: torch.topk(queries[i % BATCHES] @ keys.T, CHOOSE_K),
         "raw-out": lambda i: torch.topk(torch.mm(queries[i % BATCHES], keys.T, out=buffer), CHOOSE_K),
         "baseline": fused("baseline"),
-        "current": fused("current", **({"writer": writer} if writer else {})),
+        "current": fused("current"),
     }
+    if writer:
+        cases["tagged"] = fused("tagged", writer=writer)
     times = {name: [] for name in cases}
     agree = True
     step = 0
@@ -133,11 +138,13 @@ def bench_shape(baseline, n: int, b: int, seconds: float, writer: str, backend: 
             call(step)
             if step >= 2:  # the first calls warm up allocators
                 times[name].append(time.perf_counter() - started)
-        # Both memories took the same call: their answers and states must be equal.
-        agree &= all(same(getattr(answers["baseline"], f), getattr(answers["current"], f)) for f in ANSWERS)
-        agree &= all(same(getattr(memories["baseline"], s), getattr(memories["current"], s)) for s in STATE)
+        # Every memory took the same call: their answers and states must be equal (a tag changes neither).
+        for other in memories.keys() - {"baseline"}:
+            agree &= all(same(getattr(answers["baseline"], f), getattr(answers[other], f)) for f in ANSWERS)
+            agree &= all(same(getattr(memories["baseline"], s), getattr(memories[other], s)) for s in STATE)
         step += 1
     median = {name: 1e3 * statistics.median(values) for name, values in times.items()}
+    tag_cost = {"tagged/current": median["tagged"] / median["current"]} if writer else {}
     return {
         "N": n,
         "B": b,
@@ -147,6 +154,7 @@ def bench_shape(baseline, n: int, b: int, seconds: float, writer: str, backend: 
         "baseline/raw": median["baseline"] / median["raw"],
         "current/raw": median["current"] / median["raw"],
         "current/baseline": median["current"] / median["baseline"],
+        **tag_cost,
         "same": bool(agree),
     }
 
@@ -171,14 +179,16 @@ def main(argv=None) -> int:
         f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; median ms per call"
     )
     header = f"{'N':>9} {'B':>4} {'raw':>8} {'raw-out':>8} {'baseline':>9} {'current':>8} "
-    header += f"{'base/raw':>9} {'cur/raw':>8} {'cur/base':>9} same"
+    header += f"{'base/raw':>9} {'cur/raw':>8} {'cur/base':>9} "
+    header += f"{'tagged':>8} {'tag/cur':>8} same" if args.writer else "same"
     print(header)
     for r in rows:
         m = r["median_ms"]
+        tagged = f"{m['tagged']:>8.3f} {r['tagged/current']:>7.4f}x " if args.writer else ""
         print(
             f"{r['N']:>9,} {r['B']:>4} {m['raw']:>8.3f} {m['raw-out']:>8.3f} {m['baseline']:>9.3f} "
             f"{m['current']:>8.3f} {r['baseline/raw']:>8.2f}x {r['current/raw']:>7.2f}x "
-            f"{r['current/baseline']:>8.2f}x {r['same']}"
+            f"{r['current/baseline']:>8.2f}x {tagged}{r['same']}"
         )
     report = {
         "benchmark": "bench_fused_step",

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from lifelong_memory.client import connect
+from lifelong_memory.client import MemoryModule, connect
 from lifelong_memory.trainers import lifelong, omniglot_data
+from lifelong_memory.trainers.omniglot import Encoder
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 TINY = ["--data", str(DATA), "--classes", "20", "--batch", "8", "--rep-dim", "32", "--memory-size", "256",
@@ -70,3 +73,156 @@ def test_class_frequencies_follow_zipf():
     p = lifelong.class_frequencies(1000, 1.0, rng)
     ranked = np.sort(p)[::-1]
     assert p.sum() == pytest.approx(1) and ranked[0] / ranked[9] == pytest.approx(10) and ranked[0] / ranked[-1] == 1000
+
+
+def omniglot_checkpoint(path: pathlib.Path, rep_dim: int = 32, input: str = "raw") -> dict:
+    """A checkpoint as trainers/omniglot.py saves one, with random weights that differ from any seed's."""
+    torch.manual_seed(1234)
+    encoder = Encoder(rep_dim, 0.3)
+    projection = MemoryModule(connect("local"), rep_dim, name="source").state_dict()
+    state = {"encoder": encoder.state_dict(), "memory_module": projection, "episode_batch": 7,
+             "config": {"input": input, "rep_dim": rep_dim, "split": "reference", "init": "he", "seed": 5}}  # fmt: skip
+    torch.save(state, path)
+    return state
+
+
+def test_init_from_starts_the_convnet_and_its_query_projection_from_an_omniglot_checkpoint(tmp_path):
+    source = omniglot_checkpoint(tmp_path / "omniglot.pt")
+    flags = ["--steps", "1", "--learning-rate", "0", "--input", "raw", "--init-from", str(tmp_path / "omniglot.pt")]
+    run(tmp_path / "out", tmp_path / "memory", *flags)
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    for name, weight in source["encoder"].items():
+        assert torch.equal(state["encoder"][name], weight), name
+    assert torch.equal(state["memory_module"]["query_proj"], source["memory_module"]["query_proj"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--input", "ink"], "--input raw (given ink)"),
+        (["--input", "raw", "--rep-dim", "16"], "--rep-dim 32 (given 16)"),
+        (["--input", "raw", "--encoder", "mlp"], "needs --encoder convnet, got mlp"),
+    ],
+)
+def test_init_from_refuses_a_checkpoint_of_another_set_up_naming_the_setting(tmp_path, flags, message):
+    omniglot_checkpoint(tmp_path / "omniglot.pt")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        run(tmp_path / "out", tmp_path / "memory", "--steps", "1", "--init-from", str(tmp_path / "omniglot.pt"), *flags)
+
+
+PROBES = ["--probe-classes", "6", "--probe-start", "2", "--probe-every", "2", "--probe-wave", "3"]
+
+
+def test_probe_classes_are_written_once_at_their_steps_and_asked_at_known_ages(tmp_path):
+    metrics = run(tmp_path / "out", tmp_path / "memory", "--steps", "6", *PROBES)
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    assert state["probes_written_at"] == {0: 2, 1: 2, 2: 2, 3: 4, 4: 4, 5: 4}  # two waves of three
+    offset = len(omniglot_data.load_split(DATA).train)
+    probes = metrics[-1]["evaluation"]["probes"]  # at step 6: 6 training commits and 2 probe waves, 8 in all
+    assert probes["labels"] == [offset + i for i in range(6)] and probes["lost"] == 0
+    assert probes["age_steps"] == [4, 4, 4, 2, 2, 2]
+    assert probes["age_commits"] == [5, 5, 5, 2, 2, 2]  # the wave at step 4 is itself a commit after step 2's
+    assert probes["writers"] == ["convnet"] * 6 and probes["drawings"] == 4
+    assert all(0 <= c <= 4 for c in probes["correct"])
+    assert metrics[0]["evaluation"]["probes"]["labels"] == [offset + i for i in range(3)]  # step 3: one wave
+
+
+def test_another_model_asks_about_probes_only_the_first_one_wrote(tmp_path):
+    memory_dir = tmp_path / "memory"
+    run(tmp_path / "convnet", memory_dir, "--steps", "4", *PROBES)
+    mlp = run(tmp_path / "mlp", memory_dir, "--steps", "3", "--encoder", "mlp", "--writer", "mlp", "--seed", "1",
+              *PROBES[:2], "--probe-group", "1", "--probe-start", "100")  # fmt: skip
+    probes = mlp[-1]["evaluation"]["probes"]
+    assert probes["writers"] == ["convnet"] * 6 and probes["age_steps"] == [-1] * 6  # not this model's probes
+    assert probes["age_commits"] == [6, 6, 6, 3, 3, 3]  # 4 + 2 commits of the convnet's, then 3 of the MLP's
+
+
+def test_overwritten_probe_entries_count_as_lost_and_are_not_asked(tmp_path):
+    metrics = run(tmp_path / "out", tmp_path / "memory", "--steps", "12", "--memory-size", "48", *PROBES)
+    probes = metrics[-1]["evaluation"]["probes"]
+    assert probes["lost"] > 0 and len(probes["labels"]) == 6 - probes["lost"]
+
+
+def test_a_probe_group_beyond_the_evaluation_split_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--probe-group 3 with --probe-classes 200 needs evaluation-split classes"):
+        run(tmp_path / "out", tmp_path / "memory", "--steps", "1", "--probe-classes", "200", "--probe-group", "3")
+
+
+def test_probe_accuracy_counts_each_entry_once_per_age_bucket():
+    asked = [
+        {"labels": [10, 11], "writers": ["a", "b"], "age_commits": [5, 5], "correct": [4, 0], "drawings": 4},
+        {"labels": [10, 11], "writers": ["a", "b"], "age_commits": [50, 500], "correct": [2, 4], "drawings": 4},
+    ]
+    young, old = lifelong.probe_accuracy(asked, lambda writer: True, [0, 100, 1000])
+    assert young["n"] == 2 and young["accuracy"] == pytest.approx((0.75 + 0.0) / 2)  # probe 10 once: (1 + 0.5) / 2
+    assert young["ci95"] == pytest.approx(1.96 * np.std([0.75, 0.0], ddof=1) / np.sqrt(2))
+    assert young["mean_age"] == pytest.approx((5 + 5 + 50) / 3)
+    assert old["n"] == 1 and old["accuracy"] == 1.0 and np.isnan(old["ci95"])
+    only_a = lifelong.probe_accuracy(asked, lambda writer: writer == "a", [0, 100, 1000])
+    assert only_a[0]["n"] == 1 and only_a[1]["n"] == 0
+
+
+def test_the_report_summarizes_finished_runs_and_plots_them_side_by_side(tmp_path, capsys):
+    memory_dir = tmp_path / "memory"
+    run(tmp_path / "convnet", memory_dir, "--steps", "4", *PROBES)
+    run(tmp_path / "mlp", memory_dir, "--steps", "3", "--encoder", "mlp", "--writer", "mlp", "--seed", "1",
+        *PROBES[:2], "--probe-group", "1", "--probe-start", "1", "--probe-every", "1")  # fmt: skip
+    capsys.readouterr()
+    plot = tmp_path / "report.png"
+    lifelong.main(["--report", f"{tmp_path / 'convnet'},{tmp_path / 'mlp'}", "--report-plot", str(plot),
+                   "--report-targets", "0,1.01"])  # fmt: skip
+    printed = capsys.readouterr().out
+    mlp = printed[printed.index("mlp: mlp from scratch") :]
+    assert "writer 'mlp', 3 steps, memory commit 10" in mlp  # 4 + 2 waves of the convnet's, 3 + 1 wave of the MLP's
+    assert "probe classes, entries written by convnet, last evaluation" in mlp
+    assert "probe classes, own entries, last evaluation" in mlp and "by entry age in own steps: [0, 100)" in mlp
+    assert "first step at stream accuracy 0.0: 3, 1.01: not reached" in mlp
+    assert plot.stat().st_size > 0
+
+
+def test_first_step_at_a_target():
+    metrics = [{"step": 5, "a": 0.2}, {"step": 10, "a": 0.6}, {"step": 15, "a": 0.5}]
+    assert lifelong.first_step_at(metrics, lambda m: m["a"], 0.5) == 10
+    assert lifelong.first_step_at(metrics, lambda m: m["a"], 0.7) is None
+
+
+def test_a_read_only_trainer_learns_from_the_others_entries_and_writes_nothing(tmp_path):
+    memory_dir = tmp_path / "memory"
+    run(tmp_path / "convnet", memory_dir, "--steps", "6")
+    mlp = run(tmp_path / "mlp", memory_dir, "--steps", "3", "--encoder", "mlp", "--writer", "mlp", "--seed", "1",
+              "--read-only-steps", "3")  # fmt: skip
+    _, report = memory_state(memory_dir)
+    assert report.commit_sequence == 6 and {w.name for w in report.writers} == {"convnet"}
+    evaluation = mlp[-1]["evaluation"]
+    answered = evaluation["by_answering_writer"]  # every answer came from an entry the convnet wrote
+    assert list(answered) == ["convnet"] and answered["convnet"]["n"] == evaluation["held"] > 0
+    state = torch.load(tmp_path / "mlp" / "checkpoint.pt", weights_only=False)
+    assert all(int(s["step"]) == 3 for s in state["optimizer"]["state"].values())  # it learned at every step
+    assert np.isfinite(mlp[-1]["train_loss"])
+
+
+def test_aligned_keys_are_the_named_writer_s_newest_entry_of_each_row_s_class():
+    store = connect("local")
+    a = store.create_memory("aligned", key_dim=4, memory_size=16, choose_k=4, age_noise=0.0, writer="a")
+    b = store.memory("aligned", writer="b")
+    e = torch.eye(4)
+    a.query(e[:2], torch.tensor([1, 2]), update=True)  # a: label 1 at e0, label 2 at e1
+    a.query(-e[2:3], torch.tensor([1]), update=True)  # a again, newer: label 1 at -e2
+    b_key = torch.nn.functional.normalize(e[1] + 0.1 * e[3], dim=0)  # nearest is a's label 2: b writes a new slot
+    b.query(b_key[None], torch.tensor([1]), update=True)
+    rows, keys = lifelong.aligned_keys(b, np.array([1, 2, 3]), "a")
+    assert rows.tolist() == [0, 1] and torch.allclose(keys, torch.stack([-e[2], e[1]]))
+    rows, keys = lifelong.aligned_keys(a, np.array([2, 1]), "b")
+    assert rows.tolist() == [1] and torch.allclose(keys, b_key[None])
+
+
+def test_align_to_adds_the_pull_towards_the_other_writer_s_keys_to_the_loss(tmp_path):
+    memory_dir = tmp_path / "memory"
+    run(tmp_path / "convnet", memory_dir, "--steps", "6")
+    copy = tmp_path / "memory-copy"
+    shutil.copytree(memory_dir, copy)
+    mlp = ["--steps", "1", "--encoder", "mlp", "--writer", "mlp", "--seed", "1", "--eval-every", "1"]
+    plain = run(tmp_path / "plain", memory_dir, *mlp)
+    aligned = run(tmp_path / "aligned", copy, *mlp, "--align-to", "convnet")
+    # The same first step (same weights, same batch, same memory) plus 1 - cosine to the convnet's keys.
+    assert aligned[0]["train_loss"] > plain[0]["train_loss"] + 0.1
