@@ -39,6 +39,7 @@ NAMESPACE = "lifelong-memory"
 RECORD = struct.Struct("<qqI")
 # A shard writes a fresh snapshot once its log outgrows the snapshot: replaying it then costs at most one copy.
 LOG_TO_SNAPSHOT_RATIO = 1.0
+NODE_ID_DIGITS = 12  # of a Ray node id (hex), in a shard's folder and in ShardHealth.node
 DEFAULT_CALL_TIMEOUT = 30.0  # seconds a front end waits for a shard's answer before the memory is UNAVAILABLE
 # Seconds a new shard may take to start (a process that imports torch) and take its keys; one that takes longer
 # is caught up before the memory's first search, which answers UNAVAILABLE until it is.
@@ -148,7 +149,12 @@ class ShardServer:
 
         self.start, self.stop = start, stop
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"  # Ray makes the actor's one GPU its cuda:0
-        self.store = ShardStore(Path(folder), stop - start, dim)
+        # One folder per node: a shard placed on another node starts there from nothing (the front end rebuilds
+        # it), even where nodes share the storage, so a process of it left on a node cut off from the cluster
+        # never writes into the log of its successor.
+        self.store = ShardStore(
+            Path(folder) / ray.get_runtime_context().get_node_id()[:NODE_ID_DIGITS], stop - start, dim
+        )
         self.sequence, keys = self.store.recover()
         self.recovered_sequence = self.sequence  # what the data directory gave at this start
         dtype = SEARCH_DTYPES[search_dtype]
@@ -198,7 +204,7 @@ class ShardServer:
     def drop(self) -> None:
         """Remove this shard's data directory (its memory was deleted)."""
         shutil.rmtree(self.store.folder, ignore_errors=True)
-        for parent in (self.store.folder.parent, self.store.folder.parent.parent):  # the build's, the memory's
+        for parent in list(self.store.folder.parents)[:3]:  # the shard's, the build's, the memory's
             try:
                 parent.rmdir()
             except OSError:  # another shard's folder is still there
@@ -319,7 +325,7 @@ class ClusterIndex:
                     i,
                     start,
                     stop,
-                    f"{d['node_id'][:12]} ({d['host']}, {d['device']})",
+                    f"{d['node_id'][:NODE_ID_DIGITS]} ({d['host']}, {d['device']})",
                     d["pid"],
                     "serving" if serving else "catching up",
                     d["sequence"],
@@ -379,8 +385,8 @@ class RayCluster:
     """A connection to a Ray cluster (``ray.init(address=...)``) that places memories' shards on it.
 
     ``shard_data_dir``: the folder on every node under which each shard keeps its data directory
-    (``<shard_data_dir>/<memory>/<build>/shard-<i>``; a fresh build id each time the front end builds the
-    memory's index, so a shard never reads what an earlier build of the memory left on a node)."""
+    (``<shard_data_dir>/<memory>/<build>/shard-<i>/<node id>``: a fresh build id each time the front end builds
+    the memory's index, so a shard never reads what an earlier build of the memory left on a node)."""
 
     def __init__(
         self, address: str, shard_data_dir: str, call_timeout: float = DEFAULT_CALL_TIMEOUT, max_restarts: int = -1

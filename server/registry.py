@@ -216,13 +216,18 @@ class MemoryRegistry:
         return self.storage.snapshot(name, memory)
 
     def close(self) -> list[str]:
-        """Snapshot every memory and close the logs (a clean shutdown: recovery then replays nothing).
-        Returns the names of the memories that could not be snapshotted (their logs are replayed instead)."""
+        """Snapshot every memory and close the logs (a clean shutdown: recovery then replays nothing), then
+        leave the cluster, if any (the memories' shards end with this process). Returns the names of the
+        memories that could not be snapshotted (their logs are replayed instead)."""
         self._stopping.set()
         if self._snapshotter is not None:
             self._snapshotter.join()
-        if self.storage is None:
-            return []
+        not_snapshotted = self._snapshot_all() if self.storage is not None else []
+        if self.cluster is not None:
+            self.cluster.close()
+        return not_snapshotted
+
+    def _snapshot_all(self) -> list[str]:
         not_snapshotted = []
         for name, memory in self.list():
             try:

@@ -16,11 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import torch
+from cluster_harness import check_shards_hold_the_memory, stream_through_shard_faults
 from crash_harness import CONFIG as CRASH_CONFIG
 from crash_harness import Verifier, client_batch, free_port
 from test_bad_input import BAD_QUERIES, Q, Y, fill, raises_invalid, unchanged
@@ -215,64 +215,15 @@ def test_a_killed_shard_answers_unavailable_then_recovers_from_its_data_director
     or SIGKILLed at once; every call is either acknowledged or UNAVAILABLE (the writer goes on with its next
     batch). After each restart: the shard read its keys back from its own data directory, every acknowledged
     write is there, the memory is a serial replay of exactly them (the crash harness's check; no write answered
-    UNAVAILABLE was applied), its shards hold the front end's keys and it searches as a replay in one process."""
+    UNAVAILABLE was applied), its shards hold the front end's keys and it searches as a replay in one process
+    (tests/cluster_harness.py, which also runs the long version)."""
     url, registry = fault_server
-    store = connect(url, retries=0)
-    memory = store.create_memory("faults", **on_cluster({**CRASH_CONFIG, "shards": 3}))
-    actors = registry.get("faults").index.actors
-    log_path = tmp_path / "client-0.jsonl"
-    verifier = Verifier()
-    step, unavailable = 0, 0
-    cycles = [(1, "stop"), (0, "kill"), (2, "stop"), (1, "kill")]
-    with open(log_path, "w") as log:
-        while step < 100:  # 400 rows into 256 slots: every shard holds keys before the first fault
-            step += 1
-            result = memory.query(*client_batch(0, step), update=True, fields=())
-            log.write(json.dumps({"step": step, "acked": result.commit_sequence}) + "\n")
-        for shard, how in cycles:
-            victim = memory.info().shards[shard].pid
-            logged = ray.get(actors[shard].describe.remote())["sequence"]  # what its data directory holds
-            assert logged > 0
-            fault = threading.Timer(0.2, os.kill, (victim, signal.SIGSTOP if how == "stop" else signal.SIGKILL))
-            fault.start()
-            seen, deadline, killed = unavailable, time.monotonic() + 120, False
-            while True:
-                assert time.monotonic() < deadline, f"shard {shard} did not come back"
-                step += 1
-                queries, labels = client_batch(0, step)
-                try:
-                    result = memory.query(queries, labels, update=True, fields=())
-                except Unavailable as exc:
-                    assert "shards on the cluster do not all answer" in str(exc), str(exc)
-                    unavailable += 1
-                    log.write(json.dumps({"step": step, "acked": None}) + "\n")
-                    if how == "stop" and not killed:
-                        os.kill(victim, signal.SIGKILL)  # a stopped process dies of SIGKILL too
-                        killed = True
-                    continue
-                log.write(json.dumps({"step": step, "acked": result.commit_sequence}) + "\n")
-                health = memory.info().shards[shard]
-                if health.pid != victim and health.state == "serving":
-                    break
-            fault.join()
-            log.flush()
-            if how == "stop":
-                assert unavailable > seen, "the stopped shard's memory answered"
-            verifier.check([log_path], memory.read_slots(range(CRASH_CONFIG["memory_size"]))._asdict())
-            assert verifier.in_flight_applied == 0, "a write answered UNAVAILABLE was applied"
-            restarted = ray.get(actors[shard].describe.remote())
-            assert restarted["restarted"] and restarted["recovered_sequence"] >= logged  # read back from its disk
-    assert verifier.replay.commit_sequence == memory.info().stats["commit_sequence"] >= 100
-    front_end_keys = memory.read_slots(range(CRASH_CONFIG["memory_size"])).keys
-    for shard in memory.info().shards:
-        copy = torch.tensor(ray.get(actors[shard.shard].keys.remote()))
-        assert torch.equal(copy, front_end_keys[shard.slot_start : shard.slot_stop])
-    probe = torch.nn.functional.normalize(torch.randn(16, CRASH_CONFIG["key_dim"]), dim=1)
-    got = memory.query(probe, fields={"neighbors"})
-    want = verifier.replay.query(probe, fields={"neighbors"})
-    for name in ("neighbor_slots", "neighbor_similarities", "predictions"):
-        assert torch.equal(torch.as_tensor(getattr(got, name)), getattr(want, name)), name
-    store.close()
+    with connect(url, retries=0) as store:
+        memory = store.create_memory("faults", **on_cluster({**CRASH_CONFIG, "shards": 3}))
+        cycles = [(1, "stop"), (0, "kill"), (2, "stop"), (1, "kill")]
+        figures = stream_through_shard_faults(memory, registry.get("faults").index.actors, cycles, tmp_path / "log")
+    assert figures["unavailable_answers"] >= 2 and figures["unavailable_applied"] == 0
+    assert figures["final_commit_sequence"] == figures["acknowledged_writes"] >= 100 + 4
 
 
 # ----------------------------------------------------------------------------- lmem serve --cluster
@@ -335,6 +286,58 @@ def test_lmem_serve_cluster_shows_shards_and_restarts_without_loss(ray_cluster, 
             got, want = memory.query(probe, fields={"neighbors"}), replay.query(probe, fields={"neighbors"})
             assert torch.equal(got.neighbor_slots, want.neighbor_slots)
             assert torch.equal(got.neighbor_similarities, want.neighbor_similarities)
+        process.send_signal(signal.SIGTERM)  # a clean stop: snapshots, then leaves the cluster
+        assert process.wait(timeout=120) == 0
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_shard_s_node_killed_moves_it_to_another_node_which_rebuilds_it(ray_cluster, fault_server, tmp_path):
+    """The node of one shard dies mid-stream (its raylet and the shard's worker SIGKILLed by PID): the memory
+    answers UNAVAILABLE until Ray has placed the shard on another node, where its data directory is empty; the
+    front end rebuilds it there from its own keys, and every acknowledged write is in the memory. Runs last in
+    this module: a fresh node replaces the dead one at the end."""
+    from ray._private import ray_constants
+
+    url, registry = fault_server
+    store = connect(url, retries=0)
+    memory = store.create_memory("node-fault", **on_cluster({**CRASH_CONFIG, "shards": 3}))
+    actors = registry.get("node-fault").index.actors
+    log_path = tmp_path / "client-0.jsonl"
+    verifier = Verifier()
+    with open(log_path, "w") as log:
+        for step in range(1, 101):
+            result = memory.query(*client_batch(0, step), update=True, fields=())
+            log.write(json.dumps({"step": step, "acked": result.commit_sequence}) + "\n")
+        shards = memory.info().shards
+        workers = {node.node_id[:12]: node for node in ray_cluster.worker_nodes}
+        victim = next(s for s in shards if s.node.split()[0] in workers)
+        node = workers[victim.node.split()[0]]
+        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        os.kill(victim.pid, signal.SIGKILL)
+        os.kill(raylet, signal.SIGKILL)
+        unavailable, deadline = 0, time.monotonic() + 180
+        while True:
+            assert time.monotonic() < deadline, "the shard was not placed again"
+            step += 1
+            try:
+                result = memory.query(*client_batch(0, step), update=True, fields=())
+            except Unavailable:
+                unavailable += 1
+                log.write(json.dumps({"step": step, "acked": None}) + "\n")
+                continue
+            log.write(json.dumps({"step": step, "acked": result.commit_sequence}) + "\n")
+            health = memory.info().shards[victim.shard]
+            if health.state == "serving" and health.node.split()[0] != victim.node.split()[0]:
+                break
+    assert unavailable > 0, "no call saw the outage"
+    verifier.check([log_path], memory.read_slots(range(CRASH_CONFIG["memory_size"]))._asdict())
+    assert verifier.in_flight_applied == 0, "a write answered UNAVAILABLE was applied"
+    moved = ray.get(actors[victim.shard].describe.remote())
+    assert moved["restarted"] and moved["recovered_sequence"] == 0  # nothing of it on its new node: rebuilt
+    check_shards_hold_the_memory(memory, actors, verifier.replay)
+    store.close()
+    ray_cluster.remove_node(node, allow_graceful=False)
+    ray_cluster.add_node(num_cpus=NODE_CPUS)
+    ray_cluster.wait_for_nodes()
