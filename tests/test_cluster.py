@@ -30,7 +30,7 @@ from test_equivalence import ClientDriver, config, reference_for, run_fill_in_or
 from lifelong_memory.client import Unavailable, connect
 from lifelong_memory.server.auth import TokenAuth
 from lifelong_memory.server.cluster import NAMESPACE, RayCluster
-from lifelong_memory.server.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from lifelong_memory.server.errors import FailedPrecondition, PermissionDenied, ResourceExhausted, Unauthenticated
 from lifelong_memory.server.memory import Memory, MemoryConfig
 from lifelong_memory.server.registry import MemoryRegistry
 from lifelong_memory.server.service import ServerLimits, build_server
@@ -207,6 +207,18 @@ def fault_server(ray_cluster, tmp_path):
     for name, _ in registry.list():
         registry.delete(name)
     server.stop(grace=None)
+
+
+def test_shards_the_cluster_has_no_room_for_are_resource_exhausted(fault_server):
+    """More shards than the cluster has CPUs: the create waits --shard-timeout, answers RESOURCE_EXHAUSTED
+    naming config.shards, and leaves nothing behind (a memory that fits is placed right after)."""
+    url, registry = fault_server
+    with connect(url, retries=0) as store:
+        with pytest.raises(ResourceExhausted, match="config.shards: the cluster found no room for 64 shards"):
+            store.create_memory("too-many", **on_cluster({**config("torch", 64, 1), "memory_size": 64}))
+        assert store.list_memories() == []
+        fits = store.create_memory("fits", **on_cluster(config("torch", NODES, 1)))
+        assert [s.state for s in fits.info().shards] == ["serving"] * NODES
 
 
 def test_a_killed_shard_answers_unavailable_then_recovers_from_its_data_directory(fault_server, tmp_path):
