@@ -10,7 +10,7 @@ OMNIGLOT ?= ../shared/data/omniglot
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev,trainers,cpu]'
+	$(BIN)/python -m pip install -q -e '.[dev,trainers,cpu,cluster]'
 	touch $@
 
 .PHONY: setup train test lint bench

@@ -27,6 +27,7 @@ from lifelong_memory.server.memory import (
     BACKENDS,
     EMPTY,
     NO_SLOT,
+    PLACEMENTS,
     SEARCH_DTYPES,
     UNIT_NORM_TOLERANCE,
     MemoryConfig,
@@ -128,6 +129,30 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--memory-budget-gb", type=float, help="most memory all memories may take (default: 90%% of what is free)"
     )
+    cluster = serve.add_argument_group("cluster (needs lifelong-memory[cluster]; docs/scale-out.md)")
+    cluster.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="a Ray cluster (a head's host:port, or auto): memories created with placement node or gpu put each "
+        "shard in an actor on its nodes",
+    )
+    cluster.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        help="default placement of the shards: local (this process), node (an actor per shard, spread over the "
+        "nodes), gpu (an actor with a GPU per shard)",
+    )
+    cluster.add_argument(
+        "--shard-data-dir",
+        default="/tmp/lmem-shards",
+        help="folder on every node where the shards keep their keys (snapshot and log; default /tmp/lmem-shards)",
+    )
+    cluster.add_argument(
+        "--shard-timeout",
+        type=positive_seconds,
+        default=30.0,
+        help="seconds to wait for a shard's answer before the memory answers UNAVAILABLE (default 30)",
+    )
     security = serve.add_argument_group("security")
     security.add_argument(
         "--tokens",
@@ -164,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--backend", choices=BACKENDS)
             sub.add_argument("--search-dtype", choices=sorted(SEARCH_DTYPES))
             sub.add_argument("--shards", type=int)
+            sub.add_argument("--placement", choices=PLACEMENTS)
             for field in ("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes"):
                 sub.add_argument(f"--{field.replace('_', '-')}", type=int)
             sub.add_argument("--ivf-codes")
@@ -276,6 +302,7 @@ def _serve(args, argv: list[str] | None) -> int:
             ("devices", args.devices),
             ("backend", args.backend),
             ("search_dtype", args.search_dtype),
+            ("placement", args.placement),
         )
         if value is not None
     }
@@ -302,8 +329,14 @@ def _serve(args, argv: list[str] | None) -> int:
             snapshot_interval=args.snapshot_interval,
             snapshot_wal_bytes=args.snapshot_wal_mb << 20,
         )
+        cluster = None
+        if args.cluster:
+            from lifelong_memory.server.cluster import RayCluster
+
+            cluster = RayCluster(args.cluster, args.shard_data_dir, call_timeout=args.shard_timeout)
         registry = MemoryRegistry(
             defaults,
+            cluster=cluster,
             max_memories=args.max_memories,
             data_dir=args.data_dir,
             durability=durability,
@@ -311,7 +344,7 @@ def _serve(args, argv: list[str] | None) -> int:
             max_batch=args.max_batch,
             max_query_bytes=args.max_query_mb << 20 if args.max_query_mb else None,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, FailedPrecondition) as exc:
         print(f"lmem serve: {exc}", file=sys.stderr)
         return 2
     try:
@@ -366,7 +399,7 @@ def _admin(store, args) -> int:
     elif args.command == "import":
         overrides = {
             name: getattr(args, name)
-            for name in ("device", "devices", "backend", "search_dtype", "shards")
+            for name in ("device", "devices", "backend", "search_dtype", "shards", "placement")
             + ("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes")
             if getattr(args, name) is not None
         }
@@ -380,7 +413,37 @@ def _admin(store, args) -> int:
 
 def _as_dict(info: MemoryInfo) -> dict:
     found = {"recovery": info.recovery} if info.recovery else {}
+    if info.shards:
+        found["shards"] = [dataclasses.asdict(shard) for shard in info.shards]
     return {"name": info.name, "config": dataclasses.asdict(info.config), "stats": info.stats, **found}
+
+
+def _shard_health_summary(shards: list[dict]) -> str:
+    """ "3/3 serving", or which shards are not: the ls column of a memory placed on a cluster; "" otherwise."""
+    if not shards:
+        return ""
+    serving = sum(s["state"] == "serving" for s in shards)
+    others = ", ".join(f"{s['shard']} {s['state']}" for s in shards if s["state"] != "serving")
+    return f"{serving}/{len(shards)} serving" + (f" ({others})" if others else "")
+
+
+def _print_shards(shards: list[dict]) -> None:
+    """Where each shard of a memory on a cluster lives and whether it answers."""
+    _print_table(
+        ["shard", "slots", "node", "pid", "state", "commit", "detail"],
+        [
+            [
+                s["shard"],
+                f"[{s['slot_start']}, {s['slot_stop']})",
+                s["node"] or "-",
+                s["pid"] or "-",
+                s["state"],
+                s["commit_sequence"],
+                s["detail"],
+            ]
+            for s in shards
+        ],
+    )
 
 
 def _print(data, as_json: bool, table: bool = False) -> None:
@@ -388,7 +451,12 @@ def _print(data, as_json: bool, table: bool = False) -> None:
         print(json.dumps(data, indent=2))
     elif table:
         columns = ["name", "key_dim", "memory_size", "filled_slots", "commit_sequence", "backend", "shards", "device"]
-        _print_table(columns, [[{**m["config"], **m["stats"], "name": m["name"]}[c] for c in columns] for m in data])
+        rows = [[{**m["config"], **m["stats"], "name": m["name"]}[c] for c in columns] for m in data]
+        if any("shards" in m for m in data):  # some memory is placed on a cluster: where, and how its shards are
+            columns += ["placement", "shard health"]
+            for row, m in zip(rows, data, strict=True):
+                row += [m["config"]["placement"], _shard_health_summary(m.get("shards", []))]
+        _print_table(columns, rows)
     elif "config" in data:
         print(f"memory {data['name']}")
         for section in ("config", "stats"):
@@ -397,6 +465,9 @@ def _print(data, as_json: bool, table: bool = False) -> None:
                 print(f"    {key:<16} {value}")
         if "recovery" in data:
             print(f"  recovery: {data['recovery']}")
+        if "shards" in data:
+            print("  shards:")
+            _print_shards(data["shards"])
     else:
         for key, value in data.items():
             print(f"{key}: {value}")
@@ -448,11 +519,16 @@ def _add_inspection_commands(commands) -> None:
 
 
 def _stats(store: Store, args) -> int:
-    report = _report(store.memory(args.name), args)
+    memory = store.memory(args.name)
+    report = _report(memory, args)
+    shards = [dataclasses.asdict(shard) for shard in memory.info().shards]
     if args.json:
-        print(json.dumps(_report_dict(args.name, report), indent=2))
+        print(json.dumps({**_report_dict(args.name, report), **({"shards": shards} if shards else {})}, indent=2))
     else:
         _print_report(args.name, report)
+        if shards:
+            print()
+            _print_shards(shards)
     return 0
 
 

@@ -23,6 +23,7 @@ import grpc
 import torch
 
 from lifelong_memory.server import wire
+from lifelong_memory.server.cluster import ShardHealth, shard_health
 from lifelong_memory.server.errors import ERRORS_BY_CODE, DeadlineExceeded, InvalidArgument, MemoryServiceError
 from lifelong_memory.server.memory import (
     ALL_FIELDS,
@@ -57,6 +58,7 @@ class MemoryInfo:
     config: MemoryConfig
     stats: dict[str, int]
     recovery: str = ""  # what recovery at the server's last start cut or set aside; "" if nothing
+    shards: list[ShardHealth] = dataclasses.field(default_factory=list)  # placed on a cluster: node and health
 
 
 class Transport(Protocol):
@@ -266,7 +268,7 @@ def _as_labels(labels) -> torch.Tensor | None:
 
 
 def _info(name: str, memory) -> MemoryInfo:
-    return MemoryInfo(name, memory.config, memory.stats(), memory.recovery_report)
+    return MemoryInfo(name, memory.config, memory.stats(), memory.recovery_report, shard_health(memory))
 
 
 # --------------------------------------------------------------------- local
@@ -447,7 +449,8 @@ class GrpcTransport:
     def _info(message: pb.MemoryInfo) -> MemoryInfo:
         config = MemoryConfig(**wire.config_from_proto(message.config))
         stats = {f.name: getattr(message.stats, f.name) for f in message.stats.DESCRIPTOR.fields}
-        return MemoryInfo(message.name, config, stats, message.recovery)
+        shards = [ShardHealth(**{f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields}) for s in message.shards]
+        return MemoryInfo(message.name, config, stats, message.recovery, shards)
 
     def create(self, name, config):
         message = pb.CreateMemoryRequest(name=name, config=_config_message(config))
@@ -571,7 +574,7 @@ def _config_message(config: dict) -> pb.MemoryConfig:
     message = pb.MemoryConfig()
     plain = (
         *("key_dim", "memory_size", "choose_k", "correct_in_top", "seed", "shards", "alpha", "device", "age_noise"),
-        *("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes"),
+        *("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes", "placement"),
     )
     for name in plain:
         if name in config:

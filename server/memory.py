@@ -44,6 +44,9 @@ EMPTY = -1
 NO_SLOT = -1
 UNIT_NORM_TOLERANCE = 1e-3
 BACKENDS = ("torch", "faiss", "lsh", "faiss-ivf")
+# Where the shards' searches run: "local", in this process (on ``devices``); "node", one Ray actor per shard,
+# spread over the cluster's nodes; "gpu", one Ray actor with one GPU per shard (server/cluster.py).
+PLACEMENTS = ("local", "node", "gpu")
 IVF_CODES = ("flat", "sq8")
 MAX_LSH_TABLES = 64
 MAX_LSH_BITS = 30  # a bucket code and a row id share one int64
@@ -93,6 +96,7 @@ class MemoryConfig:
     ivf_lists: int = 0  # backend faiss-ivf: nlist; default the power of two nearest sqrt(shard slots)
     ivf_probes: int = 0  # nprobe; default max(1, ivf_lists // 32); ivf_lists: exhaustive
     ivf_codes: str = "flat"  # "flat" (float32 vectors) or "sq8" (8-bit codes, candidates re-ranked exactly)
+    placement: str = "local"  # PLACEMENTS: in this process, or each shard a Ray actor (lmem serve --cluster)
 
     def validated(self) -> MemoryConfig:
         """This config with choose_k capped at memory_size and device names canonical; InvalidArgument
@@ -140,6 +144,10 @@ class MemoryConfig:
             "search_dtype",
             "bfloat16 search needs the torch backend",
         )
+        check(self.placement in PLACEMENTS, "placement", f"must be one of {list(PLACEMENTS)}, got {self.placement!r}")
+        if self.placement != "local":
+            check(self.backend == "torch", "backend", f"placement {self.placement} needs the torch backend")
+            check(not devices, "devices", f"placement {self.placement} places the shards itself; leave devices empty")
         # alpha and age_noise as float32, the precision the wire carries them in: an embedded memory then computes
         # the same softmax temperature and age noise, bit for bit, as the same memory behind a server.
         resolved = dataclasses.replace(
@@ -211,13 +219,16 @@ class MemoryConfig:
         bookkeeping (HOST_SLOT_BYTES) in host memory; per
         shard the index's own copies of its keys (bf16; float32 on another device; faiss; an approximate
         index's buckets or lists, of a validated config) and the score buffer for batches of up to
-        ``max_batch`` rows, on the shard's device. Call it once the devices are known to be usable (a CUDA
+        ``max_batch`` rows, on the shard's device (shards placed on a cluster hold these in their actors, not
+        here). Call it once the devices are known to be usable (a CUDA
         score buffer is sized from the device's memory)."""
         dim = self.key_dim
         needed = {self.device: self.memory_size * (dim * 4 + DEVICE_SLOT_BYTES)}
         # The recent-label table, the writer tag of each slot (int32) and the write's bookkeeping live in host memory.
         needed["cpu"] = needed.get("cpu", 0) + self.memory_size * (RECENT_ENTRY_BYTES + 4 + HOST_SLOT_BYTES)
         score_element = 2 if self.search_dtype == "bfloat16" else 4
+        if self.placement != "local":  # each shard's copy of its keys and its score buffer live in its actor
+            return needed
         bounds = shard_bounds(self.memory_size, self.shards)
         for start, stop, device in zip(bounds[:-1], bounds[1:], self.shard_devices(), strict=True):
             rows = stop - start
@@ -487,6 +498,13 @@ class _Read:
         return self.best_slots[0]
 
 
+class IndexBuilder(Protocol):
+    """Builds an index over a memory's live ``keys`` [M, D]; ``generations`` [M] (live too) say which commit
+    last wrote each slot, so an index kept elsewhere can tell what a copy of it that fell behind lacks."""
+
+    def __call__(self, keys: torch.Tensor, generations: torch.Tensor, config: MemoryConfig, max_batch: int): ...
+
+
 def _out_of_memory_is_resource_exhausted(method):
     """An allocation that fails inside a call is RESOURCE_EXHAUSTED, and the memory is as it was: every
     call allocates what it needs before it changes anything (see _apply, _commit)."""
@@ -513,7 +531,8 @@ class Memory:
     With a ``journal`` every write is recorded under the lock and acknowledged
     (returned) only once the journal says it is durable. Everything the memory
     needs, score buffers for batches of ``max_batch`` rows included, is
-    allocated here; an allocation that fails is ResourceExhausted.
+    allocated here; an allocation that fails is ResourceExhausted. ``index_builder`` places the index
+    elsewhere (a cluster's actors, server/cluster.py) instead of build_index here.
     """
 
     def __init__(
@@ -523,6 +542,7 @@ class Memory:
         journal: Journal | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_query_bytes: int | None = None,
+        index_builder: IndexBuilder | None = None,
     ):
         self.config = config.validated()
         # Working memory one query may use (None: unbounded); a larger query is refused before any work.
@@ -562,7 +582,10 @@ class Memory:
             if state is not None:
                 self._load(state)
             self._age_order = AgeOrder(self._touched)
-            self.index = build_index(self.keys, cfg, max_batch, self._index_state(state))
+            if index_builder is None:
+                self.index = build_index(self.keys, cfg, max_batch, self._index_state(state))
+            else:
+                self.index = index_builder(self.keys, self.generations, cfg, max_batch)
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise

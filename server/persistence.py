@@ -750,23 +750,26 @@ class DataDirectory:
         except OSError as exc:
             log.warning("could not remove %s now (%s); it is removed at the next start", path, exc)
 
-    def recover(self, fallback_device: str | None = None, max_batch: int = DEFAULT_MAX_BATCH) -> list[Recovered]:
+    def recover(
+        self, fallback_device: str | None = None, max_batch: int = DEFAULT_MAX_BATCH, index_builder=None
+    ) -> list[Recovered]:
         """Bring back every memory in the directory: newest valid snapshot, then its log. A memory whose
         device this host does not have goes to ``fallback_device`` (``lmem serve --device``), if given. A
-        memory that cannot be brought back, for whatever reason, is reported and the others still are."""
+        memory that cannot be brought back, for whatever reason, is reported and the others still are.
+        ``index_builder(name, config)``: how a memory builds its index (MemoryRegistry.index_builder)."""
         for leftover in self.memories_dir.glob(".*"):  # half-made creates, half-done deletes
             shutil.rmtree(leftover, ignore_errors=True)
         results = []
         for folder in sorted(p for p in self.memories_dir.iterdir() if p.is_dir()):
             try:
-                results.append(self._recover(folder, fallback_device, max_batch))
+                results.append(self._recover(folder, fallback_device, max_batch, index_builder))
             except Exception as exc:  # noqa: BLE001 - one memory's failure, of any kind, must not stop the others
                 error = str(exc) if isinstance(exc, RecoveryError) else f"{type(exc).__name__}: {exc}"
                 log.error("memory %r could not be recovered from %s: %s", folder.name, folder, error)
                 results.append(Recovered(folder.name, None, error=error))
         return results
 
-    def _recover(self, folder: Path, fallback_device: str | None, max_batch: int) -> Recovered:
+    def _recover(self, folder: Path, fallback_device: str | None, max_batch: int, index_builder) -> Recovered:
         for stale in folder.glob(".*.tmp"):
             stale.unlink()
         try:
@@ -782,7 +785,8 @@ class DataDirectory:
             config = dataclasses.replace(config, device=fallback_device, devices=()).validated()
         damaged: list[str] = []
         state = self._newest_usable_snapshot(folder, config, damaged)
-        memory = Memory(config, state, max_batch=max_batch)
+        builder = index_builder(folder.name, config) if index_builder is not None else None
+        memory = Memory(config, state, max_batch=max_batch, index_builder=builder)
         result = Recovered(folder.name, memory, snapshot_sequence=memory.commit_sequence, damaged=damaged)
         found = segments(folder)
         # Only the log after the state counts: a segment whose successor starts at or before the next write

@@ -14,6 +14,7 @@ import logging
 import re
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,13 +29,16 @@ from lifelong_memory.server.errors import (
 from lifelong_memory.server.memory import Memory, MemoryConfig, MemoryState
 from lifelong_memory.server.persistence import DataDirectory, Durability
 
+if TYPE_CHECKING:
+    from lifelong_memory.server.cluster import RayCluster
+
 log = logging.getLogger("lifelong_memory.server.registry")
 # A name is a folder name in the data directory: no "." or "..", no hidden files.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(MemoryConfig))
 # What an import may change: where and how the memory is searched, never what it holds.
 IMPORT_OVERRIDES = frozenset(
-    {"device", "devices", "backend", "search_dtype", "shards"}
+    {"device", "devices", "backend", "search_dtype", "shards", "placement"}
     | {"lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes"}
 )
 GIB = 1 << 30
@@ -51,6 +55,8 @@ class MemoryRegistry:
     free when the first memory is placed on it.
     ``max_query_bytes`` (default: an eighth of the CPU budget, at most 1 GiB) bounds the working memory
     of one query, checked before any work.
+    ``cluster`` (server/cluster.py, ``lmem serve --cluster``) places the shards of memories whose placement is
+    not "local" on a Ray cluster; without it such a memory is refused.
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class MemoryRegistry:
         memory_budget_bytes: int | None = None,
         max_batch: int = 4096,
         max_query_bytes: int | None = None,
+        cluster: RayCluster | None = None,
     ):
         defaults = dict(defaults or {})
         unknown = set(defaults) - CONFIG_FIELDS
@@ -81,8 +88,9 @@ class MemoryRegistry:
         self.storage = DataDirectory(data_dir, durability or Durability()) if data_dir is not None else None
         self._stopping = threading.Event()
         self._snapshotter = None
+        self.cluster = cluster
         if self.storage is not None:
-            for recovered in self.storage.recover(self.defaults.get("device"), max_batch):
+            for recovered in self.storage.recover(self.defaults.get("device"), max_batch, self.index_builder):
                 if recovered.memory is not None:
                     recovered.memory.max_query_bytes = self.max_query_bytes
                     self._memories[recovered.name] = recovered.memory
@@ -125,11 +133,28 @@ class MemoryRegistry:
                         f"{_mib(budget)} memory budget there are left"
                     )
             # Built under the lock so two creates of one name cannot both succeed.
-            memory = Memory(config, state, max_batch=self.max_batch, max_query_bytes=self.max_query_bytes)
+            memory = Memory(
+                config,
+                state,
+                max_batch=self.max_batch,
+                max_query_bytes=self.max_query_bytes,
+                index_builder=self.index_builder(name, config),
+            )
             if self.storage is not None:
                 self.storage.create(name, memory)
             self._memories[name] = memory
             return memory
+
+    def index_builder(self, name: str, config: MemoryConfig):
+        """How memory ``name`` builds its index: None (in this process) unless its shards go to the cluster."""
+        if config.placement == "local":
+            return None
+        if self.cluster is None:
+            raise FailedPrecondition(
+                f"config.placement: {config.placement!r} places shards on a cluster, and this server has none "
+                "(start it with lmem serve --cluster ADDRESS)"
+            )
+        return self.cluster.index_builder(name)
 
     def _device_budget(self, device: str) -> int:
         """The budget of ``device`` (canonical, usable): the CPU's is memory_budget_bytes; a GPU's is set
@@ -174,6 +199,8 @@ class MemoryRegistry:
             with self._lock:
                 self._memories.pop(name, None)
                 self._unrecovered.pop(name, None)
+            if self.cluster is not None and memory is not None and memory.config.placement != "local":
+                self.cluster.drop(name)
         finally:
             with self._lock:
                 self._deleting.discard(name)
@@ -189,13 +216,18 @@ class MemoryRegistry:
         return self.storage.snapshot(name, memory)
 
     def close(self) -> list[str]:
-        """Snapshot every memory and close the logs (a clean shutdown: recovery then replays nothing).
-        Returns the names of the memories that could not be snapshotted (their logs are replayed instead)."""
+        """Snapshot every memory and close the logs (a clean shutdown: recovery then replays nothing), then
+        leave the cluster, if any (the memories' shards end with this process). Returns the names of the
+        memories that could not be snapshotted (their logs are replayed instead)."""
         self._stopping.set()
         if self._snapshotter is not None:
             self._snapshotter.join()
-        if self.storage is None:
-            return []
+        not_snapshotted = self._snapshot_all() if self.storage is not None else []
+        if self.cluster is not None:
+            self.cluster.close()
+        return not_snapshotted
+
+    def _snapshot_all(self) -> list[str]:
         not_snapshotted = []
         for name, memory in self.list():
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -30,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from lifelong_memory.server import wire
 from lifelong_memory.server.admission import Admission
 from lifelong_memory.server.auth import TokenAuth
+from lifelong_memory.server.cluster import shard_health
 from lifelong_memory.server.errors import DeadlineExceeded, InvalidArgument, MemoryServiceError, ResourceExhausted
 from lifelong_memory.server.memory import Memory, result_bytes
 from lifelong_memory.server.metrics import RpcObserver, serve_metrics
@@ -295,6 +297,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             config=wire.config_to_proto(memory.config),
             stats=pb.MemoryStats(**memory.stats()),
             recovery=memory.recovery_report,
+            shards=[pb.ShardStatus(**dataclasses.asdict(health)) for health in shard_health(memory)],
         )
 
 

@@ -106,6 +106,7 @@ def config_to_proto(config: MemoryConfig) -> pb.MemoryConfig:
         ivf_lists=config.ivf_lists,
         ivf_probes=config.ivf_probes,
         ivf_codes=config.ivf_codes,
+        placement=config.placement,
     )
 
 
@@ -128,6 +129,7 @@ def config_from_proto(message: pb.MemoryConfig) -> dict:
         "ivf_lists",
         "ivf_probes",
         "ivf_codes",
+        "placement",
     ):
         if message.HasField(name):
             config[name] = getattr(message, name)

@@ -246,6 +246,9 @@ BAD_CONFIGS = [
         id="device-cuda-without-cuda",
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
     ),
+    pytest.param({"placement": "rack"}, "config.placement", id="placement-unknown"),
+    pytest.param({"placement": "node", "backend": "faiss"}, "config.backend", id="placement-node-faiss"),
+    pytest.param({"placement": "gpu", "devices": ["cpu"]}, "config.devices", id="placement-gpu-with-devices"),
     pytest.param({"nope": 1}, "config", id="unknown-config-field"),
 ]
 

@@ -26,3 +26,13 @@ def test_bench_memory_runs_every_case_and_anchor(tmp_path):
     assert memory_cases | anchors | {("raw", "raw"), ("unix-stream", "fused")} <= ran
     measured = {t["target"]: t["measured"] for t in result["targets"] if "N=8,192" in t["target"]}
     assert len(measured) == 7 and None not in measured.values(), measured
+
+
+def test_bench_cluster_runs_and_finds_the_same_answers(tmp_path):
+    out = tmp_path / "cluster.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_cluster.py"), "--size", "4096", "--batch", "16"]
+    command += ["--shards", "2", "--min-time", "0.05", "--out", str(out)]
+    subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["identical_answers_every_step"] and result["nodes"] == 2
+    assert result["fused_calls"]["cluster"] >= 2 and result["cluster_over_local"] > 0

@@ -66,7 +66,7 @@ class Array(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class MemoryConfig(_message.Message):
-    __slots__ = ("key_dim", "memory_size", "choose_k", "alpha", "age_noise", "correct_in_top", "seed", "device", "search_dtype", "backend", "shards", "devices", "lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes")
+    __slots__ = ("key_dim", "memory_size", "choose_k", "alpha", "age_noise", "correct_in_top", "seed", "device", "search_dtype", "backend", "shards", "devices", "lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes", "placement")
     KEY_DIM_FIELD_NUMBER: _ClassVar[int]
     MEMORY_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHOOSE_K_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class MemoryConfig(_message.Message):
     IVF_LISTS_FIELD_NUMBER: _ClassVar[int]
     IVF_PROBES_FIELD_NUMBER: _ClassVar[int]
     IVF_CODES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     key_dim: int
     memory_size: int
     choose_k: int
@@ -103,7 +104,28 @@ class MemoryConfig(_message.Message):
     ivf_lists: int
     ivf_probes: int
     ivf_codes: str
-    def __init__(self, key_dim: _Optional[int] = ..., memory_size: _Optional[int] = ..., choose_k: _Optional[int] = ..., alpha: _Optional[float] = ..., age_noise: _Optional[float] = ..., correct_in_top: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., search_dtype: _Optional[_Union[SearchDtype, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., shards: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., lsh_tables: _Optional[int] = ..., lsh_bits: _Optional[int] = ..., lsh_probes: _Optional[int] = ..., ivf_lists: _Optional[int] = ..., ivf_probes: _Optional[int] = ..., ivf_codes: _Optional[str] = ...) -> None: ...
+    placement: str
+    def __init__(self, key_dim: _Optional[int] = ..., memory_size: _Optional[int] = ..., choose_k: _Optional[int] = ..., alpha: _Optional[float] = ..., age_noise: _Optional[float] = ..., correct_in_top: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., search_dtype: _Optional[_Union[SearchDtype, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., shards: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., lsh_tables: _Optional[int] = ..., lsh_bits: _Optional[int] = ..., lsh_probes: _Optional[int] = ..., ivf_lists: _Optional[int] = ..., ivf_probes: _Optional[int] = ..., ivf_codes: _Optional[str] = ..., placement: _Optional[str] = ...) -> None: ...
+
+class ShardStatus(_message.Message):
+    __slots__ = ("shard", "slot_start", "slot_stop", "node", "pid", "state", "commit_sequence", "detail")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SLOT_START_FIELD_NUMBER: _ClassVar[int]
+    SLOT_STOP_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    slot_start: int
+    slot_stop: int
+    node: str
+    pid: int
+    state: str
+    commit_sequence: int
+    detail: str
+    def __init__(self, shard: _Optional[int] = ..., slot_start: _Optional[int] = ..., slot_stop: _Optional[int] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., commit_sequence: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class MemoryStats(_message.Message):
     __slots__ = ("filled_slots", "commit_sequence", "queries", "writes", "merges", "recent_labels")
@@ -122,16 +144,18 @@ class MemoryStats(_message.Message):
     def __init__(self, filled_slots: _Optional[int] = ..., commit_sequence: _Optional[int] = ..., queries: _Optional[int] = ..., writes: _Optional[int] = ..., merges: _Optional[int] = ..., recent_labels: _Optional[int] = ...) -> None: ...
 
 class MemoryInfo(_message.Message):
-    __slots__ = ("name", "config", "stats", "recovery")
+    __slots__ = ("name", "config", "stats", "recovery", "shards")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     config: MemoryConfig
     stats: MemoryStats
     recovery: str
-    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[MemoryConfig, _Mapping]] = ..., stats: _Optional[_Union[MemoryStats, _Mapping]] = ..., recovery: _Optional[str] = ...) -> None: ...
+    shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[MemoryConfig, _Mapping]] = ..., stats: _Optional[_Union[MemoryStats, _Mapping]] = ..., recovery: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ...) -> None: ...
 
 class CreateMemoryRequest(_message.Message):
     __slots__ = ("name", "config")
