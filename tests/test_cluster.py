@@ -74,7 +74,7 @@ def server_url(registry):
 @pytest.fixture
 def store(server_url):
     """A client of the cluster's front end; memories it creates are deleted afterwards (with their shards)."""
-    with connect(server_url) as store:
+    with connect(server_url, timeout=CLIENT_TIMEOUT) as store:
         before = {info.name for info in store.list_memories()}
         yield store
         for info in store.list_memories():
@@ -143,7 +143,7 @@ def test_cluster_placement_without_a_cluster_is_refused():
 @pytest.fixture(scope="module")
 def mem(server_url):
     """One filled memory for every bad request (each leaves it unchanged, which is what they check)."""
-    with connect(server_url) as store:
+    with connect(server_url, timeout=CLIENT_TIMEOUT) as store:
         handle = store.create_memory("bad-input", **on_cluster({**BAD_INPUT_CONFIG, "shards": 3}))
         fill(handle)
         yield handle
@@ -173,18 +173,18 @@ def test_tokens_guard_a_memory_on_the_cluster(registry):
     url = f"grpc://127.0.0.1:{port}"
     queries, labels = Q, Y
     try:
-        with connect(url, token="writer-token") as writer:
+        with connect(url, token="writer-token", timeout=CLIENT_TIMEOUT) as writer:
             memory = writer.create_memory("guarded", **on_cluster({**BAD_INPUT_CONFIG, "shards": 2}))
             fill(memory)
-            with connect(url, token="reader-token") as reader:
+            with connect(url, token="reader-token", timeout=CLIENT_TIMEOUT) as reader:
                 guarded = reader.memory("guarded")
                 assert guarded.query(queries, labels).predictions.shape == (len(queries),)  # reading is allowed
-            with connect(url, token="reader-token") as reader, unchanged(memory):
+            with connect(url, token="reader-token", timeout=CLIENT_TIMEOUT) as reader, unchanged(memory):
                 guarded = reader.memory("guarded")
                 for attempt in (lambda: guarded.query(queries, labels, update=True), guarded.clear):
                     with pytest.raises(PermissionDenied, match="read-only"):
                         attempt()
-            with connect(url) as anonymous, unchanged(memory), pytest.raises(Unauthenticated):
+            with connect(url, timeout=CLIENT_TIMEOUT) as anonymous, unchanged(memory), pytest.raises(Unauthenticated):
                 anonymous.memory("guarded").query(queries, labels, update=True)
             writer.delete_memory("guarded")
     finally:
@@ -194,6 +194,9 @@ def test_tokens_guard_a_memory_on_the_cluster(registry):
 # ----------------------------------------------------------------------------- faults
 # How long the fault test's front end waits for a shard: a frozen shard then costs a call this long.
 FAULT_CALL_TIMEOUT = 5.0
+# A create waits for its shards' actors to start (up to the server's STARTUP_TIMEOUT, 120 s): on a loaded 2-core
+# machine that took more than the client's default deadline of 30 s.
+CLIENT_TIMEOUT = 180.0
 
 
 @pytest.fixture
@@ -213,7 +216,7 @@ def test_shards_the_cluster_has_no_room_for_are_resource_exhausted(fault_server)
     """More shards than the cluster has CPUs: the create waits --shard-timeout, answers RESOURCE_EXHAUSTED
     naming config.shards, and leaves nothing behind (a memory that fits is placed right after)."""
     url, registry = fault_server
-    with connect(url, retries=0) as store:
+    with connect(url, retries=0, timeout=CLIENT_TIMEOUT) as store:
         with pytest.raises(ResourceExhausted, match="config.shards: the cluster found no room for 64 shards"):
             store.create_memory("too-many", **on_cluster({**config("torch", 64, 1), "memory_size": 64}))
         assert store.list_memories() == []
@@ -230,7 +233,7 @@ def test_a_killed_shard_answers_unavailable_then_recovers_from_its_data_director
     UNAVAILABLE was applied), its shards hold the front end's keys and it searches as a replay in one process
     (tests/cluster_harness.py, which also runs the long version)."""
     url, registry = fault_server
-    with connect(url, retries=0) as store:
+    with connect(url, retries=0, timeout=CLIENT_TIMEOUT) as store:
         memory = store.create_memory("faults", **on_cluster({**CRASH_CONFIG, "shards": 3}))
         cycles = [(1, "stop"), (0, "kill"), (2, "stop"), (1, "kill")]
         figures = stream_through_shard_faults(memory, registry.get("faults").index.actors, cycles, tmp_path / "log")
@@ -264,7 +267,7 @@ def test_lmem_serve_cluster_shows_shards_and_restarts_without_loss(ray_cluster, 
         assert created.returncode == 0, created.stderr
         shards = json.loads(created.stdout)["shards"]
         assert [s["state"] for s in shards] == ["serving", "serving"] and shards[0]["node"] != shards[1]["node"]
-        with connect(url) as store:
+        with connect(url, timeout=CLIENT_TIMEOUT) as store:
             memory = store.memory("cli-cluster")
             for step in range(1, 31):
                 memory.query(*client_batch(0, step), update=True)
@@ -283,7 +286,7 @@ def test_lmem_serve_cluster_shows_shards_and_restarts_without_loss(ray_cluster, 
         process.kill()  # the front end, mid-life: its shards (its actors) end with it
         process.wait()
         process = start_front_end(ray_cluster.address, port, tmp_path)
-        with connect(url) as store:
+        with connect(url, timeout=CLIENT_TIMEOUT) as store:
             memory = store.memory("cli-cluster")
             after = memory.read_slots(range(64))
             assert after.commit_sequence == before.commit_sequence == 30
@@ -313,7 +316,7 @@ def test_a_shard_s_node_killed_moves_it_to_another_node_which_rebuilds_it(ray_cl
     from ray._private import ray_constants
 
     url, registry = fault_server
-    store = connect(url, retries=0)
+    store = connect(url, retries=0, timeout=CLIENT_TIMEOUT)
     memory = store.create_memory("node-fault", **on_cluster({**CRASH_CONFIG, "shards": 3}))
     actors = registry.get("node-fault").index.actors
     log_path = tmp_path / "client-0.jsonl"

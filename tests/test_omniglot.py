@@ -132,13 +132,15 @@ def test_flags_are_exactly_the_config_values():
 
 
 def test_a_checkpoint_is_only_resumed_or_evaluated_under_its_own_settings():
-    config = {"split": "reference", "input": "ink", "init": "he", "rep_dim": 128, "adam": "torch"}
+    config = {"split": "reference", "input": "ink", "init": "he", "rep_dim": 128, "adam": "torch", "backend": "torch"}
     omniglot.check_same_experiment(config, {"split": "reference", "rep_dim": 128}, "old.pt")  # before the options
     omniglot.check_same_experiment(config, dict(config), "same.pt")
     with pytest.raises(SystemExit, match=r"run.pt was trained with --input raw \(given ink\), --init authors"):
         omniglot.check_same_experiment(config, {**config, "input": "raw", "init": "authors"}, "run.pt")
     with pytest.raises(SystemExit, match=r"run.pt was trained with --adam tensorflow \(given torch\)"):
         omniglot.check_same_experiment(config, {**config, "adam": "tensorflow"}, "run.pt")
+    with pytest.raises(SystemExit, match=r"run.pt was trained with --backend lsh \(given torch\)"):
+        omniglot.check_same_experiment(config, {**config, "backend": "lsh"}, "run.pt")
 
 
 def tensorflow_adam_reference(theta, gradients, lr, eps, beta1=0.9, beta2=0.999):
@@ -282,7 +284,9 @@ def run_trainer(out: pathlib.Path, cache: pathlib.Path, *flags: str) -> list[dic
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("setting", [(), ("--init", "authors", "--input", "raw")], ids=["ours", "authors"])
+@pytest.mark.parametrize(
+    "setting", [(), ("--init", "authors", "--input", "raw"), ("--backend", "lsh")], ids=["ours", "authors", "lsh"]
+)
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path, setting):
     straight = run_trainer(tmp_path / "straight", tmp_path / "cache", *setting, "--episode-batches", "3")
     run_trainer(tmp_path / "resumed", tmp_path / "cache", *setting, "--episode-batches", "2")

@@ -188,6 +188,7 @@ def test_the_context_test_leaves_the_memory_as_it_was_and_changes_nothing_withou
 
 
 def test_teacher_forced_recall_counts_what_the_memory_holds():
+    torch.manual_seed(0)
     store = connect("local")
     module = MemoryModule(store, 8, 16, name="recall", return_neighbors=True, memory_size=256, choose_k=4)
     model = translation.Translator(20, 20, 8, 16, 0.0, module)
@@ -196,8 +197,9 @@ def test_teacher_forced_recall_counts_what_the_memory_holds():
     assert empty["subwords"] == 6 and empty["memory"] == empty["only_memory"] == 0.0, "an empty slot is no answer"
     translation.memorise(model, pairs)
     remembered = translation.teacher_forced_recall(model, pairs)
-    # Each written key is its own query: the memory now answers every reference subword it was shown.
-    assert remembered["memory"] == 1.0 and remembered["model"] == empty["model"]
+    # Each written key is its own query: the memory now answers every reference subword it was shown. (The
+    # model's own answer may change too: its output layer reads the recalled value.)
+    assert remembered["memory"] == 1.0
     assert remembered["only_memory"] == 1.0 - remembered["model"]
     baseline = translation.teacher_forced_recall(translation.Translator(20, 20, 8, 16, 0.0), pairs)
     assert baseline["memory"] is None and baseline["subwords"] == 6

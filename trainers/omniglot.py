@@ -43,6 +43,7 @@ episode_width = 5
 episode_length = 30
 batch_episodes = 16
 memory_size = 8192
+backend = "torch"  # the memory's search: "torch" (exact), "faiss", "lsh" or "faiss-ivf" (docs/approximate-search.md)
 choose_k = 256
 alpha = 0.1
 age_noise = 8.0
@@ -352,7 +353,14 @@ def train(config, encoder, module, optimizer, eval_memory, split_data, rng, firs
 
 
 # What a checkpoint's weights and metrics depend on, with the value a checkpoint from before the option meant.
-EXPERIMENT_SETTINGS = {"split": "reference", "input": "ink", "init": "he", "rep_dim": 128, "adam": "torch"}
+EXPERIMENT_SETTINGS = {
+    "split": "reference",
+    "input": "ink",
+    "init": "he",
+    "rep_dim": 128,
+    "adam": "torch",
+    "backend": "torch",
+}
 
 
 def check_same_experiment(config: dict, saved: dict, source) -> None:
@@ -379,12 +387,13 @@ def main() -> None:
     split_data = omniglot_data.load_split(data_dir, config["split"], config["input"])
     print(
         f"{config['split']} split: {len(split_data.train)} training classes, {len(split_data.test)} test classes; "
-        f"input {config['input']}, init {config['init']}, adam {config['adam']}"
+        f"input {config['input']}, init {config['init']}, adam {config['adam']}, memory backend {config['backend']}"
     )
 
     store = connect(config["memory"])
     memory_config = dict(
         memory_size=config["memory_size"],
+        backend=config["backend"],
         choose_k=config["choose_k"],
         alpha=config["alpha"],
         age_noise=config["age_noise"],
