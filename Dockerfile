@@ -14,7 +14,8 @@
 #                    only); https://download.pytorch.org/whl/cu126 for CUDA 12.6 (compose.gpu.yaml).
 #                    The build checks that the torch it installed, from a wheelhouse too, is that build
 #   EXTRAS           the project's extras: cpu (default: faiss-cpu) or gpu (faiss-gpu-cu12), never both,
-#                    they share one faiss/ folder; the trainer image adds trainers
+#                    they share one faiss/ folder; the trainer image adds trainers. Every image has the
+#                    cluster extra (Ray): compose.yaml's cluster profile runs its Ray nodes on the server image
 # Plain `docker build` is enough: nothing here needs BuildKit.
 
 ARG BASE_IMAGE=python:3.11-slim
@@ -42,12 +43,12 @@ COPY proto/ /src/proto/
 COPY server/ /src/server/
 COPY client/ /src/client/
 COPY trainers/ /src/trainers/
-RUN pip-install "/src${EXTRAS:+[$EXTRAS]}"
+RUN pip-install "/src[cluster${EXTRAS:+,$EXTRAS}]"
 
 FROM build AS build-trainer
 ARG WHEELHOUSE=
 ARG EXTRAS=cpu
-RUN pip-install "/src[trainers${EXTRAS:+,$EXTRAS}]"
+RUN pip-install "/src[trainers,cluster${EXTRAS:+,$EXTRAS}]"
 
 # ---- runtime: the base image, an unprivileged user, and folders that named volumes take over
 # (a fresh volume copies the folder's owner, so the user can write to it).
@@ -70,6 +71,7 @@ ENTRYPOINT ["python", "-m", "lifelong_memory.trainers.omniglot"]
 FROM runtime AS server
 COPY --from=build /opt/venv /opt/venv
 COPY docker/healthcheck.py /opt/lmem/healthcheck.py
+COPY docker/ray-node.sh /usr/local/bin/ray-node
 USER lmem
 EXPOSE 50051 9464
 HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compose smoke test: build the images with no container registry, bring compose.yaml up, talk to the
-# server from the host, check that both trainers train against it, restart the server, tear down.
+# server from the host, check that both trainers train against it, restart the server, bring the cluster
+# profile up (a Ray head, two workers, the front end) and check a memory whose shards are on both workers,
+# tear down.
 #
 #   .ci/compose-smoke.sh VENV        # VENV: a virtual environment with the project installed (the host's client)
 #
@@ -30,19 +32,27 @@ phase() { # end the running phase, printing its time, and start the one named $1
     [[ -z $phase_name ]] || echo "== $phase_name"
 }
 
-wait_healthy() { # compose v1 has no `up --wait`: read the memory service's health check ourselves
+wait_healthy() { # wait_healthy SERVICE: compose v1 has no `up --wait`, so read its health check ourselves
     local container health
-    container=$("${compose[@]}" ps -q memory)
+    container=$("${compose[@]}" --profile cluster ps -q "$1")
     for _ in $(seq 120); do
         health=$(docker inspect -f '{{.State.Health.Status}}' "$container")
         [[ $health == starting ]] || break
         sleep 1
     done
-    echo "memory service: $health, on $url"
+    echo "$1 service: $health, on $url"
     [[ $health == healthy ]]
 }
 
 lmem() { "$venv/bin/lmem" "$1" --url "$url" "${@:2}"; } # lmem COMMAND ARGS..., against this stack
+
+free_ports() { # two free host ports, so that a server or another run on this machine does not collide with this one
+    "$venv/bin/python" -c 'import socket
+sockets = [socket.socket() for _ in range(2)]
+for s in sockets:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in sockets))'
+}
 
 dockerd_pid='' stack_up=''
 cleanup() {
@@ -51,7 +61,7 @@ cleanup() {
     if [[ -n $stack_up ]]; then
         if ((status != 0)); then "${compose[@]}" logs --no-color --tail=40; fi
         phase "tear down"
-        "${compose[@]}" down -v --remove-orphans --timeout 20
+        "${compose[@]}" --profile cluster down -v --remove-orphans --timeout 20
     fi
     if [[ -n $dockerd_pid ]]; then # only the daemon this script started
         kill "$dockerd_pid"
@@ -112,17 +122,12 @@ export BASE_IMAGE=$base_image WHEELHOUSE=/wheelhouse
 docker image ls lifelong-memory --format '{{.Repository}}:{{.Tag}} {{.Size}}'
 
 phase "up, until the memory service is healthy"
-# Free host ports, so that a server or another run on this machine does not collide with this one.
-read -r MEMORY_PORT METRICS_PORT < <("$venv/bin/python" -c 'import socket
-sockets = [socket.socket() for _ in range(2)]
-for s in sockets:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in sockets))')
+read -r MEMORY_PORT METRICS_PORT < <(free_ports)
 export MEMORY_PORT METRICS_PORT
 url=grpc://127.0.0.1:$MEMORY_PORT
 stack_up=1
 "${compose[@]}" up -d
-wait_healthy
+wait_healthy memory
 
 phase "trainers train against the shared server"
 # Each trainer clears its memory every episode batch and updates it every step: both memories have to
@@ -215,10 +220,54 @@ fi
 
 phase "restart the memory service: memories persist in the data volume"
 "${compose[@]}" restart memory
-wait_healthy
+wait_healthy memory
 lmem describe smoke --json |
     "$venv/bin/python" -c 'import json, sys; stats = json.load(sys.stdin)["stats"]; assert stats["filled_slots"] == 8, stats'
 lmem rm smoke
 status=0
 lmem describe smoke 2>/dev/null || status=$?
 ((status == 3)) || { echo "lmem describe of a deleted memory exited $status, expected 3 (not found)" >&2; exit 1; }
+
+phase "cluster profile: up, until the front end is healthy"
+# The single-node server is done with: its cores go to the Ray nodes.
+"${compose[@]}" stop memory
+read -r CLUSTER_MEMORY_PORT CLUSTER_METRICS_PORT < <(free_ports)
+export CLUSTER_MEMORY_PORT CLUSTER_METRICS_PORT
+url=grpc://127.0.0.1:$CLUSTER_MEMORY_PORT
+"${compose[@]}" --profile cluster up -d memory-cluster
+wait_healthy memory-cluster
+
+phase "cluster profile: a memory with a shard on each worker"
+lmem create cluster-smoke --key-dim 16 --memory-size 64 --seed 0 --placement node --shards 2 >/dev/null
+workers=$(for service in ray-worker-1 ray-worker-2; do
+    docker inspect -f '{{.Config.Hostname}}' "$("${compose[@]}" --profile cluster ps -q "$service")"
+done)
+# shellcheck disable=SC2086  # $workers: one argument per worker
+"$venv/bin/python" - "$url" $workers <<'EOF'
+import sys
+
+import numpy as np
+
+from lifelong_memory.client import connect
+
+url, *worker_hosts = sys.argv[1:]
+rng = np.random.default_rng(0)
+keys = rng.standard_normal((8, 16)).astype(np.float32)
+keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+labels = np.arange(8)
+with connect(url) as store:
+    memory = store.memory("cluster-smoke")
+    written = memory.query(keys, labels=labels, update=True)  # fused query + update: the keys go to their shards
+    assert written.incorrect.all() and (written.written_slots >= 0).all(), written
+    read = memory.query(keys, fields=("neighbors",))  # searched by both shards
+    assert (read.predictions.numpy() == labels).all(), read.predictions
+    assert np.allclose(read.neighbor_similarities[:, 0].numpy(), 1.0, atol=1e-5), read.neighbor_similarities
+    shards = memory.info().shards
+    # ShardHealth.node: "<Ray node id> (<host>, <device>)"; a container's host name is its own.
+    nodes = {s.node.split(" ")[0] for s in shards}
+    hosts = {s.node.split("(")[1].split(",")[0] for s in shards}
+    assert len(shards) == 2 and all(s.state == "serving" for s in shards), shards
+    assert len(nodes) == 2 and hosts == set(worker_hosts), (shards, worker_hosts)
+    print(f"2 shards on 2 Ray nodes, the worker containers {sorted(hosts)}: {[s.node for s in shards]}")
+EOF
+lmem describe cluster-smoke

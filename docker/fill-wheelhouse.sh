@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fill wheelhouse/ on the host for an image build with no registry (--build-arg WHEELHOUSE=/wheelhouse):
-# torch from TORCH_INDEX_URL, the build the image is for, then the project's dependencies with EXTRAS
-# and its build requirements. The image's own check (docker/check-torch-build.sh) refuses a torch of
-# another build, so a wheelhouse filled for the CPU cannot end up in a GPU image, or the other way round.
+# torch from TORCH_INDEX_URL, the build the image is for, then the project's dependencies with EXTRAS and
+# the cluster extra (Ray: every image has it), and its build requirements. The image's own check
+# (docker/check-torch-build.sh) refuses a torch of another build, so a wheelhouse filled for the CPU cannot
+# end up in a GPU image, or the other way round.
 #
 #   docker/fill-wheelhouse.sh PYTHON                          # CPU images: PyTorch's CPU index, extras trainers,cpu
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 EXTRAS=trainers,gpu docker/fill-wheelhouse.sh PYTHON
@@ -28,7 +29,7 @@ index_args=()
 mapfile -t build_requires < <("$python" -c \
     'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")')
 "$python" -m pip download --quiet --only-binary=:all: --dest wheelhouse --find-links wheelhouse \
-    "$torch" "${build_requires[@]}" ".[$extras]"
+    "$torch" "${build_requires[@]}" ".[cluster,$extras]"
 
 other_builds=$(find wheelhouse -name 'torch-*.whl' ! -name "torch-*+${build}-*")
 if [[ -n $other_builds ]]; then
@@ -47,4 +48,4 @@ if ((faiss_wheels > 1)); then
     echo "wheelhouse: more than one faiss: $(find wheelhouse -name 'faiss*.whl')" >&2
     exit 1
 fi
-echo "wheelhouse: torch $build build, extras $extras: $(find wheelhouse -name '*.whl' | wc -l) wheels, $(du -sh wheelhouse | cut -f1)"
+echo "wheelhouse: torch $build build, extras cluster,$extras: $(find wheelhouse -name '*.whl' | wc -l) wheels, $(du -sh wheelhouse | cut -f1)"
