@@ -243,12 +243,13 @@ def test_a_killed_shard_answers_unavailable_then_recovers_from_its_data_director
 
 # ----------------------------------------------------------------------------- lmem serve --cluster
 def lmem(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*LMEM, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*LMEM, *args], capture_output=True, text=True, timeout=2 * CLIENT_TIMEOUT)
 
 
 def start_front_end(address: str, port: int, tmp_path) -> subprocess.Popen:
     serve = [*LMEM, "serve", "--port", str(port), "--log-level", "WARNING", "--cluster", address]
-    serve += ["--placement", "node", "--shards", "2", "--shard-timeout", "2"]
+    # Long enough for a shard on a loaded 2-core machine; the stopped shard below costs one such wait.
+    serve += ["--placement", "node", "--shards", "2", "--shard-timeout", "10"]
     serve += ["--data-dir", str(tmp_path / "front-end"), "--shard-data-dir", str(tmp_path / "shards")]
     process = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
     assert "serving on 127.0.0.1:" in process.stdout.readline()
@@ -263,7 +264,8 @@ def test_lmem_serve_cluster_shows_shards_and_restarts_without_loss(ray_cluster, 
     url = f"grpc://127.0.0.1:{port}"
     process = start_front_end(ray_cluster.address, port, tmp_path)
     try:
-        created = lmem("create", "cli-cluster", "--key-dim", "16", "--memory-size", "64", "--url", url, "--json")
+        created = lmem("create", "cli-cluster", "--key-dim", "16", "--memory-size", "64", "--url", url, "--json",
+                       "--timeout", str(CLIENT_TIMEOUT))  # fmt: skip
         assert created.returncode == 0, created.stderr
         shards = json.loads(created.stdout)["shards"]
         assert [s["state"] for s in shards] == ["serving", "serving"] and shards[0]["node"] != shards[1]["node"]
