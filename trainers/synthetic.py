@@ -55,7 +55,7 @@ from torch import nn
 
 from lifelong_memory.client import MemoryModule, connect
 from lifelong_memory.trainers import flags
-from lifelong_memory.trainers.statistics import wilson_interval
+from lifelong_memory.trainers.statistics import record_validation, wilson_interval
 
 # -------------------------------------------------------------------- config
 model = "memory"  # "memory" or "baseline" (no memory)
@@ -459,25 +459,11 @@ def train(config, model, optimizer, store, task, first_step, metrics, checkpoint
         memory_losses.append(memory_loss)
 
         if step % config["validate_every"] == 0 or step == total_steps:
-            step_cpu_s = (time.process_time() - cpu_started) / len(losses)
+            trained_until = time.process_time()
             by_seen, train_block = validate(model, train_set, validation, config)
-            metrics.append(
-                {
-                    "model": config["model"],
-                    "step": step,
-                    "epoch": step / steps_per_epoch,
-                    "train_loss": float(np.mean(losses)),
-                    "memory_loss": float(np.mean(memory_losses)),
-                    "validation": by_seen,
-                    "train_block": train_block,
-                    "step_cpu_ms": 1000 * step_cpu_s,
-                    "cpu_s": (metrics[-1]["cpu_s"] if metrics else 0.0) + time.process_time() - cpu_started,
-                }
-            )
+            m = record_validation(metrics, out / "metrics.jsonl", config, step, steps_per_epoch, losses, memory_losses,
+                                  cpu_started, trained_until, validation=by_seen, train_block=train_block)  # fmt: skip
             losses, memory_losses, cpu_started = [], [], time.process_time()
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics[-1]) + "\n")
-            m = metrics[-1]
             print(
                 f"step {step:6d}  epoch {m['epoch']:5.2f}  loss {m['train_loss']:.4f}  memory loss "
                 f"{m['memory_loss']:+.4f}  block accuracy: training {train_block:.3f}, validation "

@@ -53,7 +53,7 @@ from torch import nn
 
 from lifelong_memory.client import MemoryModule, connect
 from lifelong_memory.trainers import flags
-from lifelong_memory.trainers.statistics import wilson_interval
+from lifelong_memory.trainers.statistics import record_validation, wilson_interval
 
 # -------------------------------------------------------------------- config
 model = "memory"  # "memory" or "baseline" (no memory)
@@ -595,24 +595,11 @@ def train(config, model, optimizer, store, task: Task, first_step, metrics, chec
         memory_losses.append(memory_loss)
 
         if step % config["validate_every"] == 0 or step == config["steps"]:
-            step_cpu_s = (time.process_time() - cpu_started) / len(losses)
+            trained_until = time.process_time()
             validation = validate(model, task, config)
-            metrics.append(
-                {
-                    "model": config["model"],
-                    "step": step,
-                    "epoch": step / steps_per_epoch,
-                    "train_loss": float(np.mean(losses)),
-                    "memory_loss": float(np.mean(memory_losses)),
-                    "validation": validation,
-                    "step_cpu_ms": 1000 * step_cpu_s,
-                    "cpu_s": (metrics[-1]["cpu_s"] if metrics else 0.0) + time.process_time() - cpu_started,
-                }
-            )
+            m = record_validation(metrics, out / "metrics.jsonl", config, step, steps_per_epoch, losses, memory_losses,
+                                  cpu_started, trained_until, validation=validation)  # fmt: skip
             losses, memory_losses, cpu_started = [], [], time.process_time()
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics[-1]) + "\n")
-            m = metrics[-1]
             print(
                 f"step {step:6d}  epoch {m['epoch']:5.2f}  loss {m['train_loss']:.4f}  memory loss "
                 f"{m['memory_loss']:+.4f}  validation: loss {validation['loss']:.4f}, greedy BLEU "
