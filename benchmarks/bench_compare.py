@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import CHOOSE_K, KEY_DIM, Case, Server, fill, machine_info, measure, unit_rows  # noqa: E402
+from bench_memory import CHOOSE_K, KEY_DIM, Case, Server, fill, fill_batch, machine_info, measure, unit_rows  # noqa: E402
 
 from lifelong_memory.client import connect  # noqa: E402
 
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         systems["ours-embedded-bf16"] = "lifelong_memory embedded, search_dtype=bfloat16"
         cases.append(Case("bfloat16", "ours-embedded-bf16", "fused", lambda i, call=mem_bf16.query: ours(i, call)))
         if not args.no_grpc:
-            server = Server()
+            server = Server(max(args.batch, fill_batch(n)))
             stack.callback(server.stop)
             remote = stack.enter_context(connect(server.url))
             rmem = remote.create_memory("compare", key_dim=KEY_DIM, memory_size=n, choose_k=CHOOSE_K)

@@ -36,3 +36,14 @@ def test_bench_cluster_runs_and_finds_the_same_answers(tmp_path):
     result = json.loads(out.read_text())
     assert result["identical_answers_every_step"] and result["nodes"] == 2
     assert result["fused_calls"]["cluster"] >= 2 and result["cluster_over_local"] > 0
+
+
+def test_bench_compare_runs_our_cases(tmp_path):
+    out = tmp_path / "compare.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_compare.py"), "--n", "4096", "--min-time", "0.02"]
+    command += ["--min-reps", "2", "--out", str(out)]
+    subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    result = json.loads(out.read_text())
+    ran = {row["system"] for row in result["results"]}
+    assert {"ours-embedded", "ours-embedded-bf16", "ours-grpc-unary", "ours-grpc-stream"} <= ran, ran
+    assert all(row["steps_per_s"] > 0 for row in result["results"])
