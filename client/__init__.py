@@ -1,5 +1,6 @@
 """Client library: one typed API for an embedded or remote lifelong memory."""
 
+from lifelong_memory.client.memory_file import write_memory_file
 from lifelong_memory.client.module import MemoryModule, MemoryOutput
 from lifelong_memory.client.store import MemoryClient, MemoryInfo, Snapshot, Store, connect
 from lifelong_memory.server.errors import (
@@ -39,4 +40,5 @@ __all__ = [
     "Unavailable",
     "UpdateResult",
     "connect",
+    "write_memory_file",
 ]

@@ -415,7 +415,13 @@ def _as_dict(info: MemoryInfo) -> dict:
     found = {"recovery": info.recovery} if info.recovery else {}
     if info.shards:
         found["shards"] = [dataclasses.asdict(shard) for shard in info.shards]
-    return {"name": info.name, "config": dataclasses.asdict(info.config), "stats": info.stats, **found}
+    return {
+        "name": info.name,
+        "config": dataclasses.asdict(info.config),
+        "stats": info.stats,
+        "footprint_bytes": info.footprint,
+        **found,
+    }
 
 
 def _shard_health_summary(shards: list[dict]) -> str:
@@ -463,6 +469,9 @@ def _print(data, as_json: bool, table: bool = False) -> None:
             print(f"  {section}:")
             for key, value in data[section].items():
                 print(f"    {key:<16} {value}")
+        print("  footprint (at most, as the memory budget counts it):")
+        for device, size in data["footprint_bytes"].items():
+            print(f"    {device:<16} {size:,} bytes ({size / (1 << 30):.2f} GiB)")
         if "recovery" in data:
             print(f"  recovery: {data['recovery']}")
         if "shards" in data:

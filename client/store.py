@@ -59,6 +59,8 @@ class MemoryInfo:
     stats: dict[str, int]
     recovery: str = ""  # what recovery at the server's last start cut or set aside; "" if nothing
     shards: list[ShardHealth] = dataclasses.field(default_factory=list)  # placed on a cluster: node and health
+    # Bytes the memory holds at most per device ("cpu", "cuda:0"), as the server's memory budget counts them.
+    footprint: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -268,7 +270,9 @@ def _as_labels(labels) -> torch.Tensor | None:
 
 
 def _info(name: str, memory) -> MemoryInfo:
-    return MemoryInfo(name, memory.config, memory.stats(), memory.recovery_report, shard_health(memory))
+    return MemoryInfo(
+        name, memory.config, memory.stats(), memory.recovery_report, shard_health(memory), memory.footprint()
+    )
 
 
 # --------------------------------------------------------------------- local
@@ -326,7 +330,7 @@ class LocalTransport:
     def import_file(self, name, path, overrides):
         check_name(name)
         try:
-            state = read_snapshot_file(path)
+            state = read_snapshot_file(path, lambda config: self.registry.import_config(name, config, overrides))
         except SnapshotError as exc:
             raise InvalidArgument("data", str(exc)) from None
         return _info(name, self.registry.import_state(name, state, **overrides))
@@ -450,7 +454,7 @@ class GrpcTransport:
         config = MemoryConfig(**wire.config_from_proto(message.config))
         stats = {f.name: getattr(message.stats, f.name) for f in message.stats.DESCRIPTOR.fields}
         shards = [ShardHealth(**{f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields}) for s in message.shards]
-        return MemoryInfo(message.name, config, stats, message.recovery, shards)
+        return MemoryInfo(message.name, config, stats, message.recovery, shards, dict(message.footprint_bytes))
 
     def create(self, name, config):
         message = pb.CreateMemoryRequest(name=name, config=_config_message(config))

@@ -455,7 +455,8 @@ class MemoryState:
 
     config: MemoryConfig
     commit_sequence: int
-    keys: torch.Tensor | KeysAtCommit  # float32 [M, D]; KeysAtCommit from capture(streamed=True)
+    # float32 [M, D]; KeysAtCommit from capture(streamed=True); None once handed to a memory (take_padded_keys)
+    keys: torch.Tensor | KeysAtCommit | None
     values: torch.Tensor  # int64 [M]
     ages: torch.Tensor  # float32 [M]
     generations: torch.Tensor  # int64 [M]
@@ -467,6 +468,17 @@ class MemoryState:
     writer_counters: list[tuple[int, int]]  # (writes, merges) per entry of writer_names
     # The index's own state (Index.state: a trained IVF quantizer), for an index of the same config.
     index_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # [M + 1, D], ``keys`` followed by a zero row (persistence.read_snapshot reads keys into this): the layout
+    # a memory keeps, so a restore on the CPU adopts it rather than holding the keys twice.
+    padded_keys: torch.Tensor | None = None
+
+    def take_padded_keys(self) -> torch.Tensor | None:
+        """The padded key buffer, handed over once: the keys are then the new memory's own, and this state
+        has none left to restore a second memory from."""
+        padded, self.padded_keys = self.padded_keys, None
+        if padded is not None:
+            self.keys = None
+        return padded
 
 
 class Journal(Protocol):
@@ -547,6 +559,7 @@ class Memory:
         self.config = config.validated()
         # Working memory one query may use (None: unbounded); a larger query is refused before any work.
         self.max_query_bytes = max_query_bytes
+        self.max_batch = max_batch
         cfg = self.config
         cfg.check_usable()
         self.device = torch.device(cfg.device)
@@ -554,7 +567,12 @@ class Memory:
         try:
             # One row past the last slot stands for NO_SLOT (-1 indexes it): a zero key, the value EMPTY and
             # generation -1, never written. Reading the slots of a pool, a positive or a ticket then needs no mask.
-            self._padded_keys = torch.zeros(size + 1, dim, dtype=torch.float32, device=self.device)
+            adoptable = state is not None and state.padded_keys is not None and self.device.type == "cpu"
+            adopted = state.take_padded_keys() if adoptable and state.padded_keys.shape == (size + 1, dim) else None
+            if adopted is not None:
+                self._padded_keys = adopted
+            else:
+                self._padded_keys = torch.zeros(size + 1, dim, dtype=torch.float32, device=self.device)
             self._padded_values = torch.full((size + 1,), EMPTY, dtype=torch.int64, device=self.device)
             self._padded_generations = torch.full((size + 1,), NO_SLOT, dtype=torch.int64, device=self.device)
             self.keys = self._padded_keys[:size]
@@ -580,7 +598,7 @@ class Memory:
             self.empty_slots = size
             self.counters = {"queries": 0, "writes": 0, "merges": 0}
             if state is not None:
-                self._load(state)
+                self._load(state, keys_adopted=adopted is not None)
             self._age_order = AgeOrder(self._touched)
             if index_builder is None:
                 self.index = build_index(self.keys, cfg, max_batch, self._index_state(state))
@@ -755,6 +773,10 @@ class Memory:
                 writer_counters=[tuple(c) for c in self.writer_counters],
                 index_state=self.index.state(),
             )
+
+    def footprint(self) -> dict[str, int]:
+        """Bytes this memory holds at most per device, as a server's memory budget counts them."""
+        return self.config.footprint(self.max_batch)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -1147,10 +1169,14 @@ class Memory:
             return {}
         return state.index_state
 
-    def _load(self, state: MemoryState) -> None:
+    def _load(self, state: MemoryState, keys_adopted: bool) -> None:
         """Take a captured state, already checked against the config (persistence.read_snapshot), before the
         index is built over the keys."""
-        for name in ("keys", "values", "generations"):
+        if not keys_adopted:
+            if state.keys is None:
+                raise ValueError("this state's keys were handed to another memory (MemoryState.take_padded_keys)")
+            self.keys.copy_(state.keys)
+        for name in ("values", "generations"):
             getattr(self, name).copy_(getattr(state, name))
         bound = self.config.memory_size  # an older snapshot may hold more: keep the most recently written
         recent = zip(state.recent_labels[-bound:].tolist(), state.recent_slots[-bound:].tolist(), strict=True)

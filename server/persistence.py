@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -191,7 +191,7 @@ def snapshot_chunks(state: MemoryState) -> Iterator[bytes]:
 def _array_chunks(header: bytes, arrays: Iterable[torch.Tensor | KeysAtCommit]) -> Iterator[bytes]:
     yield SNAPSHOT_MAGIC + struct.pack("<IQ", SNAPSHOT_VERSION, len(header)) + header
     for array in arrays:
-        if isinstance(array, KeysAtCommit):
+        if not isinstance(array, torch.Tensor):  # keys read block by block: KeysAtCommit, memory_file.KeyBlocks
             row_bytes = max(1, math.prod(array.shape[1:]) * 4)
             for block in array.chunks(max(1, CHUNK_BYTES // row_bytes)):
                 yield _raw(block).tobytes()
@@ -205,8 +205,9 @@ def _raw(array: torch.Tensor) -> memoryview:
     return memoryview(array.numpy()).cast("B") if array.numel() else memoryview(b"")
 
 
-def read_snapshot(f: BinaryIO) -> MemoryState:
-    """Parse and verify a snapshot file (SnapshotError says what is wrong with it)."""
+def read_snapshot(f: BinaryIO, check_config: Callable[[MemoryConfig], object] | None = None) -> MemoryState:
+    """Parse and verify a snapshot file (SnapshotError says what is wrong with it). ``check_config`` is called
+    with the header's config before any array is read (an import checks there that the memory has room)."""
     crc = 0
 
     def take(n: int, what: str) -> bytes:
@@ -234,6 +235,8 @@ def read_snapshot(f: BinaryIO) -> MemoryState:
         index_names = [a["name"] for a in index_specs]
     except (ValueError, KeyError, TypeError) as exc:
         raise SnapshotError(f"bad header: {exc}") from None
+    if check_config is not None:
+        check_config(config)
     present = {name: dtype for name, dtype in STATE_ARRAYS.items() if version >= ADDED_ARRAYS.get(name, 0)}
     expected = {**present, **DROPPED_ARRAYS.get(version, {})}
     if names != list(expected):
@@ -242,21 +245,36 @@ def read_snapshot(f: BinaryIO) -> MemoryState:
         raise SnapshotError(f"index arrays {index_names} are not shard<i>.centroids or shard<i>.ranges")
     expected_index = dict.fromkeys(index_names, torch.float32)
     arrays = {}
+    padded_keys = None
     specs = [*header["arrays"], *index_specs]
     for spec, (name, dtype) in zip(specs, [*expected.items(), *expected_index.items()], strict=True):
         shape = spec["shape"]
         if spec["dtype"] != DTYPE_NAMES[dtype] or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise SnapshotError(f"array {name}: bad dtype or shape {spec}")
-        # Read before allocating: a header may announce any shape, the file holds what it holds.
         size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        raw = bytearray()
-        while len(raw) < size:
-            chunk = f.read(min(CHUNK_BYTES, size - len(raw)))
-            if not chunk:
-                raise SnapshotError(f"truncated: array {name} needs {size} bytes, the file has {len(raw)}")
-            raw += chunk
-        crc = zlib.crc32(raw, crc)
-        arrays[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if size else torch.empty(shape, dtype=dtype)
+        # Allocate only what the file holds: a header may announce any shape.
+        left = _bytes_left(f)
+        if size > left:
+            raise SnapshotError(f"truncated: array {name} needs {size} bytes, the file has {left}")
+        if name == "keys" and len(shape) == 2:
+            # One zero row more, as the memory keeps past its last slot: a restore on the CPU adopts this
+            # buffer instead of copying 8 GiB of keys into a second one.
+            padded_keys = torch.empty(shape[0] + 1, shape[1], dtype=dtype)
+            padded_keys[-1].zero_()
+            array = padded_keys[:-1]
+        else:
+            array = torch.empty(shape, dtype=dtype)
+        raw = _raw(array)
+        for start in range(0, size, CHUNK_BYTES):
+            piece = raw[start : start + CHUNK_BYTES]
+            got = 0
+            while got < len(piece):
+                n = f.readinto(piece[got:])
+                if not n:
+                    raise SnapshotError(f"truncated: array {name} needs {size} bytes, the file has {start + got}")
+                got += n
+            crc = zlib.crc32(piece, crc)
+        arrays[name] = array
     trailer = f.read(4 + len(SNAPSHOT_END))
     if len(trailer) != 4 + len(SNAPSHOT_END) or trailer[4:] != SNAPSHOT_END:
         raise SnapshotError("truncated: the trailer is missing")
@@ -287,8 +305,16 @@ def read_snapshot(f: BinaryIO) -> MemoryState:
         writer_names=writer_names,
         writer_counters=writer_counters,
         index_state=index_state,
+        padded_keys=padded_keys,
         **arrays,
     )
+
+
+def _bytes_left(f: BinaryIO) -> int:
+    here = f.tell()
+    end = f.seek(0, os.SEEK_END)
+    f.seek(here)
+    return end - here
 
 
 def _check_index_state(config: MemoryConfig, index_state: dict[str, torch.Tensor]) -> None:
@@ -319,7 +345,7 @@ def _check_state(config: MemoryConfig, arrays: dict[str, torch.Tensor], writer_n
         raise SnapshotError("recent slots must be in [0, memory_size) and labels >= 0")
     if len(arrays["values"]) and int(arrays["values"].min()) < -1:
         raise SnapshotError("values must be >= -1")
-    if not bool(torch.isfinite(arrays["keys"]).all()) or not bool(torch.isfinite(arrays["ages"]).all()):
+    if not _all_finite(arrays["keys"]) or not _all_finite(arrays["ages"]):
         raise SnapshotError("keys and ages must be finite")
     if not writer_names or writer_names[0] != "" or len(set(writer_names)) != len(writer_names):
         raise SnapshotError("the writer table must start with the untagged writer and hold distinct tags")
@@ -328,9 +354,16 @@ def _check_state(config: MemoryConfig, arrays: dict[str, torch.Tensor], writer_n
         raise SnapshotError(f"writers must index the writer table of {len(writer_names)} tags")
 
 
-def read_snapshot_file(path: Path) -> MemoryState:
+def _all_finite(array: torch.Tensor) -> bool:
+    """In blocks: torch.isfinite of a whole array holds temporaries of almost twice its size (8 GiB of keys
+    would need 14 GiB more)."""
+    flat = array.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + (1 << 20)]).all()) for i in range(0, len(flat), 1 << 20))
+
+
+def read_snapshot_file(path: Path, check_config: Callable[[MemoryConfig], object] | None = None) -> MemoryState:
     with open(path, "rb") as f:
-        return read_snapshot(f)
+        return read_snapshot(f, check_config)
 
 
 # ------------------------------------------------------- write-ahead log

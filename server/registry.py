@@ -109,29 +109,25 @@ class MemoryRegistry:
 
     def import_state(self, name: str, state: MemoryState, **overrides) -> Memory:
         """A new memory holding ``state`` (an export or snapshot), optionally searched differently."""
+        return self._add(name, self.import_config(name, state.config, overrides), state)
+
+    def import_config(self, name: str, config: MemoryConfig, overrides: dict) -> MemoryConfig:
+        """The config an import of a memory of ``config`` with ``overrides`` gets, once its name, the overrides
+        and the room it needs are checked: called with a file's header, before its arrays are read."""
         check_name(name)
         unknown = set(overrides) - IMPORT_OVERRIDES
         if unknown:
             raise InvalidArgument("config", f"an import may only set {sorted(IMPORT_OVERRIDES)}, not {sorted(unknown)}")
-        return self._add(name, dataclasses.replace(state.config, **overrides).validated(), state)
+        imported = dataclasses.replace(config, **overrides).validated()
+        imported.check_usable()
+        with self._lock:
+            self._check_room(name, imported)
+        return imported
 
     def _add(self, name: str, config: MemoryConfig, state: MemoryState | None) -> Memory:
         config.check_usable()
-        needed = config.footprint(self.max_batch)
         with self._lock:
-            if name in self._memories or name in self._unrecovered:
-                raise AlreadyExists(f"memory {name!r} already exists")
-            if len(self._memories) >= self.max_memories:
-                raise ResourceExhausted(f"this server holds at most {self.max_memories} memories")
-            for device, bytes_needed in sorted(needed.items()):
-                budget = self._device_budget(device)
-                used = sum(m.config.footprint(self.max_batch).get(device, 0) for m in self._memories.values())
-                if used + bytes_needed > budget:
-                    raise ResourceExhausted(
-                        f"config.memory_size: {config.memory_size} slots of dimension {config.key_dim} need "
-                        f"{_mib(bytes_needed)} on {device}; {_mib(max(0, budget - used))} of this server's "
-                        f"{_mib(budget)} memory budget there are left"
-                    )
+            self._check_room(name, config)
             # Built under the lock so two creates of one name cannot both succeed.
             memory = Memory(
                 config,
@@ -144,6 +140,22 @@ class MemoryRegistry:
                 self.storage.create(name, memory)
             self._memories[name] = memory
             return memory
+
+    def _check_room(self, name: str, config: MemoryConfig) -> None:
+        """Under the lock: a new memory ``name`` of ``config`` fits beside the others."""
+        if name in self._memories or name in self._unrecovered:
+            raise AlreadyExists(f"memory {name!r} already exists")
+        if len(self._memories) >= self.max_memories:
+            raise ResourceExhausted(f"this server holds at most {self.max_memories} memories")
+        for device, bytes_needed in sorted(config.footprint(self.max_batch).items()):
+            budget = self._device_budget(device)
+            used = sum(m.footprint().get(device, 0) for m in self._memories.values())
+            if used + bytes_needed > budget:
+                raise ResourceExhausted(
+                    f"config.memory_size: {config.memory_size} slots of dimension {config.key_dim} need "
+                    f"{_mib(bytes_needed)} on {device}; {_mib(max(0, budget - used))} of this server's "
+                    f"{_mib(budget)} memory budget there are left"
+                )
 
     def index_builder(self, name: str, config: MemoryConfig):
         """How memory ``name`` builds its index: None (in this process) unless its shards go to the cluster."""

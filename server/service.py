@@ -241,7 +241,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def _import(self, name: str, overrides: dict, file) -> pb.MemoryInfo:
         file.seek(0)
         try:
-            state = read_snapshot(file)
+            state = read_snapshot(file, lambda config: self.registry.import_config(name, config, overrides))
         except SnapshotError as exc:
             raise InvalidArgument("data", str(exc)) from None
         memory = self.registry.import_state(name, state, **overrides)
@@ -298,6 +298,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             stats=pb.MemoryStats(**memory.stats()),
             recovery=memory.recovery_report,
             shards=[pb.ShardStatus(**dataclasses.asdict(health)) for health in shard_health(memory)],
+            footprint_bytes=memory.footprint(),
         )
 
 

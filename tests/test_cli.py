@@ -59,7 +59,9 @@ def test_create_list_describe_remove(served):
     assert "cli-mem" in table.stdout
 
     described = lmem("describe", "cli-mem", "--url", url)
-    assert described.returncode == 0 and "filled_slots" in described.stdout
+    assert described.returncode == 0 and "filled_slots" in described.stdout and "footprint" in described.stdout
+    footprint = json.loads(lmem("describe", "cli-mem", "--url", url, "--json").stdout)["footprint_bytes"]
+    assert list(footprint) == ["cpu"] and footprint["cpu"] > 100 * 32 * 4  # the keys and more
 
     assert lmem("create", "cli-mem", "--url", url).returncode == 4  # ALREADY_EXISTS
     bad = lmem("create", "other", "--key-dim", "0", "--url", url)

@@ -19,6 +19,7 @@ from lifelong_memory.server import persistence
 from lifelong_memory.server.memory import Memory, MemoryConfig
 from lifelong_memory.server.persistence import scan_segment, segments, snapshot_chunks
 from lifelong_memory.server.registry import MemoryRegistry
+from lifelong_memory.server.service import ServerLimits, build_server
 
 CONFIG = dict(key_dim=8, memory_size=48, choose_k=6, age_noise=3.0, seed=5)
 STATE = ("keys", "values", "ages", "generations", "recent_labels", "recent_slots")
@@ -557,6 +558,24 @@ def test_an_import_header_announcing_a_huge_array_is_invalid_argument(store, tmp
     with pytest.raises(InvalidArgument, match="data: .*truncated"):
         store.import_memory("crafted", path)
     assert "crafted" not in {info.name for info in store.list_memories()}
+
+
+def test_an_import_beyond_the_budget_is_refused_from_its_header_before_any_array_is_read(tmp_path):
+    data = b"".join(snapshot_chunks(Memory(MemoryConfig(**CONFIG)).capture()))
+    header_only = tmp_path / "header-only.lmem"  # the arrays cut off: reading any would fail as truncated
+    prefix = len(persistence.SNAPSHOT_MAGIC) + 12  # magic, format version, header length
+    (header_length,) = struct.unpack_from("<Q", data, prefix - 8)
+    header_only.write_bytes(data[: prefix + header_length])
+    registry = MemoryRegistry(memory_budget_bytes=MemoryConfig(**CONFIG).footprint(4096)["cpu"] - 1)
+    server, port = build_server("127.0.0.1:0", registry, ServerLimits())
+    server.start()
+    try:
+        with connect(f"grpc://127.0.0.1:{port}") as store:
+            with pytest.raises(ResourceExhausted, match="config.memory_size"):
+                store.import_memory("big", header_only)
+            assert store.list_memories() == []
+    finally:
+        server.stop(grace=None)
 
 
 def test_shards_are_capped(store):

@@ -144,18 +144,27 @@ class MemoryStats(_message.Message):
     def __init__(self, filled_slots: _Optional[int] = ..., commit_sequence: _Optional[int] = ..., queries: _Optional[int] = ..., writes: _Optional[int] = ..., merges: _Optional[int] = ..., recent_labels: _Optional[int] = ...) -> None: ...
 
 class MemoryInfo(_message.Message):
-    __slots__ = ("name", "config", "stats", "recovery", "shards")
+    __slots__ = ("name", "config", "stats", "recovery", "shards", "footprint_bytes")
+    class FootprintBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    FOOTPRINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     config: MemoryConfig
     stats: MemoryStats
     recovery: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
-    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[MemoryConfig, _Mapping]] = ..., stats: _Optional[_Union[MemoryStats, _Mapping]] = ..., recovery: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ...) -> None: ...
+    footprint_bytes: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[MemoryConfig, _Mapping]] = ..., stats: _Optional[_Union[MemoryStats, _Mapping]] = ..., recovery: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., footprint_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class CreateMemoryRequest(_message.Message):
     __slots__ = ("name", "config")
