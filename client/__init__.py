@@ -15,7 +15,7 @@ from lifelong_memory.server.errors import (
     Unauthenticated,
     Unavailable,
 )
-from lifelong_memory.server.memory import EMPTY, NO_SLOT, MemoryConfig, QueryResult, UpdateResult
+from lifelong_memory.server.memory import EMPTY, NO_SLOT, MemoryConfig, QueryResult, RetrainResult, UpdateResult
 
 __all__ = [
     "EMPTY",
@@ -34,6 +34,7 @@ __all__ = [
     "PermissionDenied",
     "QueryResult",
     "ResourceExhausted",
+    "RetrainResult",
     "Snapshot",
     "Store",
     "Unauthenticated",

@@ -3,6 +3,7 @@
 lmem serve [--host 127.0.0.1] [--port 50051] [--shards S] [--device cpu] [--devices cuda:0,cuda:1] [--backend torch]
 lmem ls | create NAME [--key-dim ...] | describe NAME | rm NAME      (--url grpc://host:port)
 lmem snapshot NAME | export NAME FILE | import NAME FILE [--backend ...]   (durability, portability)
+lmem retrain NAME                                                    (a faiss-ivf memory's quantizer, anew)
 lmem stats | watch | slots | neighbors | labels LABEL | plot  NAME   (inspection; --json on every command)
 """
 
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         ("rm", "delete a memory"),
         ("create", "create a memory"),
         ("snapshot", "snapshot a memory into the server's data directory now"),
+        ("retrain", "train a faiss-ivf memory's quantizer anew on its current keys (queries go on)"),
         ("export", "write a memory to a portable file"),
         ("import", "create a memory from an exported or snapshot file"),
     ):
@@ -390,6 +392,8 @@ def _admin(store, args) -> int:
         _print(_as_dict(store.create_memory(args.name, **config).info()), args.json)
     elif args.command == "snapshot":
         _print(dataclasses.asdict(store.memory(args.name).snapshot()), args.json)
+    elif args.command == "retrain":
+        _print(dataclasses.asdict(store.memory(args.name).retrain_index()), args.json)
     elif args.command == "export":
         try:
             size = store.export_memory(args.name, args.file)

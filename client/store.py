@@ -32,6 +32,7 @@ from lifelong_memory.server.memory import (
     MemoryReport,
     QueryResult,
     QueryTicket,
+    RetrainResult,
     SlotsRead,
     UpdateResult,
     check_writer,
@@ -76,6 +77,7 @@ class Transport(Protocol):
     def find_label(self, name: str, label: int) -> LabelSlots: ...
     def stream(self, name: str, writer: str): ...
     def snapshot(self, name: str) -> Snapshot: ...
+    def retrain_index(self, name: str) -> RetrainResult: ...
     def export(self, name: str) -> Iterator[bytes]: ...
     def import_file(self, name: str, path: Path, overrides: dict) -> MemoryInfo: ...
     def close(self) -> None: ...
@@ -200,6 +202,11 @@ class MemoryClient:
         """Snapshot now into the server's data directory (FailedPrecondition without one)."""
         return self._transport.snapshot(self.name)
 
+    def retrain_index(self) -> RetrainResult:
+        """Train a faiss-ivf memory's quantizer anew on its keys as they are now, while queries and writes go
+        on (docs/approximate-search.md); FailedPrecondition for other backends."""
+        return self._transport.retrain_index(self.name)
+
     def info(self) -> MemoryInfo:
         return self._transport.get(self.name)
 
@@ -323,6 +330,9 @@ class LocalTransport:
 
     def snapshot(self, name):
         return Snapshot(*self.registry.snapshot(name))
+
+    def retrain_index(self, name):
+        return self.registry.get(name).retrain_index()
 
     def export(self, name):
         return snapshot_chunks(self.registry.get(name).capture(streamed=True))
@@ -510,6 +520,10 @@ class GrpcTransport:
     def snapshot(self, name):
         response = self._call(self.stub.SnapshotMemory, pb.SnapshotMemoryRequest(name=name), idempotent=False)
         return Snapshot(response.commit_sequence, response.path, response.bytes)
+
+    def retrain_index(self, name):
+        response = self._call(self.stub.RetrainIndex, pb.RetrainIndexRequest(name=name), idempotent=False)
+        return RetrainResult(response.commit_sequence, response.rewritten_slots, response.seconds)
 
     def export(self, name):
         try:

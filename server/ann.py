@@ -291,48 +291,61 @@ class FaissIvfIndex:
 
     def state(self) -> dict[str, torch.Tensor]:
         """The trained quantizer (empty until trained): the centroids and, with sq8, the code ranges."""
-        if self.index is None:
-            return {}
+        return {} if self.index is None else self._state_of(self.index, self.quantizer)
+
+    def training_sample(self) -> np.ndarray:
+        """A copy of the keys k-means trains on: ``train_size`` filled rows spread evenly over the shard (all
+        of them at the first fill; a memory restored full would otherwise train on far more than it needs)."""
+        filled = np.flatnonzero(~self.zero.zero)
+        sample = filled[np.linspace(0, len(filled) - 1, min(len(filled), self.train_size)).astype(np.int64)]
+        return np.ascontiguousarray(self.keys[torch.from_numpy(sample)].numpy())
+
+    def retrained_state(self, sample: np.ndarray) -> dict[str, torch.Tensor]:
+        """The state of a quantizer trained on ``sample`` (from ``training_sample``); this index is untouched,
+        so it can run beside searches and writes."""
+        index, quantizer = self._new_index()
+        index.train(sample)
+        return self._state_of(index, quantizer)
+
+    def _state_of(self, index, quantizer) -> dict[str, torch.Tensor]:
         faiss = self.faiss
         dim = self.keys.shape[1]
-        state = {"centroids": torch.from_numpy(faiss.rev_swig_ptr(self.quantizer.get_xb(), self.lists * dim).copy())}
-        state["centroids"] = state["centroids"].view(self.lists, dim)
+        centroids = torch.from_numpy(faiss.rev_swig_ptr(quantizer.get_xb(), self.lists * dim).copy())
+        state = {"centroids": centroids.view(self.lists, dim)}
         if self.codes == "sq8":
-            state["ranges"] = torch.from_numpy(faiss.vector_to_array(self.index.sq.trained))
+            state["ranges"] = torch.from_numpy(faiss.vector_to_array(index.sq.trained))
         return state
 
     def _new_index(self):
+        """An untrained IVF index and its quantizer, which the index does not own: keep both."""
         faiss = self.faiss
         dim = self.keys.shape[1]
-        self.quantizer = faiss.IndexFlatIP(dim)  # kept: the IVF index does not own it
+        quantizer = faiss.IndexFlatIP(dim)
         if self.codes == "flat":
-            index = faiss.IndexIVFFlat(self.quantizer, dim, self.lists, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIVFFlat(quantizer, dim, self.lists, faiss.METRIC_INNER_PRODUCT)
         else:
             index = faiss.IndexIVFScalarQuantizer(
-                self.quantizer, dim, self.lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+                quantizer, dim, self.lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
             )
         index.cp.seed = self.seed % (1 << 31)
         index.cp.spherical = True  # unit keys: centroids on the sphere, lists by inner product
-        return index
+        return index, quantizer
 
     def _train(self) -> None:
-        """k-means on ``train_size`` filled rows spread evenly over the shard (all of them at the first fill;
-        a memory restored full would otherwise copy every key and train on far more than k-means needs)."""
-        filled = np.flatnonzero(~self.zero.zero)
-        sample = filled[np.linspace(0, len(filled) - 1, min(len(filled), self.train_size)).astype(np.int64)]
-        index = self._new_index()
-        index.train(np.ascontiguousarray(self.keys[torch.from_numpy(sample)].numpy()))
-        self._finish(index)
+        index, quantizer = self._new_index()
+        index.train(self.training_sample())
+        self._finish(index, quantizer)
 
     def _build(self, centroids: np.ndarray, ranges: torch.Tensor | None) -> None:
-        index = self._new_index()
-        self.quantizer.add(np.ascontiguousarray(centroids))
+        index, quantizer = self._new_index()
+        quantizer.add(np.ascontiguousarray(centroids))
         if ranges is not None:
             self.faiss.copy_array_to_vector(ranges.numpy(), index.sq.trained)
         index.is_trained = True
-        self._finish(index)
+        self._finish(index, quantizer)
 
-    def _finish(self, index) -> None:
+    def _finish(self, index, quantizer) -> None:
+        self.quantizer = quantizer
         index.set_direct_map_type(self.faiss.DirectMap.Hashtable)
         index.nprobe = self.probes
         self.index = index

@@ -221,6 +221,25 @@ class ShardedIndex:
         """Each shard's state, its names prefixed with ``shard<i>.``."""
         return {f"shard{i}.{name}": t for i, shard in enumerate(self.shards) for name, t in shard.state().items()}
 
+    def training_samples(self) -> list:
+        """Per shard, a copy of the keys a retrain of its quantizer trains on (faiss-ivf shards, trained)."""
+        for i, shard in enumerate(self.shards):
+            if shard.index is None:
+                raise FailedPrecondition(
+                    f"config.ivf_lists: shard {i} has not trained its quantizer yet (it trains once "
+                    f"{shard.train_size} of its slots are filled); there is nothing to retrain"
+                )
+        return [shard.training_sample() for shard in self.shards]
+
+    def retrained_state(self, samples: list) -> dict[str, torch.Tensor]:
+        """The state of every shard's quantizer trained anew on ``samples``, named as ``state`` names it; the
+        index itself is untouched (run it beside searches and writes)."""
+        return {
+            f"shard{i}.{name}": t
+            for i, (shard, sample) in enumerate(zip(self.shards, samples, strict=True))
+            for name, t in shard.retrained_state(sample).items()
+        }
+
 
 def shard_bounds(size: int, shards: int) -> list[int]:
     """Shard i covers slots [bounds[i], bounds[i + 1])."""

@@ -25,6 +25,7 @@ import math
 import numbers
 import re
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -340,6 +341,13 @@ class UpdateResult:
     revalidated_rows: int
 
 
+@dataclass
+class RetrainResult:
+    commit_sequence: int  # the retrain's own commit: answers from this one on use the new quantizer
+    rewritten_slots: int  # slots written while it trained, re-added to the new lists when it was swapped in
+    seconds: float  # all of it; queries and writes went on meanwhile
+
+
 @dataclass(frozen=True)
 class MemoryReport:
     """What a person looking into a memory wants to know, read from one committed state (Memory.inspect).
@@ -390,6 +398,14 @@ class Delta:
     slots: torch.Tensor  # int64 [B]: the slot each row wrote or merged into
     writes: int  # rows that wrote an old slot; the rest merged
     writer: str = ""  # the writer tag of the whole batch
+
+
+@dataclass
+class Retrain:
+    """A retrain of the search index's quantizer, as the write-ahead log keeps it: the trained state (per shard
+    centroids, and sq8's ranges) that every answer from this commit on is searched with."""
+
+    index_state: dict[str, torch.Tensor]
 
 
 class KeysAtCommit:
@@ -486,8 +502,8 @@ class Journal(Protocol):
 
     failure: Exception | None  # set when the log can no longer be trusted: the memory then answers nothing
 
-    def append(self, sequence: int, delta: Delta | None) -> None:
-        """Record a write (None: a clear) before it is applied. Called under the memory's lock, in commit
+    def append(self, sequence: int, delta: Delta | Retrain | None) -> None:
+        """Record a write (None: a clear; or a retrain) before it is applied. Called under the memory's lock, in commit
         order. Raises (ResourceExhausted, Unavailable) with the log as it was: the write is then not applied."""
 
     def wait(self, sequence: int) -> None:
@@ -612,6 +628,7 @@ class Memory:
                 f"(shards on {sorted(set(cfg.shard_devices()))}): {exc}"
             ) from None
         self._lock = threading.Lock()
+        self._retraining = threading.Lock()  # one retrain at a time; it holds ``_lock`` only to start and to swap
         self._retired = False
         # What recovery at the last start cut from the log or set aside (persistence.py); "" if nothing.
         self.recovery_report = ""
@@ -736,15 +753,53 @@ class Memory:
             self._retired = True
 
     @_out_of_memory_is_resource_exhausted
-    def replay(self, sequence: int, delta: Delta | None) -> None:
-        """Redo a write from the journal (None: a clear), exactly as it was first committed."""
+    def replay(self, sequence: int, delta: Delta | Retrain | None) -> None:
+        """Redo a write from the journal (None: a clear; or a retrain), exactly as it was first committed."""
         with self._lock:
             if sequence != self.commit_sequence + 1:
                 raise ValueError(f"write {sequence} does not follow commit {self.commit_sequence}")
             if delta is None:
                 self._clear()
+            elif isinstance(delta, Retrain):
+                self._retrain(delta, build_index(self.keys, self.config, self.max_batch, delta.index_state))
             else:
                 self._commit(delta)
+
+    @_out_of_memory_is_resource_exhausted
+    def retrain_index(self) -> RetrainResult:
+        """Train the IVF quantizer anew on the keys as they are now (as keys drift under training, lists
+        trained on the first fill find less; docs/approximate-search.md), without stopping queries or writes.
+
+        Under the lock only a copy of the training sample is taken; k-means and the new lists (every filled
+        key assigned to its nearest new centroid) are built beside the live index. Under the lock again, the
+        slots written meanwhile are re-added to the new lists from their current keys, the new centroids go to
+        the journal, and the new index is swapped in. A retrain is a commit, as a clear is: the log replays it
+        at its place in the commit order, so a recovered memory answers exactly as this one."""
+        cfg = self.config
+        if cfg.backend != "faiss-ivf" or cfg.placement != "local":
+            raise FailedPrecondition(
+                f"config.backend: only a faiss-ivf memory in this process has a quantizer to retrain; this one is "
+                f"{cfg.backend!r} placed {cfg.placement!r}"
+            )
+        with self._retraining:
+            started = time.perf_counter()
+            with self._locked():
+                begun = self.commit_sequence
+                samples = self.index.training_samples()
+            state = self.index.retrained_state(samples)
+            # Keys a write changes meanwhile may be read half-written here; every such slot is re-added below.
+            index = build_index(self.keys, cfg, self.max_batch, state)
+            with self._locked():
+                changed = torch.from_numpy(np.flatnonzero(self._touched > begun))
+                if len(changed):
+                    index.update(changed, self.keys[changed.to(self.device)])
+                record = Retrain(state)
+                if self.journal is not None:
+                    self.journal.append(self.commit_sequence + 1, record)
+                self._retrain(record, index)
+                sequence = self.commit_sequence
+        self._wait_durable(sequence)
+        return RetrainResult(sequence, len(changed), time.perf_counter() - started)
 
     @_out_of_memory_is_resource_exhausted
     def capture(self, streamed: bool = False) -> MemoryState:
@@ -1145,6 +1200,11 @@ class Memory:
         self.writers.index_fill_(0, delta.targets, writer)
         self.writer_counters[writer][0] += delta.writes
         self.writer_counters[writer][1] += len(delta.labels) - delta.writes
+
+    def _retrain(self, record: Retrain, index) -> None:
+        """Search with ``index`` (built with ``record``'s quantizer over the current keys) from this commit on."""
+        self.index = index
+        self.commit_sequence += 1
 
     def _clear(self) -> None:
         for reader in list(self._streamed_keys):

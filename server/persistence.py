@@ -48,7 +48,15 @@ from lifelong_memory.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from lifelong_memory.server.memory import DEFAULT_MAX_BATCH, Delta, KeysAtCommit, Memory, MemoryConfig, MemoryState
+from lifelong_memory.server.memory import (
+    DEFAULT_MAX_BATCH,
+    Delta,
+    KeysAtCommit,
+    Memory,
+    MemoryConfig,
+    MemoryState,
+    Retrain,
+)
 
 log = logging.getLogger("lifelong_memory.server.persistence")
 
@@ -69,7 +77,8 @@ WAL_MAGIC = b"LMEMWAL1"
 RECORD_HEADER = struct.Struct("<IIQB")
 # A tagged write is a write record preceded by its writer tag (a length byte and UTF-8); untagged writes keep
 # the plain kind, so a log of untagged writes reads on servers from before writer tags.
-WRITE, CLEAR, TAGGED_WRITE = 1, 2, 3
+# A retrain record holds the new quantizer: a length-prefixed JSON list of [name, shape], then the float32 arrays.
+WRITE, CLEAR, TAGGED_WRITE, RETRAIN = 1, 2, 3, 4
 WRITE_HEADER = struct.Struct("<IIII")  # distinct targets, batch rows, rows that wrote, key dim
 CHUNK_BYTES = 1 << 20
 # The state arrays of a snapshot, in file order, with their element types.
@@ -369,9 +378,14 @@ def read_snapshot_file(path: Path, check_config: Callable[[MemoryConfig], object
 # ------------------------------------------------------- write-ahead log
 
 
-def encode_record(sequence: int, delta: Delta | None) -> bytes:
+def encode_record(sequence: int, delta: Delta | Retrain | None) -> bytes:
     if delta is None:
         kind, payload = CLEAR, b""
+    elif isinstance(delta, Retrain):
+        names = sorted(delta.index_state)
+        specs = json.dumps([[name, list(delta.index_state[name].shape)] for name in names]).encode()
+        arrays = [delta.index_state[name].to(torch.float32).contiguous().numpy().tobytes() for name in names]
+        kind, payload = RETRAIN, b"".join([struct.pack("<I", len(specs)), specs, *arrays])
     else:
         tag = delta.writer.encode()
         kind = TAGGED_WRITE if tag else WRITE
@@ -413,7 +427,9 @@ def decode_delta(payload: bytes) -> Delta:
 
 @dataclass
 class SegmentScan:
-    records: list[tuple[int, int, Delta | None]]  # (commit sequence, byte offset, write or None for a clear)
+    records: list[
+        tuple[int, int, Delta | Retrain | None]
+    ]  # (commit sequence, byte offset, write, retrain or None: a clear)
     valid_bytes: int  # where the last good record ends
     problem: str | None  # why the scan stopped before the end of the file
     torn: bool = False  # the problem is an unfinished last record (a crash mid-append), not damage
@@ -426,7 +442,7 @@ def scan_segment(path: Path) -> SegmentScan:
         unfinished = len(data) < len(WAL_MAGIC) and WAL_MAGIC.startswith(data)  # created, never written
         return SegmentScan([], 0, "bad magic at byte 0", torn=unfinished)
     offset = len(WAL_MAGIC)
-    records: list[tuple[int, int, Delta | None]] = []
+    records: list[tuple[int, int, Delta | Retrain | None]] = []
     previous = None
     while offset < len(data):
         if len(data) - offset < RECORD_HEADER.size:
@@ -454,9 +470,11 @@ def scan_segment(path: Path) -> SegmentScan:
     return SegmentScan(records, offset, None)
 
 
-def decode_record(kind: int, payload: bytes) -> Delta | None:
+def decode_record(kind: int, payload: bytes) -> Delta | Retrain | None:
     if kind == CLEAR:
         return None
+    if kind == RETRAIN:
+        return decode_retrain(payload)
     if kind == WRITE:
         return decode_delta(payload)
     if kind == TAGGED_WRITE:
@@ -465,6 +483,24 @@ def decode_record(kind: int, payload: bytes) -> Delta | None:
             raise ValueError(f"payload of {len(payload)} bytes is too short for its writer tag")
         return dataclasses.replace(decode_delta(payload[end:]), writer=payload[1:end].decode())
     raise ValueError(f"unknown record kind {kind}")
+
+
+def decode_retrain(payload: bytes) -> Retrain:
+    (length,) = struct.unpack_from("<I", payload)
+    specs, offset, state = json.loads(payload[4 : 4 + length]), 4 + length, {}
+    for name, shape in specs:
+        if not (isinstance(name, str) and INDEX_ARRAY_NAME.fullmatch(name)) or not all(
+            isinstance(d, int) and d >= 0 for d in shape
+        ):
+            raise ValueError(f"bad index array {name!r} of shape {shape!r}")
+        size = 4 * math.prod(shape)
+        if offset + size > len(payload):
+            raise ValueError(f"index array {name} needs {size} bytes, the record has {len(payload) - offset}")
+        state[name] = torch.frombuffer(bytearray(payload[offset : offset + size]), dtype=torch.float32).reshape(shape)
+        offset += size
+    if offset != len(payload):
+        raise ValueError(f"{len(payload) - offset} bytes after the index arrays")
+    return Retrain(state)
 
 
 def segment_path(directory: Path, first_sequence: int) -> Path:
@@ -514,7 +550,7 @@ class WriteAheadLog:
             self._syncer = threading.Thread(target=self._sync_periodically, daemon=True, name="wal-sync")
             self._syncer.start()
 
-    def append(self, sequence: int, delta: Delta | None) -> None:
+    def append(self, sequence: int, delta: Delta | Retrain | None) -> None:
         record = encode_record(sequence, delta)
         with self._cond:
             self._check_open()

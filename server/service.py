@@ -202,6 +202,20 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     # ------------------------------------------------- snapshot, export, import
 
     @_rpc
+    def RetrainIndex(self, request, context):
+        result = self.registry.get(request.name).retrain_index()
+        log.info(
+            "memory %r: index retrained at %d in %.1f s (%d slots written meanwhile)",
+            request.name,
+            result.commit_sequence,
+            result.seconds,
+            result.rewritten_slots,
+        )
+        return pb.RetrainIndexResponse(
+            commit_sequence=result.commit_sequence, rewritten_slots=result.rewritten_slots, seconds=result.seconds
+        )
+
+    @_rpc
     def SnapshotMemory(self, request, context):
         sequence, path, size = self.registry.snapshot(request.name)
         log.info("memory %r: snapshot at %d, %d bytes", request.name, sequence, size)

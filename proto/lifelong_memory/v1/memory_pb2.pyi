@@ -438,6 +438,22 @@ class ExportMemoryRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class RetrainIndexRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RetrainIndexResponse(_message.Message):
+    __slots__ = ("commit_sequence", "rewritten_slots", "seconds")
+    COMMIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    REWRITTEN_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    commit_sequence: int
+    rewritten_slots: int
+    seconds: float
+    def __init__(self, commit_sequence: _Optional[int] = ..., rewritten_slots: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class FileChunk(_message.Message):
     __slots__ = ("data",)
     DATA_FIELD_NUMBER: _ClassVar[int]

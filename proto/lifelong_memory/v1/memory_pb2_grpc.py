@@ -104,6 +104,11 @@ class MemoryServiceStub:
                 request_serializer=lifelong__memory_dot_v1_dot_memory__pb2.FindLabelRequest.SerializeToString,
                 response_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.FindLabelResponse.FromString,
                 _registered_method=True)
+        self.RetrainIndex = channel.unary_unary(
+                '/lifelong_memory.v1.MemoryService/RetrainIndex',
+                request_serializer=lifelong__memory_dot_v1_dot_memory__pb2.RetrainIndexRequest.SerializeToString,
+                response_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.RetrainIndexResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -197,6 +202,14 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetrainIndex(self, request, context):
+        """Train a faiss-ivf memory's quantizer anew on its current keys, while queries and writes go on; a commit,
+        kept in the log. FAILED_PRECONDITION for other backends and before the first training.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -269,6 +282,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.FindLabel,
                     request_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.FindLabelRequest.FromString,
                     response_serializer=lifelong__memory_dot_v1_dot_memory__pb2.FindLabelResponse.SerializeToString,
+            ),
+            'RetrainIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetrainIndex,
+                    request_deserializer=lifelong__memory_dot_v1_dot_memory__pb2.RetrainIndexRequest.FromString,
+                    response_serializer=lifelong__memory_dot_v1_dot_memory__pb2.RetrainIndexResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -649,6 +667,33 @@ class MemoryService:
             '/lifelong_memory.v1.MemoryService/FindLabel',
             lifelong__memory_dot_v1_dot_memory__pb2.FindLabelRequest.SerializeToString,
             lifelong__memory_dot_v1_dot_memory__pb2.FindLabelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrainIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lifelong_memory.v1.MemoryService/RetrainIndex',
+            lifelong__memory_dot_v1_dot_memory__pb2.RetrainIndexRequest.SerializeToString,
+            lifelong__memory_dot_v1_dot_memory__pb2.RetrainIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,
