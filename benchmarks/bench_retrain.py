@@ -60,9 +60,9 @@ def filled_memory(n: int, centres: torch.Tensor, generator: torch.Generator) -> 
 
 
 def calls_for(memory: Memory, batch: int, seconds: float, centres, generator, stop: threading.Event | None = None):
-    """Fused calls back to back for ``seconds`` (or until ``stop``); their latencies in ms."""
+    """Fused calls back to back for ``seconds`` (or until ``stop``, one call at least); their latencies in ms."""
     latencies, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline and not (stop is not None and stop.is_set()):
+    while not latencies or (time.perf_counter() < deadline and not (stop is not None and stop.is_set())):
         queries, labels = clustered(batch, centres, generator)
         started = time.perf_counter()
         memory.query(queries, labels, update=True)

@@ -47,3 +47,25 @@ def test_bench_compare_runs_our_cases(tmp_path):
     ran = {row["system"] for row in result["results"]}
     assert {"ours-embedded", "ours-embedded-bf16", "ours-grpc-unary", "ours-grpc-stream"} <= ran, ran
     assert all(row["steps_per_s"] > 0 for row in result["results"])
+
+
+def test_bench_large_memory_recovers_the_same_answers(tmp_path):
+    out = tmp_path / "large.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_large_memory.py"), "--size", "65536", "--classes", "4096"]
+    command += ["--calls", "1", "--work-dir", str(tmp_path), "--out", str(out)]
+    subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["same_answers_after_restart"] and result["acknowledged_write_kept"]
+    assert result["stats"]["filled_slots"] == 65536 and result["footprint_bytes"]["cpu"] > 65536 * 128 * 4
+    steps = {"import over gRPC (+ first snapshot)", "SnapshotMemory", "restart: recover and serve"}
+    assert steps <= set(result["steps"])
+
+
+def test_bench_retrain_measures_calls_during_a_retrain(tmp_path):
+    out = tmp_path / "retrain.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_retrain.py"), "--n", "16384", "--seconds", "0.5"]
+    command += ["--out", str(out)]
+    subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["calls_alone"]["calls"] > 0 and result["calls_during_retrain"]["calls"] > 0
+    assert result["retrain_s"] > 0
