@@ -5,12 +5,16 @@ Run from the repository root (the project installed in .venv; usearch for the HN
     .venv/bin/python benchmarks/bench_ann.py                          # N in {1M, 4M, 16M}, B in {16, 256}
     .venv/bin/python benchmarks/bench_ann.py --sizes 1048576 --out /tmp/ann.json
     .venv/bin/python benchmarks/bench_ann.py --sizes 16777216 --backends torch,lsh,ivf-sq8 --no-anchors
+    .venv/bin/python benchmarks/bench_ann.py --sizes 65536 --keys omniglot --checkpoint runs/omniglot/checkpoint.pt
 
-Per N and key distribution one embedded Memory (d = 128, k = 256, age_noise 8) is filled in place with N keys
-(the fill is not timed): "random" (unit Gaussian rows, distinct labels) or "clustered" (N / 32 random centres,
-each key a centre plus noise of norm 0.5, renormalised; its cluster is its label). Queries come from the same
-distribution. Every backend's index is built over that memory's own keys and swapped in behind the index seam
-(what ``backend=`` selects at create), so every backend sees the very same memory:
+Per N and key distribution one embedded Memory (d = 128, k = 256, age_noise 8) is filled with N keys, aged as
+training steps of 256 rows would leave them (the fill is not timed). Key distributions: "random" (unit Gaussian
+rows, distinct labels); "clustered" (N / 32 random centres, each key a centre plus noise of norm 0.5,
+renormalised; its cluster is its label); "omniglot": real keys, a trained Omniglot checkpoint's queries for every
+image of its split (90,300 with the reference split: 3,856 training classes with rotations and 659 test classes,
+20 drawings each), N of them in the memory, labelled by class. Queries come from the same distribution (for
+"omniglot", the drawings not in the memory). Every backend's index is built over that memory's own keys and
+swapped in behind the index seam (what ``backend=`` selects at create), so every backend sees the very same memory:
 
   torch       exact search (the reference every quality figure is measured against)
   lsh         the paper's LSH with its defaults (1 probe), and lsh-p<P> with P buckets probed per table
@@ -50,12 +54,13 @@ import torch
 from bench_memory import machine_info
 
 from lifelong_memory.server.index import build_index, import_faiss
-from lifelong_memory.server.memory import Memory, MemoryConfig
+from lifelong_memory.server.memory import Memory, MemoryConfig, MemoryState
 
 D, K = 128, 256
 CLUSTER_SIZE = 32
 CLUSTER_SPREAD = 0.5
 FILL_ROWS = 1 << 18
+ROWS_PER_COMMIT = 256  # the filled memory's slots are aged as if written by steps of this many rows
 WRITE_POOL = 16  # writes timed per backend and B (after one warm-up)
 BACKENDS = {
     "torch": dict(backend="torch"),
@@ -70,16 +75,58 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
 
-class Keys:
-    """Rows of one distribution: random unit rows, or clustered around N / CLUSTER_SIZE centres."""
+def omniglot_embeddings(checkpoint: Path, data: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of the checkpoint's Omniglot split (training classes, rotations included, then test classes)
+    through its encoder (no dropout) and query projection: the keys its memory holds; and each one's class."""
+    from lifelong_memory.client.module import l2_normalize
+    from lifelong_memory.trainers import omniglot_data
+    from lifelong_memory.trainers.omniglot import Encoder
 
-    def __init__(self, kind: str, n: int, seed: int):
+    state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+    config = state["config"]
+    if config["rep_dim"] != D:
+        raise SystemExit(f"{checkpoint}: rep_dim {config['rep_dim']}; this benchmark's keys have {D} dimensions")
+    split = omniglot_data.load_split(data, config["split"], config["input"], progress=False)
+    classes = np.concatenate([split.train, split.test])  # [C, 20, 28, 28]
+    encoder = Encoder(config["rep_dim"], 1.0, config["init"])
+    encoder.load_state_dict(state["encoder"])
+    encoder.eval()
+    images = torch.from_numpy(classes.reshape(-1, 28, 28))
+    with torch.no_grad():
+        keys = torch.cat(
+            [l2_normalize(encoder(images[i : i + 1024]) @ state["memory_module"]["query_proj"]) for i in
+             range(0, len(images), 1024)]
+        )  # fmt: skip
+    return keys, torch.arange(len(classes)).repeat_interleave(classes.shape[1])
+
+
+class Keys:
+    """Rows of one distribution: random unit rows, clustered around N / CLUSTER_SIZE centres, or real
+    embeddings ("omniglot": N of them, shuffled, fill the memory; queries and writes draw from the others)."""
+
+    def __init__(self, kind: str, n: int, seed: int, embeddings: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.kind, self.n = kind, n
         self.generator = torch.Generator().manual_seed(seed)
         clusters = max(1, n // CLUSTER_SIZE)
         self.centres = unit(torch.randn(clusters, D, generator=self.generator)) if kind == "clustered" else None
+        if kind == "omniglot":
+            keys, labels = embeddings
+            if len(keys) < n + 256:
+                raise SystemExit(f"--keys omniglot: {len(keys):,} embeddings; N = {n:,} leaves too few for queries")
+            order = torch.randperm(len(keys), generator=self.generator)
+            self.stored = keys[order[:n]], labels[order[:n]]
+            self.held_out = keys[order[n:]], labels[order[n:]]
+
+    def fill_rows(self, at: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [at, at + count) of the filled memory."""
+        if self.kind == "omniglot":
+            return self.stored[0][at : at + count], self.stored[1][at : at + count]
+        return self.rows(count, torch.arange(at, at + count) if self.kind == "random" else None)
 
     def rows(self, count: int, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "omniglot":  # held-out drawings of the stored classes
+            pick = torch.randint(0, len(self.held_out[0]), (count,), generator=self.generator)
+            return self.held_out[0][pick], self.held_out[1][pick]
         if self.kind == "random":
             labels = torch.randint(0, 1 << 40, (count,), generator=self.generator) if labels is None else labels
             return unit(torch.randn(count, D, generator=self.generator)), labels
@@ -90,17 +137,36 @@ class Keys:
 
 
 def filled_memory(keys: Keys, threads: int) -> Memory:
+    """A full memory as training steps of ROWS_PER_COMMIT rows leave it: slot i written at commit
+    i // ROWS_PER_COMMIT + 1, so the write choice walks a few groups of that many slots, not one group of N
+    (a memory whose slots all share one age scores every one of them per write). The keys are read into the
+    padded buffer the memory adopts: no second copy."""
     n = keys.n
-    memory = Memory(MemoryConfig(key_dim=D, memory_size=n, choose_k=K, age_noise=8.0, seed=0), max_batch=256)
+    padded = torch.empty(n + 1, D)
+    padded[n] = 0
+    values = torch.empty(n, dtype=torch.int64)
     for at in range(0, n, FILL_ROWS):
         count = min(FILL_ROWS, n - at)
-        rows, labels = keys.rows(count, torch.arange(at, at + count) if keys.kind == "random" else None)
-        memory.keys[at : at + count] = rows
-        memory.values[at : at + count] = labels
-    memory.empty_slots = 0
-    memory.generations.fill_(1)
-    memory.commit_sequence = 1
-    return memory
+        padded[at : at + count], values[at : at + count] = keys.fill_rows(at, count)
+    written_at = torch.arange(n) // ROWS_PER_COMMIT + 1
+    commits = int(written_at[-1])
+    config = MemoryConfig(key_dim=D, memory_size=n, choose_k=K, age_noise=8.0, seed=0)
+    state = MemoryState(
+        config=config,
+        commit_sequence=commits,
+        keys=padded[:n],
+        values=values,
+        ages=(commits - written_at).to(torch.float32),
+        generations=written_at,
+        recent_labels=torch.empty(0, dtype=torch.int64),
+        recent_slots=torch.empty(0, dtype=torch.int64),
+        counters={"queries": 0, "writes": n, "merges": 0},
+        writers=torch.zeros(n, dtype=torch.int32),
+        writer_names=[""],
+        writer_counters=[(n, 0)],
+        padded_keys=padded,
+    )
+    return Memory(config, state, max_batch=256)
 
 
 def timed(call, min_time: float, min_reps: int, warmup: int = 1) -> float:
@@ -146,7 +212,7 @@ class Recorder:
 
 
 def bench_distribution(n: int, kind: str, args, backends: list[str]) -> list[dict]:
-    keys = Keys(kind, n, seed=args.seed)
+    keys = Keys(kind, n, seed=args.seed, embeddings=args.embeddings)
     start = time.perf_counter()
     memory = filled_memory(keys, args.threads)
     print(f"\n== N={n:,} {kind}: filled in {time.perf_counter() - start:.1f} s", flush=True)
@@ -298,7 +364,7 @@ def print_table(rows: list[dict]) -> str:
     """A markdown table per (N, keys): every backend and anchor, B = 16 and 256, speed-up vs exact fused."""
     lines = []
     for n in sorted({r["n"] for r in rows}):
-        for kind in ("random", "clustered"):
+        for kind in ("random", "clustered", "omniglot"):
             group = [r for r in rows if r["n"] == n and r["keys"] == kind]
             if not group:
                 continue
@@ -338,7 +404,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1048576,4194304,16777216", help="comma-separated memory sizes N")
     parser.add_argument("--batches", default="16,256", help="comma-separated batch sizes B")
-    parser.add_argument("--keys", default="random,clustered", help="key distributions: random, clustered")
+    parser.add_argument(
+        "--keys", default="random,clustered", help="key distributions: random, clustered, omniglot (--checkpoint)"
+    )
+    parser.add_argument("--checkpoint", type=Path, help="--keys omniglot: a trainers.omniglot checkpoint.pt")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/omniglot"), help="the Omniglot archives")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"of {list(BACKENDS)} (torch always)")
     parser.add_argument("--no-anchors", action="store_true", help="skip raw torch, faiss IVF direct, usearch")
     parser.add_argument("--hnsw-max-n", type=int, default=1 << 18, help="largest N with the usearch anchor")
@@ -355,6 +425,13 @@ def main(argv=None) -> int:
         parser.error(f"unknown backends {sorted(unknown)}; known: {list(BACKENDS)}")
     torch.set_num_threads(args.threads)
     import_faiss().omp_set_num_threads(args.threads)
+    args.embeddings = None
+    if "omniglot" in args.keys.split(","):
+        if args.checkpoint is None:
+            parser.error("--keys omniglot needs --checkpoint")
+        started = time.perf_counter()
+        args.embeddings = omniglot_embeddings(args.checkpoint, args.data)
+        print(f"{len(args.embeddings[0]):,} Omniglot embeddings in {time.perf_counter() - started:.1f} s", flush=True)
     out = args.out or Path(__file__).resolve().parent / "results" / "ann.json"
     rows: list[dict] = []
     result = {

@@ -69,3 +69,16 @@ def test_bench_retrain_measures_calls_during_a_retrain(tmp_path):
     result = json.loads(out.read_text())
     assert result["calls_alone"]["calls"] > 0 and result["calls_during_retrain"]["calls"] > 0
     assert result["retrain_s"] > 0
+
+
+def test_bench_ann_runs_every_backend_on_a_memory_aged_as_training_leaves_it(tmp_path):
+    out = tmp_path / "ann.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_ann.py"), "--sizes", "8192", "--keys", "clustered"]
+    command += ["--batches", "16", "--min-time", "0.01", "--min-reps", "1", "--no-anchors", "--out", str(out)]
+    subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["complete"] and {r["backend"] for r in result["rows"]} == {
+        "torch", "lsh", "lsh-p16", "ivf-flat", "ivf-sq8"
+    }  # fmt: skip
+    exact = next(r for r in result["rows"] if r["backend"] == "torch")["per_batch"]["16"]
+    assert exact["recall_at_1"] == exact["sides_equal"] == 1.0 and exact["fused_ms"] > 0
