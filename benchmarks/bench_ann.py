@@ -53,8 +53,9 @@ import numpy as np
 import torch
 from bench_memory import machine_info
 
+from lifelong_memory.client.memory_file import entries_state
 from lifelong_memory.server.index import build_index, import_faiss
-from lifelong_memory.server.memory import Memory, MemoryConfig, MemoryState
+from lifelong_memory.server.memory import Memory, MemoryConfig
 
 D, K = 128, 256
 CLUSTER_SIZE = 32
@@ -148,24 +149,8 @@ def filled_memory(keys: Keys, threads: int) -> Memory:
     for at in range(0, n, FILL_ROWS):
         count = min(FILL_ROWS, n - at)
         padded[at : at + count], values[at : at + count] = keys.fill_rows(at, count)
-    written_at = torch.arange(n) // ROWS_PER_COMMIT + 1
-    commits = int(written_at[-1])
-    config = MemoryConfig(key_dim=D, memory_size=n, choose_k=K, age_noise=8.0, seed=0)
-    state = MemoryState(
-        config=config,
-        commit_sequence=commits,
-        keys=padded[:n],
-        values=values,
-        ages=(commits - written_at).to(torch.float32),
-        generations=written_at,
-        recent_labels=torch.empty(0, dtype=torch.int64),
-        recent_slots=torch.empty(0, dtype=torch.int64),
-        counters={"queries": 0, "writes": n, "merges": 0},
-        writers=torch.zeros(n, dtype=torch.int32),
-        writer_names=[""],
-        writer_counters=[(n, 0)],
-        padded_keys=padded,
-    )
+    config = MemoryConfig(key_dim=D, memory_size=n, choose_k=K, age_noise=8.0, seed=0).validated()
+    state = entries_state(config, padded[:n], values, ROWS_PER_COMMIT, padded_keys=padded)
     return Memory(config, state, max_batch=256)
 
 

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ann import CLUSTER_SIZE, CLUSTER_SPREAD, D, K  # noqa: E402
 from bench_memory import machine_info  # noqa: E402
 
+from lifelong_memory.client.memory_file import entries_state  # noqa: E402
 from lifelong_memory.server.index import build_index  # noqa: E402
-from lifelong_memory.server.memory import Memory, MemoryConfig, MemoryState  # noqa: E402
+from lifelong_memory.server.memory import Memory, MemoryConfig  # noqa: E402
 
 
 def clustered(n: int, centres: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,20 +43,7 @@ def clustered(n: int, centres: torch.Tensor, generator: torch.Generator) -> tupl
 def filled_memory(n: int, centres: torch.Tensor, generator: torch.Generator) -> Memory:
     keys, labels = clustered(n, centres, generator)
     config = MemoryConfig(key_dim=D, memory_size=n, choose_k=K, backend="faiss-ivf").validated()
-    state = MemoryState(
-        config=config,
-        commit_sequence=1,
-        keys=keys,
-        values=labels,
-        ages=torch.zeros(n),
-        generations=torch.ones(n, dtype=torch.int64),
-        recent_labels=torch.empty(0, dtype=torch.int64),
-        recent_slots=torch.empty(0, dtype=torch.int64),
-        counters={"queries": 0, "writes": n, "merges": 0},
-        writers=torch.zeros(n, dtype=torch.int32),
-        writer_names=[""],
-        writer_counters=[(n, 0)],
-    )
+    state = entries_state(config, keys, labels)
     return Memory(config, state, max_batch=256)
 
 

@@ -95,7 +95,25 @@ def write_memory_file(
         raise InvalidArgument("values", f"{entries} entries do not fit memory_size {size}")
     if isinstance(keys, (np.ndarray, torch.Tensor)):
         keys = [keys]
+    state = entries_state(cfg, KeyBlocks(keys, entries, size, cfg.key_dim), values, rows_per_commit, writer)
+    write_atomically(Path(path), snapshot_chunks(state))
+    return cfg
 
+
+def entries_state(
+    config: MemoryConfig,
+    keys,
+    values: torch.Tensor,
+    rows_per_commit: int = 256,
+    writer: str = "",
+    padded_keys: torch.Tensor | None = None,
+) -> MemoryState:
+    """The state of a memory of the validated ``config`` holding entry ``i`` (``keys`` row ``i``, ``values[i]``,
+    int64 >= 0) in slot ``i``, as if written in order, ``rows_per_commit`` per commit (what a memory filled by
+    training steps of that many rows holds); the slots past the last entry empty. ``keys``: a tensor, or what a
+    snapshot writer reads block by block (KeyBlocks); ``padded_keys``: the tensor's [n + 1, D] buffer, for a
+    Memory to adopt (MemoryState.padded_keys)."""
+    size, entries = config.memory_size, len(values)
     commits = math.ceil(entries / rows_per_commit)
     written_at = torch.zeros(size, dtype=torch.int64)  # never written: stamp 0, the oldest
     written_at[:entries] = torch.arange(entries) // rows_per_commit + 1
@@ -107,10 +125,10 @@ def write_memory_file(
     last = entries - 1 - first_from_end
     order = np.argsort(last, kind="stable")
     writer_names = [""] if not writer else ["", writer]
-    state = MemoryState(
-        config=cfg,
+    return MemoryState(
+        config=config,
         commit_sequence=commits,
-        keys=KeyBlocks(keys, entries, size, cfg.key_dim),
+        keys=keys,
         values=memory_values,
         ages=(commits - written_at).clamp_(max=MAX_AGE).to(torch.float32),
         generations=written_at,
@@ -120,6 +138,5 @@ def write_memory_file(
         writers=torch.full((size,), len(writer_names) - 1, dtype=torch.int32).masked_fill_(written_at == 0, 0),
         writer_names=writer_names,
         writer_counters=[(0, 0)] * (len(writer_names) - 1) + [(entries, 0)],
+        padded_keys=padded_keys,
     )
-    write_atomically(Path(path), snapshot_chunks(state))
-    return cfg
