@@ -5,6 +5,8 @@ Run from the repository root (about 10 minutes at 16M on 2 cores; needs about 10
 
     .venv/bin/python benchmarks/bench_large_memory.py
     .venv/bin/python benchmarks/bench_large_memory.py --size 1048576 --out /tmp/large.json   # a quick check
+    .venv/bin/python benchmarks/bench_large_memory.py --backend faiss-ivf --ivf-codes sq8 \
+        --out benchmarks/results/large-memory-ivf.json                                      # approximate search
 
 Each step is timed; after each, the server's resident memory and its peak since the step began are read from
 /proc (the peak is reset through /proc/PID/clear_refs before the step), next to the footprint that `describe`
@@ -57,6 +59,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=3, help="timed calls per operation")
     parser.add_argument("--work-dir", type=Path, help="where the file and the data directory go (default: a temp dir)")
     parser.add_argument("--budget-gb", type=float, default=20.0, help="the server's --memory-budget-gb")
+    parser.add_argument(
+        "--backend", default="torch", help="the imported memory's search: torch (exact), lsh, faiss-ivf (an override)"
+    )
+    parser.add_argument("--ivf-codes", default="flat", help="with --backend faiss-ivf: flat or sq8")
     parser.add_argument(
         "--classes", type=int, default=1 << 20, help="distinct labels (default 1,048,576: about 16 entries each)"
     )
@@ -145,7 +151,7 @@ def main() -> int:
     try:
         labels = np.random.default_rng(args.seed).integers(0, args.classes, size)
         started = time.perf_counter()
-        config = write_memory_file(
+        write_memory_file(
             path, key_blocks(size, args.seed), labels, rows_per_commit=ROWS_PER_COMMIT, key_dim=DIM,
             memory_size=size, choose_k=K,
         )  # fmt: skip
@@ -160,7 +166,10 @@ def main() -> int:
         with connect(server.url, timeout=None) as store:
             server.reset_peak()
             started = time.perf_counter()
-            memory = store.import_memory("large", path)
+            overrides = {"backend": args.backend}
+            if args.backend == "faiss-ivf":
+                overrides["ivf_codes"] = args.ivf_codes
+            memory = store.import_memory("large", path, **overrides)
             seconds = time.perf_counter() - started
             used = server.memory()
             footprint = memory.info().footprint
@@ -224,7 +233,7 @@ def main() -> int:
         "machine": machine_info("cpu"),
         "load_average": os.getloadavg(),
         "settings": {"memory_size": size, "key_dim": DIM, "k": K, "batch": B, "rows_per_commit": ROWS_PER_COMMIT},
-        "config": config.__dict__,
+        "config": info.config.__dict__,
         "footprint_bytes": info.footprint,
         "stats": info.stats,
         "steps": steps,

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -49,14 +51,16 @@ def test_bench_compare_runs_our_cases(tmp_path):
     assert all(row["steps_per_s"] > 0 for row in result["results"])
 
 
-def test_bench_large_memory_recovers_the_same_answers(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "faiss-ivf"])
+def test_bench_large_memory_recovers_the_same_answers(tmp_path, backend):
     out = tmp_path / "large.json"
     command = [sys.executable, str(BENCHMARKS / "bench_large_memory.py"), "--size", "65536", "--classes", "4096"]
-    command += ["--calls", "1", "--work-dir", str(tmp_path), "--out", str(out)]
+    command += ["--calls", "1", "--work-dir", str(tmp_path), "--backend", backend, "--out", str(out)]
     subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
     result = json.loads(out.read_text())
     assert result["same_answers_after_restart"] and result["acknowledged_write_kept"]
     assert result["stats"]["filled_slots"] == 65536 and result["footprint_bytes"]["cpu"] > 65536 * 128 * 4
+    assert result["config"]["backend"] == backend
     steps = {"import over gRPC (+ first snapshot)", "SnapshotMemory", "restart: recover and serve"}
     assert steps <= set(result["steps"])
 
