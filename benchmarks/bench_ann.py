@@ -137,7 +137,7 @@ class Keys:
         return unit(self.centres[labels] + noise), labels
 
 
-def filled_memory(keys: Keys, threads: int) -> Memory:
+def filled_memory(keys: Keys) -> Memory:
     """A full memory as training steps of ROWS_PER_COMMIT rows leave it: slot i written at commit
     i // ROWS_PER_COMMIT + 1, so the write choice walks a few groups of that many slots, not one group of N
     (a memory whose slots all share one age scores every one of them per write). The keys are read into the
@@ -199,7 +199,7 @@ class Recorder:
 def bench_distribution(n: int, kind: str, args, backends: list[str]) -> list[dict]:
     keys = Keys(kind, n, seed=args.seed, embeddings=args.embeddings)
     start = time.perf_counter()
-    memory = filled_memory(keys, args.threads)
+    memory = filled_memory(keys)
     print(f"\n== N={n:,} {kind}: filled in {time.perf_counter() - start:.1f} s", flush=True)
     batches = {b: keys.rows(b) for b in args.batches}
     configs, indexes, rows = {}, {}, []
