@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import re
@@ -12,10 +13,10 @@ import pytest
 import torch
 
 from lifelong_memory.client import MemoryModule, connect
-from lifelong_memory.trainers import lifelong, omniglot_data
-from lifelong_memory.trainers.omniglot import Encoder
+from lifelong_memory.trainers import lifelong, omniglot, omniglot_data
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--data", str(DATA), "--classes", "20", "--batch", "8", "--rep-dim", "32", "--memory-size", "256",
         "--choose-k", "16", "--eval-every", "3", "--eval-classes", "20", "--checkpoint-every", "1"]  # fmt: skip
 
@@ -75,21 +76,25 @@ def test_class_frequencies_follow_zipf():
     assert p.sum() == pytest.approx(1) and ranked[0] / ranked[9] == pytest.approx(10) and ranked[0] / ranked[-1] == 1000
 
 
-def omniglot_checkpoint(path: pathlib.Path, rep_dim: int = 32, input: str = "raw") -> dict:
-    """A checkpoint as trainers/omniglot.py saves one, with random weights that differ from any seed's."""
+def omniglot_checkpoint(path: pathlib.Path, rep_dim: int = 32, input: str = "raw", encoder: str = "") -> dict:
+    """A checkpoint as trainers/omniglot.py saves one, with random weights that differ from any seed's. Without
+    ``encoder`` its config has no such setting, as checkpoints from before the resnet: a convnet."""
     torch.manual_seed(1234)
-    encoder = Encoder(rep_dim, 0.3)
+    weights = omniglot.build_encoder(encoder or "convnet", rep_dim, 0.3).state_dict()
     projection = MemoryModule(connect("local"), rep_dim, name="source").state_dict()
-    state = {"encoder": encoder.state_dict(), "memory_module": projection, "episode_batch": 7,
-             "config": {"input": input, "rep_dim": rep_dim, "split": "reference", "init": "he", "seed": 5}}  # fmt: skip
+    config = {"input": input, "rep_dim": rep_dim, "split": "reference", "init": "he", "seed": 5}
+    state = {"encoder": weights, "memory_module": projection, "episode_batch": 7, "config": config}
+    if encoder:
+        config["encoder"] = encoder
     torch.save(state, path)
     return state
 
 
-def test_init_from_starts_the_convnet_and_its_query_projection_from_an_omniglot_checkpoint(tmp_path):
-    source = omniglot_checkpoint(tmp_path / "omniglot.pt")
+@pytest.mark.parametrize("encoder", ["", "resnet"])
+def test_init_from_starts_the_encoder_and_its_query_projection_from_an_omniglot_checkpoint(tmp_path, encoder):
+    source = omniglot_checkpoint(tmp_path / "omniglot.pt", encoder=encoder)
     flags = ["--steps", "1", "--learning-rate", "0", "--input", "raw", "--init-from", str(tmp_path / "omniglot.pt")]
-    run(tmp_path / "out", tmp_path / "memory", *flags)
+    run(tmp_path / "out", tmp_path / "memory", *flags, "--encoder", encoder or "convnet")
     state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
     for name, weight in source["encoder"].items():
         assert torch.equal(state["encoder"][name], weight), name
@@ -101,7 +106,8 @@ def test_init_from_starts_the_convnet_and_its_query_projection_from_an_omniglot_
     [
         (["--input", "ink"], "--input raw (given ink)"),
         (["--input", "raw", "--rep-dim", "16"], "--rep-dim 32 (given 16)"),
-        (["--input", "raw", "--encoder", "mlp"], "needs --encoder convnet, got mlp"),
+        (["--input", "raw", "--encoder", "mlp"], "--encoder convnet (given mlp)"),
+        (["--input", "raw", "--encoder", "resnet"], "--encoder convnet (given resnet)"),
     ],
 )
 def test_init_from_refuses_a_checkpoint_of_another_set_up_naming_the_setting(tmp_path, flags, message):
@@ -201,28 +207,89 @@ def test_a_read_only_trainer_learns_from_the_others_entries_and_writes_nothing(t
     assert np.isfinite(mlp[-1]["train_loss"])
 
 
-def test_aligned_keys_are_the_named_writer_s_newest_entry_of_each_row_s_class():
+def test_writer_entries_are_every_slot_the_named_writers_last_wrote_or_merged():
     store = connect("local")
     a = store.create_memory("aligned", key_dim=4, memory_size=16, choose_k=4, age_noise=0.0, writer="a")
     b = store.memory("aligned", writer="b")
     e = torch.eye(4)
     a.query(e[:2], torch.tensor([1, 2]), update=True)  # a: label 1 at e0, label 2 at e1
-    a.query(-e[2:3], torch.tensor([1]), update=True)  # a again, newer: label 1 at -e2
-    b_key = torch.nn.functional.normalize(e[1] + 0.1 * e[3], dim=0)  # nearest is a's label 2: b writes a new slot
-    b.query(b_key[None], torch.tensor([1]), update=True)
-    rows, keys = lifelong.aligned_keys(b, np.array([1, 2, 3]), "a")
-    assert rows.tolist() == [0, 1] and torch.allclose(keys, torch.stack([-e[2], e[1]]))
-    rows, keys = lifelong.aligned_keys(a, np.array([2, 1]), "b")
-    assert rows.tolist() == [1] and torch.allclose(keys, b_key[None])
+    b.query(-e[2:3], torch.tensor([3]), update=True)  # b: label 3 at -e2
+    a.query(e[3:4], torch.tensor([4]), update=True)  # a: label 4 at e3
+    b.query(e[3:4], torch.tensor([4]), update=True)  # b's query merges into a's entry: now b's
+    keys, values = lifelong.writer_entries(b, {"a"}, chunk=3)  # chunks of 3 slots: 6 reads, one partial
+    assert sorted(values.tolist()) == [1, 2]
+    assert torch.equal(keys[values.argsort()], e[:2])
+    keys, values = lifelong.writer_entries(a, {"b"}, chunk=16)
+    assert sorted(values.tolist()) == [3, 4]
+    keys, values = lifelong.writer_entries(a, {"a", "b"})
+    assert sorted(values.tolist()) == [1, 2, 3, 4] and keys.shape == (4, 4)
+    assert lifelong.writer_entries(a, {"c"})[0].shape == (0, 4)
 
 
-def test_align_to_adds_the_pull_towards_the_other_writer_s_keys_to_the_loss(tmp_path):
+def test_cross_model_loss_takes_its_positive_from_the_given_entries_alone():
+    e = torch.eye(3)
+    keys, values = torch.stack([e[0], e[1], -e[0]]), torch.tensor([7, 8, 7])  # the other model's entries
+    query = torch.nn.functional.normalize(torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]), dim=1)
+    query.requires_grad_(True)
+    negative_keys = torch.stack([e[2], e[2], -e[0]])  # the memory's own negatives (any writer's)
+    # Row 0 (class 7): positive e0 (0.6); negatives: their e1 (0.8), the memory's e2 (0): 0.8 - 0.6 = 0.2. Row 1
+    # (class 9): they hold no entry of its class, it adds nothing. Row 2 (class 8): positive e1 (0), negatives
+    # their e0 (1) and the memory's -e0 (-1): 1.
+    loss = lifelong.cross_model_loss(query, torch.tensor([7, 9, 8]), keys, values, negative_keys, alpha=0.1)
+    assert loss.item() == pytest.approx((0.2 + 1.0) / 2)
+    loss.backward()
+    assert torch.equal(query.grad[1], torch.zeros(3))  # the row without a positive gets no gradient
+    assert torch.allclose(query.grad[0], (e[1] - e[0]) / 2)
+    # The memory's negative counts when it is the nearer: an entry of the asking model's own, say.
+    own = torch.nn.functional.normalize(torch.tensor([[0.9, 0.1, 0.0]]), dim=1)
+    loss = lifelong.cross_model_loss(e[:1], torch.tensor([7]), keys, values, own, alpha=0.1)
+    assert loss.item() == pytest.approx(own[0, 0].item() - 1.0)
+    # A row answered by the other model's entry of its class with the margin costs -alpha: the loss's floor.
+    assert lifelong.cross_model_loss(e[:1], torch.tensor([7]), keys, values, e[2:3], 0.1).item() == pytest.approx(-0.1)
+    assert lifelong.cross_model_loss(e[:1], torch.tensor([9]), keys, values, e[2:3], 0.1).item() == 0.0
+
+
+def test_align_to_adds_the_loss_against_the_other_writer_s_entries_and_resumes_exactly(tmp_path):
     memory_dir = tmp_path / "memory"
     run(tmp_path / "convnet", memory_dir, "--steps", "6")
-    copy = tmp_path / "memory-copy"
-    shutil.copytree(memory_dir, copy)
-    mlp = ["--steps", "1", "--encoder", "mlp", "--writer", "mlp", "--seed", "1", "--eval-every", "1"]
-    plain = run(tmp_path / "plain", memory_dir, *mlp)
-    aligned = run(tmp_path / "aligned", copy, *mlp, "--align-to", "convnet")
-    # The same first step (same weights, same batch, same memory) plus 1 - cosine to the convnet's keys.
-    assert aligned[0]["train_loss"] > plain[0]["train_loss"] + 0.1
+    for copy in ("plain", "straight", "resumed"):
+        shutil.copytree(memory_dir, tmp_path / f"memory-{copy}")
+    mlp = ["--encoder", "mlp", "--writer", "mlp", "--seed", "1", "--eval-every", "1"]
+    plain = run(tmp_path / "plain", tmp_path / "memory-plain", "--steps", "1", *mlp)
+    aligned = ["--align-to", "convnet", "--align-refresh", "2", *mlp]
+    straight = run(tmp_path / "straight", tmp_path / "memory-straight", "--steps", "4", *aligned)
+    # The same first step (same weights, same batch, same memory) plus the loss against the convnet's entries.
+    assert straight[0]["train_loss"] != pytest.approx(plain[0]["train_loss"], abs=1e-3)
+    run(tmp_path / "resumed", tmp_path / "memory-resumed", "--steps", "3", *aligned)  # stops between two reads
+    resumed = run(tmp_path / "resumed", tmp_path / "memory-resumed", "--steps", "4", "--resume", *aligned)
+    assert straight[-1]["train_loss"] == pytest.approx(resumed[-1]["train_loss"], abs=1e-6)
+    assert straight[-1]["evaluation"] == resumed[-1]["evaluation"]
+
+
+def test_cross_model_one_shot_asks_every_model_s_entries_with_every_model(tmp_path):
+    spec = importlib.util.spec_from_file_location("cross_model_one_shot", BENCHMARKS / "cross_model_one_shot.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    memory_dir = tmp_path / "memory"
+    probes = ["--probe-classes", "4", "--probe-start", "1", "--probe-every", "1", "--probe-wave", "4"]
+    run(tmp_path / "a", memory_dir, "--steps", "3", "--writer", "a", *probes)
+    run(tmp_path / "b", memory_dir, "--steps", "3", "--writer", "b", "--seed", "1", "--probe-group", "1", *probes)
+    before = memory_state(memory_dir)
+    out = tmp_path / "cross.json"
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    bench.main(["--data-dir", str(memory_dir), "--memory", "lifelong", "--classes", "30", "--episodes", "40",
+                "--out", str(out), *runs])  # fmt: skip
+    results = json.loads(out.read_text())
+    assert results["classes"] == [8, 37]  # past both probe blocks (0-3 and 4-7)
+    for setting, n in (("shared", 30), ("fresh", 30), ("five_way", 40)):
+        assert {pair: cell["n"] for pair, cell in results[setting].items()} == dict.fromkeys(
+            ["a->a", "a->b", "b->a", "b->b"], n
+        )
+    after = memory_state(memory_dir)  # the runs' memory is untouched: the writes went into a copy
+    assert torch.equal(before[0].keys, after[0].keys) and before[1].commit_sequence == after[1].commit_sequence
+    # Through a fresh memory, each answer is the class of the nearest written key: here computed without one.
+    classes = np.arange(8, 38)
+    a, b = (bench.Model(tmp_path / name, classes) for name in "ab")
+    nearest = (b.queries[:, 1:] @ a.queries[:, 0].T).argmax(dim=-1)  # [class, drawer]: the nearest written class
+    expected = (nearest == torch.arange(30)[:, None]).float().mean()
+    assert results["fresh"]["a->b"]["accuracy"] == pytest.approx(expected.item())

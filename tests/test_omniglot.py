@@ -131,12 +131,31 @@ def test_flags_are_exactly_the_config_values():
     assert {"data", "split", "seed", "episode_batches", "evaluate"} <= set(config)
 
 
+def test_the_resnet_is_another_model_of_the_same_interface():
+    torch.manual_seed(0)
+    images = torch.rand(5, 28, 28)
+    resnet = omniglot.build_encoder("resnet", 64, dropout_keep=1.0).eval()
+    convnet = omniglot.build_encoder("convnet", 64, dropout_keep=1.0).eval()
+    assert resnet(images).shape == convnet(images).shape == (5, 64)
+    assert {type(m) for m in resnet.modules()} >= {omniglot.ResidualBlock, torch.nn.GroupNorm}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in resnet.modules())  # same function in eval and train
+    resnet.train()  # in training too, no statistics across the batch: a drawing's key is its own
+    assert torch.allclose(resnet(images[:2]), resnet(images)[:2], atol=1e-5)
+    with pytest.raises(ValueError, match="--init authors is the convnet's"):
+        omniglot.build_encoder("resnet", 64, 1.0, init="authors")
+    with pytest.raises(ValueError, match="encoder must be 'convnet' or 'resnet', got 'vit'"):
+        omniglot.build_encoder("vit", 64, 1.0)
+
+
 def test_a_checkpoint_is_only_resumed_or_evaluated_under_its_own_settings():
-    config = {"split": "reference", "input": "ink", "init": "he", "rep_dim": 128, "adam": "torch", "backend": "torch"}
+    config = {"split": "reference", "input": "ink", "init": "he", "rep_dim": 128, "adam": "torch", "backend": "torch",
+              "encoder": "convnet"}  # fmt: skip
     omniglot.check_same_experiment(config, {"split": "reference", "rep_dim": 128}, "old.pt")  # before the options
     omniglot.check_same_experiment(config, dict(config), "same.pt")
     with pytest.raises(SystemExit, match=r"run.pt was trained with --input raw \(given ink\), --init authors"):
         omniglot.check_same_experiment(config, {**config, "input": "raw", "init": "authors"}, "run.pt")
+    with pytest.raises(SystemExit, match=r"run.pt was trained with --encoder resnet \(given convnet\)"):
+        omniglot.check_same_experiment(config, {**config, "encoder": "resnet"}, "run.pt")
     with pytest.raises(SystemExit, match=r"run.pt was trained with --adam tensorflow \(given torch\)"):
         omniglot.check_same_experiment(config, {**config, "adam": "tensorflow"}, "run.pt")
     with pytest.raises(SystemExit, match=r"run.pt was trained with --backend lsh \(given torch\)"):
@@ -285,7 +304,9 @@ def run_trainer(out: pathlib.Path, cache: pathlib.Path, *flags: str) -> list[dic
 
 
 @pytest.mark.parametrize(
-    "setting", [(), ("--init", "authors", "--input", "raw"), ("--backend", "lsh")], ids=["ours", "authors", "lsh"]
+    "setting",
+    [(), ("--init", "authors", "--input", "raw"), ("--backend", "lsh"), ("--encoder", "resnet")],
+    ids=["ours", "authors", "lsh", "resnet"],
 )
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path, setting):
     straight = run_trainer(tmp_path / "straight", tmp_path / "cache", *setting, "--episode-batches", "3")

@@ -43,8 +43,10 @@ import torch
 from torch import nn
 
 from lifelong_memory.client import MemoryModule, connect
+from lifelong_memory.server.memory import EMPTY
 from lifelong_memory.trainers import flags, omniglot_data
-from lifelong_memory.trainers.omniglot import EXPERIMENT_SETTINGS, Encoder
+from lifelong_memory.trainers.omniglot import EXPERIMENT_SETTINGS
+from lifelong_memory.trainers.omniglot import build_encoder as omniglot_encoder
 
 # -------------------------------------------------------------------- config
 data = os.environ.get("OMNIGLOT_DIR", "data/omniglot")
@@ -52,7 +54,7 @@ memory = "local"  # "local" (embedded), or "grpc://host:port" to share the memor
 data_dir = ""  # with memory "local": a folder that keeps the memory across runs ("" = in this process only)
 memory_name = "lifelong"
 writer = "convnet"  # this trainer's writer tag: the memory keeps it with every slot it writes
-encoder = "convnet"  # "convnet" (the authors' encoder) or "mlp" (a different model: an MLP on 14x14 images)
+encoder = "convnet"  # "convnet" (the authors'), "resnet" (a small ResNet) or "mlp" (an MLP on 14x14 images)
 input = "ink"  # this trainer's view of the images, as omniglot.py's --input: "ink" (in [0, 1]) or "raw" (0-255)
 init_from = ""  # an omniglot.py checkpoint: the convnet and its query projection start from its weights
 classes = 0  # training classes used (0: all 3,856 of the reference split)
@@ -68,7 +70,9 @@ clip_norm = 5.0
 dropout_keep = 0.3
 eval_every = 1000
 eval_classes = 500  # classes asked about at each evaluation
-align_to = ""  # another trainer's writer tag: each query is also pulled towards that writer's newest entry of its class
+align_to = ""  # other trainers' writer tags (comma-separated): each query also learns to be answered by their entries
+align_weight = 1.0  # the weight of that loss against the memory's own
+align_refresh = 50  # steps between reads of the other trainers' entries
 read_only_steps = 0  # the first steps learn from the memory's keys without writing (a late joiner aligns first)
 probe_classes = 0  # evaluation-split classes this trainer writes once each and asks about at every evaluation
 probe_group = 0  # this trainer's block of probe classes: [group * probe_classes, (group + 1) * probe_classes)
@@ -116,23 +120,22 @@ class MLPEncoder(nn.Module):
 
 
 def build_encoder(config: dict) -> nn.Module:
-    if config["encoder"] == "convnet":
-        return Encoder(config["rep_dim"], config["dropout_keep"])
+    if config["encoder"] in ("convnet", "resnet"):
+        return omniglot_encoder(config["encoder"], config["rep_dim"], config["dropout_keep"])
     if config["encoder"] == "mlp":
         return MLPEncoder(config["rep_dim"], config["dropout_keep"])
-    raise SystemExit(f"--encoder must be 'convnet' or 'mlp', got {config['encoder']!r}")
+    raise SystemExit(f"--encoder must be 'convnet', 'resnet' or 'mlp', got {config['encoder']!r}")
 
 
 def initialise_from(encoder: nn.Module, module: MemoryModule, path: str, config: dict) -> None:
-    """The convnet and its query projection from an episodic checkpoint of trainers/omniglot.py. Its encoder saw
-    every training-split class in episodes, so from here on the encoder is pre-trained, not learned in this run."""
-    if config["encoder"] != "convnet":
-        raise SystemExit(f"--init-from holds a convnet: it needs --encoder convnet, got {config['encoder']}")
+    """The encoder (convnet or resnet) and its query projection from an episodic checkpoint of trainers/omniglot.py.
+    Its encoder saw every training-split class in episodes, so from here on the encoder is pre-trained, not learned
+    in this run."""
     state = torch.load(path, weights_only=False, map_location="cpu")
     saved = state["config"]
     differ = [
         f"--{key.replace('_', '-')} {saved.get(key, EXPERIMENT_SETTINGS[key])} (given {config[key]})"
-        for key in ("input", "rep_dim")
+        for key in ("encoder", "input", "rep_dim")
         if saved.get(key, EXPERIMENT_SETTINGS[key]) != config[key]
     ]
     if differ:
@@ -141,7 +144,8 @@ def initialise_from(encoder: nn.Module, module: MemoryModule, path: str, config:
     module.load_state_dict(state["memory_module"])
     print(
         f"encoder and query projection pre-trained: from {path} (omniglot.py, {state['episode_batch']} episode "
-        f"batches, {saved.get('split', 'reference')} split, input {saved.get('input', 'ink')}, "
+        f"batches, {saved.get('split', 'reference')} split, {saved.get('encoder', 'convnet')}, "
+        f"input {saved.get('input', 'ink')}, "
         f"init {saved.get('init', 'he')}, seed {saved.get('seed')})"
     )
 
@@ -239,21 +243,40 @@ def probe_accuracy(evaluations: list[dict], keep, edges: list[int] = PROBE_AGE_E
     return cells
 
 
-def aligned_keys(memory, labels: np.ndarray, writer: str) -> tuple[np.ndarray, torch.Tensor]:
-    """For each row whose class has an entry ``writer`` wrote (or last merged), that writer's newest such key.
-    Returns the rows that have one and their keys [rows, key_dim]."""
-    found = [memory.find_label(int(label)) for label in labels]
-    slots = torch.cat([f.slots for f in found])
-    read = memory.read_slots(slots)
-    rows, keys, start = [], [], 0
-    for row, f in enumerate(found):
-        mine = [i for i in range(len(f.slots)) if read.writers[start + i] == writer]
-        if mine:
-            newest = min(mine, key=lambda i: float(f.ages[i]))
-            rows.append(row)
-            keys.append(read.keys[start + newest])
-        start += len(f.slots)
-    return np.array(rows, dtype=np.int64), torch.stack(keys) if keys else torch.empty(0, memory.config.key_dim)
+def writer_entries(memory, writers: set[str], chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [n, D] and values [n] of every filled slot whose last write or merge carried one of ``writers``,
+    read in chunks of slots (each chunk one committed state)."""
+    size = memory.config.memory_size
+    keys, values = [], []
+    for start in range(0, size, chunk):
+        read = memory.read_slots(range(start, min(start + chunk, size)))
+        theirs = torch.tensor([w in writers for w in read.writers]) & (read.values != EMPTY)
+        keys.append(read.keys[theirs])
+        values.append(read.values[theirs])
+    return torch.cat(keys), torch.cat(values)
+
+
+def cross_model_loss(
+    query: torch.Tensor,
+    labels: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    negative_keys: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """The memory's loss with its positive taken from ``keys`` (another model's entries) alone: the nearest of them
+    of the row's class, against the nearer of the memory's own negative (``negative_keys``, the nearest entry of
+    another class, whoever wrote it) and the nearest of ``keys`` of another class, margin ``alpha``. So a query
+    learns to find the other model's entry of its class before any entry of another class, its own model's too.
+    Rows with no entry of their class in ``keys`` add nothing."""
+    similarities = query @ keys.T
+    same = labels[:, None] == values[None, :]
+    rows = same.any(dim=1)
+    if not rows.any():
+        return query.sum() * 0.0
+    positive = similarities.masked_fill(~same, -torch.inf).amax(dim=1)
+    negative = torch.maximum(similarities.masked_fill(same, -torch.inf).amax(dim=1), (query * negative_keys).sum(dim=1))
+    return (torch.relu(negative - positive + alpha) - alpha)[rows].mean()
 
 
 def class_frequencies(count: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
@@ -369,7 +392,8 @@ def plot(metrics: list[dict], path: pathlib.Path, writer_tag: str) -> None:
         title=f"{what}; n = entries, 95% intervals",
     )
     by_age.grid(alpha=0.3)
-    by_age.legend(loc="lower left")
+    if series:  # before the first probe is written there is nothing to name
+        by_age.legend(loc="lower left")
 
     steps = [m["step"] for m in metrics]
     by_step.plot(steps, [m["evaluation"]["accuracy"]["accuracy"] for m in metrics], label="stream classes")
@@ -514,6 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     seen = np.zeros(len(classes), dtype=np.int64)  # how often this trainer showed each class
     probes_written_at: dict[int, int] = {}  # this trainer's probe classes (evaluation-split index) -> step written
     first, metrics = 1, []
+    aligned_writers = set(filter(None, config["align_to"].split(",")))
+    aligned = None  # (keys, values) of their entries, read every align_refresh steps
     checkpoint_path = out / "checkpoint.pt"
     if config["resume"] and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
@@ -524,6 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_rng_state(state["torch_rng"])
         seen, first, metrics = state["seen"], state["step"] + 1, state["metrics"]
         probes_written_at = state["probes_written_at"]
+        aligned = state.get("aligned")
         print(f"resumed after step {state['step']}; the memory goes on from where it is (it is never reset)")
     elif config["init_from"]:
         initialise_from(encoder, module, config["init_from"], config)
@@ -542,16 +569,19 @@ def main(argv: list[str] | None = None) -> None:
         drawers = rng.integers(0, WRITTEN_DRAWERS, size=config["batch"])
         np.add.at(seen, labels, 1)
         images = torch.from_numpy(classes[labels, drawers])
-        if config["align_to"]:
-            aligned_rows, targets = aligned_keys(module.memory, labels, config["align_to"])
+        if aligned_writers and (step - 1) % config["align_refresh"] == 0:
+            aligned = writer_entries(module.memory, aligned_writers)
         # Read-only, the loss's positive keys can only be other trainers' entries: the query projection is pulled
         # into their key space before this model writes keys of its own that its later queries would find first.
         output = module(encoder(images), torch.from_numpy(labels), update=step > config["read_only_steps"])
         loss = output.loss
-        if config["align_to"] and len(aligned_rows):
-            # The memory loss only ever meets this model's own keys (they are its queries' nearest): pull each
-            # query to the other model's key of its class too, so that the two models' keys of a class meet.
-            loss = loss + (1 - (output.query[aligned_rows] * targets).sum(dim=1)).mean()
+        if aligned is not None:
+            # The memory's loss only ever meets this model's own keys (they are its queries' nearest), so its keys
+            # of a class drift apart from another model's. With its positive from the other model's entries, a
+            # query learns to find their entry of its class before any other class's: the two key spaces meet.
+            loss = loss + config["align_weight"] * cross_model_loss(
+                output.query, torch.from_numpy(labels), *aligned, output.result.negative_keys, module.alpha
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(parameters, config["clip_norm"])
@@ -609,6 +639,7 @@ def main(argv: list[str] | None = None) -> None:
                 "torch_rng": torch.get_rng_state(),
                 "seen": seen,
                 "probes_written_at": probes_written_at,
+                "aligned": aligned,  # the other trainers' entries as last read: a resumed run goes on with them
                 "step": step,
                 "metrics": metrics,
                 "config": config,

@@ -37,6 +37,7 @@ split = "reference"  # "reference" (authors' code) or "paper" (Table 1, 1,200 tr
 memory = "local"  # "local" (embedded) or "grpc://host:port"
 memory_name = "omniglot"
 rep_dim = 128  # 256 replicates the paper's numbers, say the authors
+encoder = "convnet"  # "convnet" (the authors') or "resnet" (a small ResNet: another model, as for trainers/lifelong.py)
 init = "he"  # encoder weights: "he" (He-normal) or "authors" (truncated normal, std 0.1, as their code)
 input = "ink"  # "ink" (in [0, 1], ink = 1 on 0) or "raw" (0-255 pixels, white background 255, as their code)
 episode_width = 5
@@ -119,6 +120,66 @@ class Encoder(nn.Module):
         # channels_last: oneDNN's faster convolution layout on CPU (about 20% per training step here).
         images = images.unsqueeze(1).contiguous(memory_format=torch.channels_last)
         return self.dropout(self.features(images))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with group norm, added to the input (through a strided 1x1 where the shape changes)."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False),
+            nn.GroupNorm(8, channels_out),
+            nn.ReLU(),
+            nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False),
+            nn.GroupNorm(8, channels_out),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or channels_in != channels_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False), nn.GroupNorm(8, channels_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResidualEncoder(nn.Module):
+    """A small ResNet, a different model from the authors' convnet: a 3x3 stem of 32 channels, three residual
+    blocks of 32, 64 and 128 channels halving the image (28 -> 14 -> 7 -> 4), linear.
+    Group norm rather than batch norm: no running statistics, the same function in training and evaluation."""
+
+    def __init__(self, rep_dim: int, dropout_keep: float):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1, bias=False),
+            nn.GroupNorm(8, 32),
+            nn.ReLU(),
+            ResidualBlock(32, 32, 2),
+            ResidualBlock(32, 64, 2),
+            ResidualBlock(64, 128, 2),
+            nn.Flatten(),  # where a stroke is matters for a character: no global pooling, as the convnet
+            nn.Linear(4 * 4 * 128, rep_dim),
+        )
+        self.dropout = nn.Dropout(1.0 - dropout_keep)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.unsqueeze(1).contiguous(memory_format=torch.channels_last)
+        return self.dropout(self.features(images))
+
+
+def build_encoder(name: str, rep_dim: int, dropout_keep: float, init: str = "he") -> nn.Module:
+    if name == "convnet":
+        return Encoder(rep_dim, dropout_keep, init)
+    if name == "resnet":
+        if init != "he":
+            raise ValueError(f"--init {init} is the convnet's; the resnet starts He-normal")
+        return ResidualEncoder(rep_dim, dropout_keep)
+    raise ValueError(f"encoder must be 'convnet' or 'resnet', got {name!r}")
 
 
 class TensorFlowAdam(torch.optim.Adam):
@@ -358,6 +419,7 @@ EXPERIMENT_SETTINGS = {
     "input": "ink",
     "init": "he",
     "rep_dim": 128,
+    "encoder": "convnet",
     "adam": "torch",
     "backend": "torch",
 }
@@ -387,7 +449,8 @@ def main() -> None:
     split_data = omniglot_data.load_split(data_dir, config["split"], config["input"])
     print(
         f"{config['split']} split: {len(split_data.train)} training classes, {len(split_data.test)} test classes; "
-        f"input {config['input']}, init {config['init']}, adam {config['adam']}, memory backend {config['backend']}"
+        f"encoder {config['encoder']}, input {config['input']}, init {config['init']}, adam {config['adam']}, "
+        f"memory backend {config['backend']}"
     )
 
     store = connect(config["memory"])
@@ -403,7 +466,8 @@ def main() -> None:
     for name in (config["memory_name"], config["memory_name"] + "-eval"):
         if name in names:  # this trainer owns its memories: start from fresh ones
             store.delete_memory(name)
-    encoder = Encoder(config["rep_dim"], config["dropout_keep"], config["init"]).to(config["device"])
+    encoder = build_encoder(config["encoder"], config["rep_dim"], config["dropout_keep"], config["init"])
+    encoder = encoder.to(config["device"])
     module = MemoryModule(store, config["rep_dim"], name=config["memory_name"], **memory_config).to(config["device"])
     eval_memory = store.create_memory(config["memory_name"] + "-eval", key_dim=config["rep_dim"], **memory_config)
     parameters = [*encoder.parameters(), *module.parameters()]
