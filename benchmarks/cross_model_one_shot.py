@@ -80,6 +80,7 @@ def main(argv=None) -> None:
     parser.add_argument("--episodes", type=int, default=500, help="5-way 1-shot episodes per writer and asker")
     parser.add_argument("--classes", type=int, default=0, help="how many classes (0: every one left)")
     parser.add_argument("--out", help="write the results here as JSON")
+    parser.add_argument("--plot", help="draw them here as a PNG: accuracy per writer and asker, per setting")
     parser.add_argument("runs", nargs="+", help="out_dirs of lifelong runs that trained against that memory")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -139,6 +140,34 @@ def main(argv=None) -> None:
             print(f"  asked by {asker.name:<12} {'(same model)' if asker is writer else '(cross-model)':<14} {cells}")
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    if args.plot:
+        plot(results, [m.name for m in models], pathlib.Path(args.plot))
+
+
+def plot(results: dict, names: list[str], path: pathlib.Path) -> None:
+    """One panel per setting: a bar per writer and asker, cross-model bars hatched, 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ways = results["classes"][1] - results["classes"][0] + 1
+    settings = {"shared": "the shared memory", "fresh": f"a fresh memory ({ways}-way)", "five_way": "5-way episodes"}
+    pairs = [(writer, asker) for writer in names for asker in names]
+    figure, panels = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 4.2), sharey=True)
+    for axes, (setting, title) in zip(panels, settings.items(), strict=True):
+        cells = [results[setting][f"{writer}->{asker}"] for writer, asker in pairs]
+        bars = axes.bar(range(len(pairs)), [c["accuracy"] for c in cells], yerr=[c["ci95"] for c in cells],
+                        capsize=3, color=[f"C{names.index(asker)}" for _, asker in pairs])  # fmt: skip
+        for bar, (writer, asker) in zip(bars, pairs, strict=True):
+            bar.set_hatch("" if writer == asker else "//")
+        axes.set_xticks(range(len(pairs)), [f"{w}\n→ {a}" for w, a in pairs], fontsize=7)
+        axes.set(title=title, ylim=(0, 1))
+        axes.grid(axis="y", alpha=0.3)
+    panels[0].set_ylabel("accuracy (written by → asked by; hatched: cross-model)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -278,8 +278,9 @@ def test_cross_model_one_shot_asks_every_model_s_entries_with_every_model(tmp_pa
     out = tmp_path / "cross.json"
     runs = [str(tmp_path / "a"), str(tmp_path / "b")]
     bench.main(["--data-dir", str(memory_dir), "--memory", "lifelong", "--classes", "30", "--episodes", "40",
-                "--out", str(out), *runs])  # fmt: skip
+                "--out", str(out), "--plot", str(tmp_path / "cross.png"), *runs])  # fmt: skip
     results = json.loads(out.read_text())
+    assert (tmp_path / "cross.png").stat().st_size > 0
     assert results["classes"] == [8, 37]  # past both probe blocks (0-3 and 4-7)
     for setting, n in (("shared", 30), ("fresh", 30), ("five_way", 40)):
         assert {pair: cell["n"] for pair, cell in results[setting].items()} == dict.fromkeys(
