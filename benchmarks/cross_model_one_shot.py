@@ -29,29 +29,34 @@ import tempfile
 import numpy as np
 import torch
 
-from lifelong_memory.client import connect
-from lifelong_memory.client.module import l2_normalize
+from lifelong_memory.client import MemoryModule, connect
 from lifelong_memory.trainers import lifelong, omniglot_data
 
 WRITTEN_DRAWER = 0
 
 
 class Model:
-    """A finished lifelong run, frozen: its writer tag, and its query for every drawing of the given classes."""
+    """A finished lifelong run, frozen: its config and writer tag, its encoder and its query projection."""
 
-    def __init__(self, run: pathlib.Path, classes: np.ndarray):
+    def __init__(self, run: pathlib.Path):
         state = torch.load(run / "checkpoint.pt", weights_only=False)
         self.config = state["config"]
         self.name = self.config["writer"]
-        split = omniglot_data.load_split(pathlib.Path(self.config["data"]), "reference", self.config["input"], False)
-        encoder = lifelong.build_encoder(self.config)
-        encoder.load_state_dict(state["encoder"])
-        encoder.eval()
+        self.encoder = lifelong.build_encoder(self.config)
+        self.encoder.load_state_dict(state["encoder"])
+        self.encoder.eval()
+        self.projection = MemoryModule(connect("local"), self.config["rep_dim"], name="projection")
+        self.projection.load_state_dict(state["memory_module"])
+        self.queries = None  # [class, drawer, D], once ``encode`` has run
+
+    @torch.no_grad()
+    def encode(self, classes: np.ndarray) -> None:
+        """The query for every drawing of the given evaluation-split classes, in this model's input view."""
+        config = self.config
+        split = omniglot_data.load_split(pathlib.Path(config["data"]), "reference", config["input"], False)
         images = torch.from_numpy(split.test[classes].reshape(-1, *split.test.shape[2:]))
-        with torch.no_grad():
-            encoded = torch.cat([encoder(chunk) for chunk in images.split(512)])
-            queries = l2_normalize(encoded @ state["memory_module"]["query_proj"])
-        self.queries = queries.reshape(len(classes), split.test.shape[1], -1)  # [class, drawer, D]
+        queries = torch.cat([self.projection.project(self.encoder(chunk)) for chunk in images.split(512)])
+        self.queries = queries.reshape(len(classes), split.test.shape[1], -1)
 
 
 def interval(per_unit: np.ndarray) -> dict:
@@ -84,13 +89,14 @@ def main(argv=None) -> None:
     parser.add_argument("runs", nargs="+", help="out_dirs of lifelong runs that trained against that memory")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    configs = [torch.load(pathlib.Path(run) / "checkpoint.pt", weights_only=False)["config"] for run in args.runs]
-    first = max((c["probe_group"] + 1) * c["probe_classes"] for c in configs)  # past every run's probe block
-    split = omniglot_data.load_split(pathlib.Path(configs[0]["data"]), progress=False)
+    models = [Model(pathlib.Path(run)) for run in args.runs]
+    first = max((m.config["probe_group"] + 1) * m.config["probe_classes"] for m in models)  # past every probe block
+    split = omniglot_data.load_split(pathlib.Path(models[0].config["data"]), progress=False)
     classes = np.arange(first, len(split.test))[: args.classes or None]
     if not len(classes):
         raise SystemExit(f"the runs' probe blocks use every evaluation-split class up to {first}: none is left")
-    models = [Model(pathlib.Path(run), classes) for run in args.runs]
+    for model in models:
+        model.encode(classes)
     rows, labels = np.arange(len(classes)), classes + len(split.train)  # labels as trainers/lifelong.py's probes
     asked_drawers = np.arange(1, models[0].queries.shape[1])
     rng = np.random.default_rng(0)

@@ -290,7 +290,9 @@ def test_cross_model_one_shot_asks_every_model_s_entries_with_every_model(tmp_pa
     assert torch.equal(before[0].keys, after[0].keys) and before[1].commit_sequence == after[1].commit_sequence
     # Through a fresh memory, each answer is the class of the nearest written key: here computed without one.
     classes = np.arange(8, 38)
-    a, b = (bench.Model(tmp_path / name, classes) for name in "ab")
+    a, b = (bench.Model(tmp_path / name) for name in "ab")
+    a.encode(classes)
+    b.encode(classes)
     nearest = (b.queries[:, 1:] @ a.queries[:, 0].T).argmax(dim=-1)  # [class, drawer]: the nearest written class
     expected = (nearest == torch.arange(30)[:, None]).float().mean()
     assert results["fresh"]["a->b"]["accuracy"] == pytest.approx(expected.item())

@@ -56,7 +56,7 @@ memory_name = "lifelong"
 writer = "convnet"  # this trainer's writer tag: the memory keeps it with every slot it writes
 encoder = "convnet"  # "convnet" (the authors'), "resnet" (a small ResNet) or "mlp" (an MLP on 14x14 images)
 input = "ink"  # this trainer's view of the images, as omniglot.py's --input: "ink" (in [0, 1]) or "raw" (0-255)
-init_from = ""  # an omniglot.py checkpoint: the convnet and its query projection start from its weights
+init_from = ""  # an omniglot.py checkpoint: the encoder and its query projection start from its weights
 classes = 0  # training classes used (0: all 3,856 of the reference split)
 rep_dim = 128
 memory_size = 65536
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_rng_state(state["torch_rng"])
         seen, first, metrics = state["seen"], state["step"] + 1, state["metrics"]
         probes_written_at = state["probes_written_at"]
-        aligned = state.get("aligned")
+        aligned = state.get("aligned") if aligned_writers else None  # a resume without --align-to drops them
         print(f"resumed after step {state['step']}; the memory goes on from where it is (it is never reset)")
     elif config["init_from"]:
         initialise_from(encoder, module, config["init_from"], config)
