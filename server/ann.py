@@ -143,6 +143,12 @@ class LshIndex:
     (and, with ``probes`` > 1, in the probes - 1 buckets next most likely to hold its neighbours: those
     reached by flipping its least certain bits), re-ranked exactly.
 
+    ``bits`` is sized for a full shard. A search uses only the first ``active_bits()`` hyperplanes, one fewer
+    for each halving of the filled share, so a bucket holds about as many filled slots at any fill (a cleared
+    or episodic memory would otherwise find next to nothing in its buckets). The first hyperplane is a code's
+    most significant bit, so the bucket of a shorter code is a contiguous range of the sorted entries: a
+    change of fill level rehashes nothing.
+
     Unlike the reference LSHMemory, whose buckets are fixed arrays of k / L pointers overwritten at random,
     a bucket here holds exactly the slots whose key hashes to it: the index is a function of the keys and
     the seed, so a memory restored from a snapshot and its log answers exactly as before. Per table,
@@ -156,7 +162,7 @@ class LshIndex:
         self.tables, self.bits, self.probes = tables, bits, probes
         generator = torch.Generator().manual_seed(seed)
         self.planes = torch.randn(tables * bits, keys.shape[1], generator=generator)
-        self.weights = torch.tensor([1 << b for b in range(bits)], dtype=torch.int32)
+        self.weights = torch.tensor([1 << (bits - 1 - b) for b in range(bits)], dtype=torch.int32)
         self.zero = ZeroRows(keys)
         self.codes = np.empty((tables, len(keys)), dtype=np.int32)
         for at in range(0, len(keys), HASH_ROWS):
@@ -179,17 +185,27 @@ class LshIndex:
         keep = codes >= 0
         return np.sort((codes[keep].astype(np.int64) << 32) | rows[keep])
 
+    def active_bits(self) -> int:
+        """The leading hyperplanes a search uses: ``bits`` less log2(rows / filled rows), rounded (0: one bucket)."""
+        filled = len(self.keys) - self.zero.count
+        if not filled:
+            return 0
+        return self.bits - min(self.bits, round(math.log2(len(self.keys) / filled)))
+
     def search(self, queries: torch.Tensor, k: int, empty_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         queries = queries.cpu()
-        margins = (queries @ self.planes.T).view(len(queries), self.tables, self.bits).numpy()
-        probed = probe_codes(margins, self.probes)  # [B, tables, probes]
-        query_rows = np.repeat(np.arange(len(queries)), self.probes)
+        active = self.active_bits()
+        shift = self.bits - active
+        margins = (queries @ self.planes.T).view(len(queries), self.tables, self.bits).numpy()[:, :, :active]
+        probes = min(self.probes, 1 << active)
+        probed = probe_codes(margins, probes)  # [B, tables, probes], codes of the active bits
+        query_rows = np.repeat(np.arange(len(queries)), probes)
         found_rows, found_local = [], []
         for t in range(self.tables):
             codes = probed[:, t, :].ravel().astype(np.int64)
             for entries in (self.base[t], self.moved[t]):
-                lo = np.searchsorted(entries, codes << 32)
-                hi = np.searchsorted(entries, (codes + 1) << 32)
+                lo = np.searchsorted(entries, (codes << shift) << 32)
+                hi = np.searchsorted(entries, ((codes + 1) << shift) << 32)
                 lengths = hi - lo
                 total = int(lengths.sum())
                 if not total:
@@ -238,9 +254,9 @@ class LshIndex:
 def probe_codes(margins: np.ndarray, probes: int) -> np.ndarray:
     """int32 [B, tables, probes]: per query and table, its bucket and the probes - 1 next, ordered by the
     summed |margin| of the bits flipped to reach them (query-directed multi-probe over the ceil(log2 probes)
-    least certain bits; with probes = 2^bits, every bucket)."""
+    least certain bits; with probes = 2^bits, every bucket). The first bit is the most significant."""
     batch, tables, bits = margins.shape
-    weights = 1 << np.arange(bits, dtype=np.int64)
+    weights = 1 << np.arange(bits - 1, -1, -1, dtype=np.int64)
     home = ((margins > 0) * weights).sum(axis=2)
     if probes == 1:
         return home[:, :, None].astype(np.int32)
@@ -249,7 +265,7 @@ def probe_codes(margins: np.ndarray, probes: int) -> np.ndarray:
     least = np.argsort(certainty, axis=2, kind="stable")[:, :, :flip_bits]  # [B, tables, flip_bits]
     subsets = (np.arange(1 << flip_bits)[:, None] >> np.arange(flip_bits)) & 1  # [2^f, f]
     cost = np.take_along_axis(certainty, least, axis=2) @ subsets.T  # [B, tables, 2^f]
-    flips = (1 << least) @ subsets.T
+    flips = (1 << (bits - 1 - least)) @ subsets.T
     order = np.argsort(cost, axis=2, kind="stable")[:, :, :probes]
     return (home[:, :, None] ^ np.take_along_axis(flips, order, axis=2)).astype(np.int32)
 

@@ -92,7 +92,7 @@ class MemoryConfig:
     devices: tuple[str, ...] = ()  # where the shards' searches run: empty, all on device
     # Approximate search (docs/approximate-search.md); 0: chosen from memory_size, shards and choose_k.
     lsh_tables: int = 0  # backend lsh: L libraries (tables) of hyperplanes; default ceil(sqrt(choose_k))
-    lsh_bits: int = 0  # hyperplanes per table; default round(log2(shard slots * L / choose_k))
+    lsh_bits: int = 0  # hyperplanes per table when the shard is full; default round(log2(shard slots * L / choose_k))
     lsh_probes: int = 0  # buckets probed per table; default 1 (the paper); 2^lsh_bits: exhaustive
     ivf_lists: int = 0  # backend faiss-ivf: nlist; default the power of two nearest sqrt(shard slots)
     ivf_probes: int = 0  # nprobe; default max(1, ivf_lists // 32); ivf_lists: exhaustive

@@ -33,21 +33,23 @@ def clustered(count: int, clusters: int, spread: float, seed: int) -> tuple[torc
 
 
 def filled(config: MemoryConfig, keys: torch.Tensor, labels: torch.Tensor) -> Memory:
-    """A memory whose every slot holds one of ``keys`` (as a restore would load them)."""
-    size = len(keys)
+    """A memory whose first len(keys) slots hold ``keys`` (as a restore would load them), the rest empty."""
+    size = config.memory_size
+    values = torch.full((size,), EMPTY, dtype=torch.int64)
+    values[: len(keys)] = labels
     state = MemoryState(
         config=config,
         commit_sequence=1,
-        keys=keys,
-        values=labels,
+        keys=torch.cat([keys, torch.zeros(size - len(keys), D)]),
+        values=values,
         ages=torch.zeros(size),
-        generations=torch.ones(size, dtype=torch.int64),
+        generations=(values != EMPTY).to(torch.int64),
         recent_labels=torch.empty(0, dtype=torch.int64),
         recent_slots=torch.empty(0, dtype=torch.int64),
-        counters={"queries": 0, "writes": size, "merges": 0},
+        counters={"queries": 0, "writes": len(keys), "merges": 0},
         writers=torch.zeros(size, dtype=torch.int32),
         writer_names=[""],
-        writer_counters=[(size, 0)],
+        writer_counters=[(len(keys), 0)],
     )
     return Memory(config, state)
 
@@ -123,6 +125,28 @@ def test_recall_on_clustered_keys(options, least_recall, least_sides):
     exact_similarities = torch.einsum("bd,bkd->bk", queries, keys[got.neighbor_slots])
     torch.testing.assert_close(got.neighbor_similarities, exact_similarities, rtol=0, atol=1e-6)
     assert (got.neighbor_similarities[:, :-1] >= got.neighbor_similarities[:, 1:]).all()
+
+
+@pytest.mark.parametrize(
+    "filled_slots, least_recall, least_sides",
+    [pytest.param(100, 0.99, 0.7, id="100-filled"), pytest.param(512, 0.97, 0.45, id="512-filled")],
+)
+def test_lsh_defaults_find_the_neighbours_of_a_memory_a_few_percent_full(filled_slots, least_recall, least_sides):
+    """An episodic trainer clears its memory every batch: lsh's defaults are sized for 16,384 filled slots (8
+    tables of 11 bits), but a search uses fewer bits while the memory is mostly empty, so its buckets still
+    hold neighbours (with all 11 bits these cases measure recall@1 0.77 / 0.72, positive and negative 0.02 / 0.03)."""
+    keys, labels = clustered(filled_slots, filled_slots // 32, 0.5, seed=4)
+    base = dict(key_dim=D, memory_size=16384, choose_k=64, age_noise=0.0)
+    exact = filled(MemoryConfig(**base), keys, labels)
+    approximate = filled(MemoryConfig(**base, backend="lsh"), keys, labels)
+    assert approximate.config.lsh_bits == 11
+    assert approximate.index.shards[0].active_bits() == 11 - round(math.log2(16384 / filled_slots))
+    queries, query_labels = clustered(512, filled_slots // 32, 0.5, seed=5)
+    want, got = exact.query(queries, query_labels), approximate.query(queries, query_labels)
+    recall_at_1 = float((got.neighbor_slots[:, 0] == want.neighbor_slots[:, 0]).float().mean())
+    same_sides = (got.positive_slots == want.positive_slots) & (got.negative_slots == want.negative_slots)
+    assert recall_at_1 >= least_recall
+    assert float(same_sides.float().mean()) >= least_sides
 
 
 def reopen(registry: MemoryRegistry) -> MemoryRegistry:
