@@ -27,6 +27,9 @@ Measured per (backend, B), median of repeated calls after a warm-up:
   write      ``index.update`` of B random slots with new keys: the index's share of a write (µs per row)
   recall@1   share of rows whose nearest slot is the exact one; sides: share whose positive and negative slots
              both equal the exact ones; overlap@k: |approximate top k ∩ exact top k| / k
+  probes@95  IVF only: the fewest lists probed (nprobe) for which 95% of rows have their exact positive and
+             negative slots in a probed list (what exact positive and negative in 95% of rows needs; with
+             float32 lists it also suffices), and that as a share of nlist
 Quality is measured before any write, against exact answers on the same keys. Writes made while one backend is
 timed are then applied to every other index, so each is timed on the memory as it is.
 
@@ -166,6 +169,23 @@ def timed(call, min_time: float, min_reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def probes_for_95(index, keys: torch.Tensor, queries: torch.Tensor, sides: tuple[torch.Tensor, ...]) -> int:
+    """The smallest nprobe of a one-shard IVF index for which 95% of rows have both exact ``sides`` (positive and
+    negative slots, -1 for none) in one of the lists nearest the query."""
+    (shard,) = index.shards
+    lists = shard.quantizer.ntotal
+    order = shard.quantizer.search(np.ascontiguousarray(queries.numpy()), lists)[1]
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(lists)[None, :].repeat(len(order), axis=0), axis=1)
+    needed = np.ones(len(queries), dtype=np.int64)
+    for slots in sides:
+        slots = slots.numpy()
+        held = slots >= 0
+        home = shard.quantizer.search(np.ascontiguousarray(keys[slots[held]].numpy()), 1)[1][:, 0]
+        needed[held] = np.maximum(needed[held], rank[np.flatnonzero(held), home] + 1)
+    return int(np.ceil(np.quantile(needed, 0.95, method="higher")))
+
+
 def quality(got_slots, want_slots, got_sides=None, want_sides=None) -> dict:
     got_slots, want_slots = np.asarray(got_slots), np.asarray(want_slots)
     overlap = np.mean([np.intersect1d(a, b).size for a, b in zip(got_slots, want_slots, strict=True)])
@@ -222,9 +242,11 @@ def bench_distribution(n: int, kind: str, args, backends: list[str]) -> list[dic
         memory.index = indexes[name]
         for b, (q, y) in batches.items():
             r = memory.query(q, y, fields={"neighbors", "positive_negative"})
-            by_name[name].setdefault("per_batch", {})[b] = quality(
+            entry = by_name[name].setdefault("per_batch", {})[b] = quality(
                 r.neighbor_slots, exact[b][0], (r.positive_slots, r.negative_slots), exact[b][1]
             )
+            if configs[name].backend == "faiss-ivf":
+                entry["probes_95"] = probes_for_95(indexes[name], memory.keys, q, exact[b][1])
     written: list[torch.Tensor] = []
     for name in backends:
         index = indexes[name]
@@ -345,6 +367,10 @@ def fmt(entry: dict) -> str:
     return " ".join(parts)
 
 
+def probes_cell(probes: int | None, lists: int | None) -> str:
+    return "" if probes is None else f"{probes} ({probes / lists:.0%})"
+
+
 def print_table(rows: list[dict]) -> str:
     """A markdown table per (N, keys): every backend and anchor, B = 16 and 256, speed-up vs exact fused."""
     lines = []
@@ -358,8 +384,8 @@ def print_table(rows: list[dict]) -> str:
                 f"\nN = {n:,}, {kind} keys",
                 "",
                 "| backend | params | build s | B | search ms | fused ms | fused × exact | write µs/row | recall@1 "
-                "| pos+neg = exact | overlap@k |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                "| pos+neg = exact | overlap@k | probes@95 |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for r in group:
                 for b, e in sorted(r["per_batch"].items()):
@@ -378,6 +404,7 @@ def print_table(rows: list[dict]) -> str:
                         f"{e['recall_at_1']:.3f}" if "recall_at_1" in e else "",
                         f"{e['sides_equal']:.3f}" if "sides_equal" in e else "",
                         f"{e['overlap_at_k']:.3f}" if "overlap_at_k" in e else "",
+                        probes_cell(e.get("probes_95"), r.get("config", {}).get("nlist")),
                     ]
                     lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)

@@ -6,8 +6,10 @@ mode, and a memory restored from a snapshot and its log answers exactly as befor
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +252,24 @@ def test_an_import_may_probe_more_keeping_the_quantizer_or_retrain_it_with_other
     assert torch.equal(wider.query(queries, query_labels).neighbor_slots, exact.neighbor_slots)  # exhaustive
     retrained = registry.import_state("retrained", state, ivf_lists=8)
     assert retrained.index.state()["shard0.centroids"].shape == (8, D)
+
+
+def test_bench_ann_probes_for_95_is_the_fewest_probes_that_keep_95_percent_of_exact_sides(monkeypatch):
+    """bench_ann's probes@95 column: with float32 lists, probing that many lists finds the exact positive and
+    negative in at least 95% of rows, and one list fewer does not."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench_ann = importlib.import_module("bench_ann")
+    keys, labels = clustered(16384, 512, 0.5, seed=4)
+    base = dict(key_dim=D, memory_size=len(keys), choose_k=64, age_noise=0.0)
+    queries, query_labels = clustered(512, 512, 0.5, seed=5)
+    want = filled(MemoryConfig(**base), keys, labels).query(queries, query_labels)
+    sides = (want.positive_slots, want.negative_slots)
+    ivf = filled(MemoryConfig(**base, backend="faiss-ivf", ivf_lists=64), keys, labels)
+    needed = bench_ann.probes_for_95(ivf.index, ivf.keys, queries, sides)
+    assert 1 < needed < 64
+    for probes, enough in ((needed, True), (needed - 1, False)):
+        got = filled(MemoryConfig(**base, backend="faiss-ivf", ivf_lists=64, ivf_probes=probes), keys, labels).query(
+            queries, query_labels
+        )
+        same = (got.positive_slots == sides[0]) & (got.negative_slots == sides[1])
+        assert (float(same.float().mean()) >= 0.95) == enough, probes

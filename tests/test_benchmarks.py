@@ -86,3 +86,16 @@ def test_bench_ann_runs_every_backend_on_a_memory_aged_as_training_leaves_it(tmp
     }  # fmt: skip
     exact = next(r for r in result["rows"] if r["backend"] == "torch")["per_batch"]["16"]
     assert exact["recall_at_1"] == exact["sides_equal"] == 1.0 and exact["fused_ms"] > 0
+
+
+def test_bench_ivf_lists_probing_probes_at_95_keeps_the_exact_sides_in_95_percent_of_rows(tmp_path):
+    """With float32 lists and an exact quantizer, a slot in a probed list is found: probing probes@95 lists must
+    give the exact positive and negative in at least 95% of rows."""
+    out = tmp_path / "lists.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_ivf_lists.py"), "--n", "8192", "--lists", "32,256"]
+    command += ["--batch", "64", "--reps", "1", "--out", str(out)]
+    subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["nlist"] for r in rows] == [32, 256]
+    for row in rows:
+        assert 1 <= row["probes_95"] <= row["nlist"] and row["sides_equal"] >= 0.95

@@ -1,0 +1,184 @@
+"""How many IVF lists must be probed to keep exact search's positive and negative, as the lists get finer.
+
+Run from the repository root (the project installed in .venv):
+
+    .venv/bin/python benchmarks/bench_ivf_lists.py                      # N = 65,536, nlist 256, 2,048, 8,192
+    .venv/bin/python benchmarks/bench_ivf_lists.py --n 1048576 --lists 1024,4096 --out /tmp/lists.json
+
+bench_ann.py's probes@95 column shows that at the memory's default nlist (about sqrt(N)) 95% of rows need
+close to half of the lists probed to keep the exact positive and negative on clustered keys: a query's nearest
+key of another class lies in a list whose centroid averages many random cluster centres, so the centroid
+barely points towards it. This script measures FAISS IVF used directly, as a library, on bench_ann's clustered
+keys (N / 32 random centres, noise of norm 0.5, the cluster is the label) for several nlist, up to one list
+per cluster. Fine lists use an HNSW coarse quantizer (FAISS's IVF<nlist>_HNSW32, its advice from 1M keys on)
+and k-means on TRAIN_POINTS_PER_LIST points per list. Per nlist, in one run:
+
+  train s      k-means and the quantizer; add s: every key assigned to its list
+  probes@95    the fewest lists probed for which 95% of rows have the exact positive and negative slots in a
+               probed list (lists ranked by exact centroid similarity), and that as a share of nlist
+  search ms    FAISS's search for the k = 256 nearest of B queries, probing probes@95 lists (median)
+  × exact      exact search (torch q @ K.T and top k, the same B queries, same run) / that
+  recall@1, pos+neg = exact   of that search: positive and negative are the nearest found slot of the
+               query's label and of another label, as the memory picks them from its k neighbours
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_ann import D, K, Keys
+from bench_memory import machine_info
+
+from lifelong_memory.server.index import import_faiss
+
+TRAIN_POINTS_PER_LIST = 8
+KMEANS_ITERATIONS = 10
+HNSW_FROM_LISTS = 8192  # coarser quantizers are searched exactly
+HNSW_NEIGHBOURS, HNSW_EF_SEARCH = 32, 128
+
+
+def sides(slots: np.ndarray, labels: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
+    """[2, B]: per row the first of ``slots`` (nearest first, -1 none) with the query's label, and with another."""
+    found = slots >= 0
+    same = (labels[np.maximum(slots, 0)] == query_labels[:, None]) & found
+    other = ~same & found
+    pick = np.full((2, len(slots)), -1, dtype=np.int64)
+    for side, mask in enumerate((same, other)):
+        rows = mask.any(axis=1)
+        pick[side, rows] = slots[rows, mask[rows].argmax(axis=1)]
+    return pick
+
+
+def median_time(call, reps: int) -> float:
+    times = []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def bench_lists(faiss, keys: np.ndarray, labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
+                exact_sides: np.ndarray, lists: int, reps: int) -> dict:  # fmt: skip
+    if lists >= HNSW_FROM_LISTS:
+        quantizer = faiss.IndexHNSWFlat(D, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        quantizer.hnsw.efSearch = HNSW_EF_SEARCH
+    else:
+        quantizer = faiss.IndexFlatIP(D)
+    index = faiss.IndexIVFFlat(quantizer, D, lists, faiss.METRIC_INNER_PRODUCT)
+    index.cp.spherical, index.cp.niter, index.cp.seed = True, KMEANS_ITERATIONS, 0
+    index.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
+    sample = keys[np.random.default_rng(0).permutation(len(keys))[: TRAIN_POINTS_PER_LIST * lists]]
+    start = time.perf_counter()
+    index.train(sample)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    index.add(keys)
+    add_s = time.perf_counter() - start
+
+    home = np.empty(len(keys), dtype=np.int64)  # the list each key was added to
+    for number in range(lists):
+        size = index.invlists.list_size(number)
+        if size:
+            home[faiss.rev_swig_ptr(index.invlists.get_ids(number), size)] = number
+    centroids = index.quantizer.reconstruct_n(0, lists)
+    order = np.argsort(-(queries @ centroids.T), axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(lists)[None, :].repeat(len(order), axis=0), axis=1)
+    needed = np.ones(len(queries), dtype=np.int64)
+    for slots in exact_sides:
+        held = slots >= 0
+        needed[held] = np.maximum(needed[held], rank[np.flatnonzero(held), home[slots[held]]] + 1)
+    probes = int(np.quantile(needed, 0.95, method="higher"))
+
+    index.nprobe = probes
+    search_s = median_time(lambda: index.search(queries, K), reps)
+    found = index.search(queries, K)[1]
+    got = sides(found, labels, query_labels)
+    same = (got == exact_sides).all(axis=0)
+    return {
+        "nlist": lists,
+        "quantizer": "hnsw" if lists >= HNSW_FROM_LISTS else "flat",
+        "train_s": train_s,
+        "add_s": add_s,
+        "probes_95": probes,
+        "search_ms": 1e3 * search_s,
+        "recall_at_1": float(np.mean(found[:, 0] == exact_top1(queries, keys))),
+        "sides_equal": float(same.mean()),
+    }
+
+
+def exact_top1(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    return (torch.from_numpy(queries) @ torch.from_numpy(keys).T).argmax(dim=1).numpy()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1 << 16, help="keys (default 65,536)")
+    parser.add_argument("--lists", default="256,2048,8192", help="comma-separated nlist values")
+    parser.add_argument("--batch", type=int, default=256, help="queries per search (B)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch and faiss threads (default 1)")
+    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/ivf-lists.json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    faiss = import_faiss()
+    faiss.omp_set_num_threads(args.threads)
+
+    source = Keys("clustered", args.n, seed=0)
+    stored, stored_labels = source.fill_rows(0, args.n)
+    keys, labels = np.ascontiguousarray(stored.numpy()), stored_labels.numpy()
+    query_tensor, query_label_tensor = source.rows(args.batch)
+    queries, query_labels = np.ascontiguousarray(query_tensor.numpy()), query_label_tensor.numpy()
+    top = lambda: torch.topk(query_tensor @ stored.T, K, dim=1)  # noqa: E731
+    exact_ms = 1e3 * median_time(top, args.reps)
+    exact_sides = sides(top().indices.numpy(), labels, query_labels)
+    print(f"N = {args.n:,} clustered keys, B = {args.batch}: exact search {exact_ms:.1f} ms", flush=True)
+
+    rows = []
+    for lists in (int(s) for s in args.lists.split(",")):
+        row = bench_lists(faiss, keys, labels, queries, query_labels, exact_sides, lists, args.reps)
+        row["times_exact"] = exact_ms / row["search_ms"]
+        rows.append(row)
+        print(
+            "  " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True
+        )
+
+    lines = [
+        f"N = {args.n:,} clustered keys, B = {args.batch}, k = {K}; exact search {exact_ms:.1f} ms",
+        "",
+        "| nlist | quantizer | train s | add s | probes@95 | search ms | × exact | recall@1 | pos+neg = exact |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['nlist']:,} | {r['quantizer']} | {r['train_s']:.1f} | {r['add_s']:.1f} | {r['probes_95']:,} "
+            f"({r['probes_95'] / r['nlist']:.1%}) | {r['search_ms']:.1f} | {r['times_exact']:.1f} | "
+            f"{r['recall_at_1']:.3f} | {r['sides_equal']:.3f} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = args.out or Path(__file__).resolve().parent / "results" / "ivf-lists.json"
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["benchmarks/bench_ivf_lists.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_info("cpu"),
+        "exact_ms": exact_ms,
+        "rows": rows,
+        "table": table,
+    }
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
