@@ -175,15 +175,26 @@ def probes_for_95(index, keys: torch.Tensor, queries: torch.Tensor, sides: tuple
     (shard,) = index.shards
     lists = shard.quantizer.ntotal
     order = shard.quantizer.search(np.ascontiguousarray(queries.numpy()), lists)[1]
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(lists)[None, :].repeat(len(order), axis=0), axis=1)
-    needed = np.ones(len(queries), dtype=np.int64)
+    homes = []
     for slots in sides:
         slots = slots.numpy()
+        home = np.full(len(slots), -1, dtype=np.int64)
         held = slots >= 0
-        home = shard.quantizer.search(np.ascontiguousarray(keys[slots[held]].numpy()), 1)[1][:, 0]
-        needed[held] = np.maximum(needed[held], rank[np.flatnonzero(held), home] + 1)
-    return int(np.ceil(np.quantile(needed, 0.95, method="higher")))
+        home[held] = shard.quantizer.search(np.ascontiguousarray(keys[slots[held]].numpy()), 1)[1][:, 0]
+        homes.append(home)
+    return lists_for_95(order, homes)
+
+
+def lists_for_95(order: np.ndarray, homes: list[np.ndarray]) -> int:
+    """``order`` [B, nlist]: each row's lists, nearest first; ``homes``: per side, each row's list holding that
+    side's slot (-1: none). The fewest lists probed for which 95% of rows have every side in a probed list."""
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :].repeat(len(order), axis=0), axis=1)
+    needed = np.ones(len(order), dtype=np.int64)
+    for home in homes:
+        held = home >= 0
+        needed[held] = np.maximum(needed[held], rank[np.flatnonzero(held), home[held]] + 1)
+    return int(np.quantile(needed, 0.95, method="higher"))
 
 
 def quality(got_slots, want_slots, got_sides=None, want_sides=None) -> dict:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_ann import D, K, Keys
+from bench_ann import D, K, Keys, lists_for_95
 from bench_memory import machine_info
 
 from lifelong_memory.server.index import import_faiss
@@ -91,13 +91,7 @@ def bench_lists(faiss, keys: np.ndarray, labels: np.ndarray, queries: np.ndarray
             home[faiss.rev_swig_ptr(index.invlists.get_ids(number), size)] = number
     centroids = index.quantizer.reconstruct_n(0, lists)
     order = np.argsort(-(queries @ centroids.T), axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(lists)[None, :].repeat(len(order), axis=0), axis=1)
-    needed = np.ones(len(queries), dtype=np.int64)
-    for slots in exact_sides:
-        held = slots >= 0
-        needed[held] = np.maximum(needed[held], rank[np.flatnonzero(held), home[slots[held]]] + 1)
-    probes = int(np.quantile(needed, 0.95, method="higher"))
+    probes = lists_for_95(order, [np.where(slots >= 0, home[slots], -1) for slots in exact_sides])
 
     index.nprobe = probes
     search_s = median_time(lambda: index.search(queries, K), reps)
