@@ -62,6 +62,8 @@ def test_the_pipeline_runs_end_to_end(straight_run):
         context = test["context"]
         assert (context["context_lines"], context["test_lines"]) == (20, 20)
         assert context["gain_bleu"] == context["with"]["bleu"] - context["without"]["bleu"]
+        ceiling = context["rare_word_ceiling"]
+        assert 0 <= ceiling["lines"] <= 20 and ceiling["gain_bleu"] == ceiling["bleu"] - context["without"]["bleu"]
         for when in ("without", "with"):
             recall = context[when]["teacher_forced"]
             assert recall["subwords"] > 0 and 0 <= recall["only_memory"] <= recall["memory"] <= 1
@@ -241,3 +243,14 @@ def test_a_checkpoint_from_before_the_recall_gate_counts_as_trained_without_it()
     translation.check_same_experiment(translation.configure([]), saved, "old.pt")
     with pytest.raises(SystemExit, match="--recall-gate False"):
         translation.check_same_experiment(translation.configure(["--recall-gate"]), saved, "old.pt")
+
+
+def test_the_rare_word_ceiling_fixes_only_the_lines_holding_a_rare_word_of_the_context():
+    counts = Counter({"Hund": 9, "Dackel": 1})  # every other word: never in training
+    references = ["Ein kleiner Dackel läuft schnell", "Ein großer Hund läuft schnell", "Zwei Zebras laufen weg"]
+    hypotheses = ["Ein kleiner Hund läuft schnell", "Ein großer Hund läuft langsam", "Zwei Pferde laufen weg"]
+    # "Dackel" (once) is in the context, "Zebras" (never) is not, "Hund" is not rare: only line 0 is fixed.
+    result = translation.rare_word_ceiling(hypotheses, references, counts, context_words={"Dackel", "Hund"})
+    expected = translation.bleu_chrf([references[0], *hypotheses[1:]], references)
+    assert result == {"lines": 1, **expected}
+    assert result["bleu"] > translation.bleu_chrf(hypotheses, references)["bleu"] > 0
