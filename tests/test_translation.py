@@ -238,11 +238,44 @@ def test_the_recall_gate_decides_how_much_of_the_recall_reaches_the_output():
     assert gated.recall_gate.weight.grad[0, -1] != 0, "the nearest neighbour's similarity is an input of the gate"
 
 
-def test_a_checkpoint_from_before_the_recall_gate_counts_as_trained_without_it():
-    saved = {key: translation.configure([])[key] for key in translation.EXPERIMENT_SETTINGS if key != "recall_gate"}
+def test_a_tied_recall_raises_the_logit_of_the_recalled_subword_by_its_weight():
+    store = connect("local")
+    module = MemoryModule(store, 8, 16, name="tied", return_neighbors=True, memory_size=256, choose_k=4)
+    torch.manual_seed(0)
+    tied = translation.Translator(12, 12, 8, 16, 0.0, module, tied_recall=True)
+    own = translation.Translator(12, 12, 8, 16, 0.0, module)
+    assert tied.value_embedding is None
+    assert sum(p.numel() for p in own.parameters()) - sum(p.numel() for p in tied.parameters()) == 12 * 16
+    pairs = translation.Pairs([[4, 5, 6], [7, 8]], [[5, 6, 9], [7]], [""] * 2, [""] * 2)
+    translation.memorise(tied, pairs)  # every step now recalls a written slot
+    source, decoder_inputs, _ = translation.as_batch(pairs, range(2))
+    steps = decoder_inputs != translation.PAD
+
+    def decoded():
+        encoded, state = tied.encode(source)
+        logits, _, out = tied.decode(encoded, decoder_inputs, state)
+        return logits[steps], out
+
+    with torch.no_grad():
+        tied.output.weight[:, 16:] = 0.0  # no recall reaches the output
+        plain, _ = decoded()
+        tied.output.weight[:, 16:] = 3 * torch.eye(12, 16)  # each subword's recall row on an axis of its own
+        recalled, out = decoded()
+    nearest, weight = out.neighbor_values[:, 0], out.neighbor_weights[:, 0]
+    assert bool((nearest >= 0).all()) and bool((weight > 0).all())
+    want = torch.zeros_like(plain)
+    want[torch.arange(len(nearest)), nearest] = 9 * weight  # weight * |row v|^2 on v's logit, nothing elsewhere
+    torch.testing.assert_close(recalled - plain, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_checkpoint_from_before_a_setting_counts_as_trained_with_its_default():
+    later = ("recall_gate", "tied_recall")
+    saved = {key: translation.configure([])[key] for key in translation.EXPERIMENT_SETTINGS if key not in later}
     translation.check_same_experiment(translation.configure([]), saved, "old.pt")
     with pytest.raises(SystemExit, match="--recall-gate False"):
         translation.check_same_experiment(translation.configure(["--recall-gate"]), saved, "old.pt")
+    with pytest.raises(SystemExit, match="--tied-recall False"):
+        translation.check_same_experiment(translation.configure(["--tied-recall"]), saved, "old.pt")
 
 
 def test_the_rare_word_ceiling_fixes_only_the_lines_holding_a_rare_word_of_the_context():

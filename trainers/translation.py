@@ -16,6 +16,8 @@ CPU core trains in half an hour, on Multi30k (29,000 English-German image descri
               training step updates the memory with the reference subwords. With --recall-gate the recalled
               embedding is also scaled by a learned gate, a sigmoid of a linear function of the attention
               vector and the nearest neighbour's cosine similarity, so the model can learn when to trust it.
+              With --tied-recall the recalled subword's embedding is the output layer's own row for that
+              subword (in the half that reads the recall): a recall then raises that subword's logit.
 
 Evaluation (at the end of training, or --evaluate CHECKPOINT): beam search on test_2016_flickr and
 test_2017_flickr, BLEU and chrF with sacrebleu on the detokenized output; the paper's one-shot context test
@@ -75,6 +77,7 @@ key_dim = 64
 memory_size = 16_384  # at least a batch's rows: one query per target subword (up to 64 x 61), each may write a slot
 search_dtype = "float32"  # the memory's search scores: "float32" or "bfloat16" (about half the cost, ranks may tie)
 recall_gate = False  # memory model: gate the recalled embedding on the attention vector and the nearest similarity
+tied_recall = False  # memory model: a recalled subword is embedded by its own output-layer row (see Translator)
 choose_k = 16
 alpha = 0.1
 age_noise = 8.0
@@ -251,6 +254,7 @@ class Translator(nn.Module):
         dropout,
         memory: MemoryModule | None = None,
         recall_gate: bool = False,
+        tied_recall: bool = False,
     ):
         super().__init__()
         self.source_embed = nn.Embedding(source_vocab, embedding_dim, padding_idx=PAD)
@@ -263,7 +267,10 @@ class Translator(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.memory = memory
         if memory is not None:
-            self.value_embedding = nn.Embedding(target_vocab, hidden)
+            # Tied: the embedding of a recalled subword v is v's row in the half of the output layer that reads the
+            # recall, so the recall adds weight * |row v|^2 to v's own logit. That row learns at every step, as every
+            # output row does; an embedding of its own learns only when v is recalled: rarely, for a rare word.
+            self.value_embedding = None if tied_recall else nn.Embedding(target_vocab, hidden)
             # the attention vector and the nearest neighbour's cosine similarity -> how much of the recall to use
             self.recall_gate = nn.Linear(hidden + 1, 1) if recall_gate else None
         self.output = nn.Linear(hidden * (2 if memory is not None else 1), target_vocab)
@@ -305,8 +312,13 @@ class Translator(nn.Module):
             gate_input = torch.cat([attention_vector[steps], similarity.to(attention_vector.dtype)], dim=1)
             weight = weight * torch.sigmoid(self.recall_gate(gate_input))[:, 0]
         recalled = torch.zeros_like(attention_vector)
-        recalled[steps] = self.value_embedding(nearest.clamp(min=0)) * weight[:, None]
+        recalled[steps] = self.embed_value(nearest.clamp(min=0)) * weight[:, None]
         return self.output(torch.cat([attention_vector, recalled], dim=-1)), state, out
+
+    def embed_value(self, values: torch.Tensor) -> torch.Tensor:
+        if self.value_embedding is None:
+            return self.output.weight[values, self.output.in_features // 2 :]
+        return self.value_embedding(values)
 
 
 def train_step(model, optimizer, source, decoder_inputs, targets, config) -> tuple[float, float]:
@@ -676,7 +688,7 @@ def print_evaluation(results: dict) -> None:
 # What a checkpoint's weights and memory depend on: resuming or evaluating under other values would mix experiments.
 EXPERIMENT_SETTINGS = ("model", "source_language", "target_language", "train_pairs", "vocab_size", "max_train_length",
                        "embedding_dim", "hidden", "key_dim", "memory_size", "choose_k", "recall_gate",
-                       "seed")  # fmt: skip
+                       "tied_recall", "seed")  # fmt: skip
 
 
 def check_same_experiment(config: dict, saved: dict, source) -> None:
@@ -735,7 +747,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     vocab = [v.get_piece_size() for v in task.vocabularies]
     model = Translator(
-        *vocab, config["embedding_dim"], config["hidden"], config["dropout"], module, config["recall_gate"]
+        *vocab,
+        config["embedding_dim"],
+        config["hidden"],
+        config["dropout"],
+        module,
+        config["recall_gate"],
+        config["tied_recall"],
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     first_step, metrics = 1, []
