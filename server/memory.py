@@ -60,10 +60,10 @@ MIB = 1 << 20
 DEFAULT_MAX_BATCH = 4096
 # Bytes per slot besides its key on the memory's device: value and generation.
 DEVICE_SLOT_BYTES = 8 + 8
-# Bytes per slot in host memory, whatever the device: the stamp, filled flag and slot id; the age order's
-# log (slot and stamp, up to twice the memory size); what a write that scores every slot computes (age, noise,
-# hash scratch, sort key); and a snapshot's copies of the value, age, generation and writer tag.
-HOST_SLOT_BYTES = (8 + 1 + 8) + 2 * (8 + 8) + (4 + 4 + 8 + 8 + 8) + (8 + 4 + 8 + 4)
+# Bytes per slot in host memory, whatever the device: the stamp, filled and merge-target flags and slot id; the
+# age order's log (slot and stamp, up to twice the memory size); what a write that scores every slot computes
+# (age, noise, hash scratch, sort key); and a snapshot's copies of the value, age, generation and writer tag.
+HOST_SLOT_BYTES = (8 + 1 + 1 + 8) + 2 * (8 + 8) + (4 + 4 + 8 + 8 + 8) + (8 + 4 + 8 + 4)
 # Host bytes one entry of the recent-label table costs (an OrderedDict entry and two ints), whatever the device.
 RECENT_ENTRY_BYTES = 160
 # Working memory of a query per (row, neighbour), measured on the CPU: search output, canonical order,
@@ -601,7 +601,8 @@ class Memory:
             # last written, merged into or cleared (its stamp in ``_touched``); ``_age_order`` finds the oldest.
             self._touched = np.zeros(size, dtype=np.int64)
             self._filled = np.zeros(size, dtype=bool)
-            self._slot_ids = torch.arange(size)
+            self._merge_targets = np.zeros(size, dtype=bool)  # a write's scratch: the slots its rows merge into
+            self._slot_ids = np.arange(size)
             # Streamed captures still being read (capture(streamed=True)); one dropped unread goes with it.
             self._streamed_keys: weakref.WeakSet[KeysAtCommit] = weakref.WeakSet()
             self.writers = torch.zeros(size, dtype=torch.int32)
@@ -641,7 +642,10 @@ class Memory:
         return self._ages_of(self._touched)
 
     def _ages_of(self, touched: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.minimum(self.commit_sequence - touched, MAX_AGE).astype(np.float32))
+        return torch.from_numpy(self._host_ages(touched))
+
+    def _host_ages(self, touched: np.ndarray) -> np.ndarray:
+        return np.minimum(self.commit_sequence - touched, MAX_AGE).astype(np.float32)
 
     # ----------------------------------------------------------------- public
 
@@ -1038,9 +1042,14 @@ class Memory:
                 lowest_empty = torch.nonzero(self.values == EMPTY).flatten()[:k]
                 rank = (zero_empty.cumsum(dim=1) - 1).clamp(min=0)
                 slots = torch.where(zero_empty, lowest_empty[rank], slots)
-        key = descending_then_lower_index_key(similarities, slots, self.config.memory_size, nan_first=True)
-        order = torch.sort(key, dim=1, descending=True).indices
-        return slots.gather(1, order), similarities.gather(1, order)
+        similarities, order = torch.sort(similarities, dim=1, descending=True)
+        slots = slots.gather(1, order)
+        if not bool((similarities[:, 1:] < similarities[:, :-1]).all()):
+            # Ties (or a NaN, or -0.0 beside +0.0): a sort of keys with none alike puts tied slots lowest first.
+            key = descending_then_lower_index_key(similarities, slots, self.config.memory_size, nan_first=True)
+            order = torch.sort(key, dim=1, descending=True).indices
+            slots, similarities = slots.gather(1, order), similarities.gather(1, order)
+        return slots, similarities
 
     def _read(self, q: torch.Tensor, labels: torch.Tensor | None, k: int, use_recent: bool) -> _Read:
         """``labels`` on the CPU."""
@@ -1092,13 +1101,13 @@ class Memory:
         ``excluded`` (the slots this batch's merging rows merge into)."""
         candidates = self._oldest_candidates(count, excluded)
         if candidates is None:  # score every slot, as the rule reads
-            ids, score = self._slot_ids, self.ages
+            ids, score = self._slot_ids, self._host_ages(self._touched)
             score[excluded] = -math.inf
         else:
-            ids, score = torch.from_numpy(candidates), self._ages_of(self._touched[candidates])
+            ids, score = candidates, self._host_ages(self._touched[candidates])
         if self.config.age_noise:
-            score = age_noise(self.config.seed, self.commit_sequence + 1, ids, self.config.age_noise).add_(score)
-        return _descending_then_lower_slot(score, ids, count, self.config.memory_size).numpy()
+            score += age_noise(self.config.seed, self.commit_sequence + 1, ids, self.config.age_noise)
+        return _descending_then_lower_slot(score, ids, count, self.config.memory_size)
 
     def _oldest_candidates(self, count: int, excluded: np.ndarray) -> np.ndarray | None:
         """The slots outside ``excluded`` that can be among the ``count`` chosen, or None where every slot is
@@ -1106,12 +1115,20 @@ class Memory:
         count-th oldest cannot outscore any of the count oldest, so the walk from the oldest stops there.
         None: fewer than ``count`` slots lie outside ``excluded``, or the band holds much of the memory (a
         fresh or cleared memory's slots share one age), where one pass over every slot costs less."""
+        self._merge_targets[excluded] = True
+        try:
+            return self._walk_oldest(count, len(excluded) > 0)
+        finally:
+            self._merge_targets[excluded] = False
+
+    def _walk_oldest(self, count: int, excluding: bool) -> np.ndarray | None:
+        """_oldest_candidates with the excluded slots marked in ``_merge_targets``."""
         half_width = self.config.age_noise
         most = self.config.memory_size // 8  # more candidates than this: one pass over every slot is cheaper
         candidates, found, bound = [], 0, None
         for slots, stamps in self._age_order.oldest_first(self._touched):  # ages never increase along the walk
-            if len(excluded):
-                kept = ~np.isin(slots, excluded)
+            if excluding:
+                kept = ~self._merge_targets[slots]
                 slots, stamps = slots[kept], stamps[kept]
             ages = np.minimum(self.commit_sequence - stamps, MAX_AGE)
             if bound is None and found + len(slots) >= count:
@@ -1260,23 +1277,12 @@ NOISE_BITS = 24  # a float32 holds 24-bit integers exactly
 MAX_AGE = 2**24  # where a float32 age, counted up by 1 per commit, stops growing
 
 
-def _signed64(value: int) -> int:
-    """A 64-bit pattern as the int64 torch holds it."""
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _mix64_high_bits(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on an int64 tensor, in place, as unsigned 64-bit arithmetic, correct in bits
-    33-63: products wrap, and right shifts are made logical by masking the sign bits an arithmetic shift
-    copies in. The finaliser's last step, z ^= z >> 31, changes only bits 0-32, so it is left out. In place
-    with one scratch tensor: at a million slots this is faster than torch.rand."""
-    shifted = torch.empty_like(z)
+def _mix64_high_bits(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array, in place (products wrap), correct in bits 33-63: its last
+    step, z ^= z >> 31, changes only bits 0-32, so it is left out."""
     for bits, multiplier in ((30, MIX_1), (27, MIX_2)):
-        torch.bitwise_right_shift(z, bits, out=shifted)
-        shifted.bitwise_and_((1 << (64 - bits)) - 1)
-        z.bitwise_xor_(shifted)
-        z.mul_(_signed64(multiplier))
+        z ^= z >> np.uint64(bits)
+        z *= np.uint64(multiplier)
     return z
 
 
@@ -1287,33 +1293,40 @@ def _mix64_int(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def age_noise(seed: int, commit: int, slots: torch.Tensor, half_width: float) -> torch.Tensor:
+def age_noise(seed: int, commit: int, slots: np.ndarray, half_width: float) -> np.ndarray:
     """The age noise of write ``commit`` for ``slots`` (int64), float32 in [-half_width, half_width].
 
-    A pure function, the same on every device, for any shard count and whatever else the memory did:
+    A pure function of these, computed on the host whatever the memory's device (the write choice is host
+    bookkeeping), for any shard count and whatever else the memory did:
         stream = mix64(seed + commit * G)                    (Python integers, mod 2^64)
         h      = mix64(stream + (slot + 1) * G)              (mod 2^64; G = 0x9E3779B97F4A7C15)
         noise  = float32(h >> 40) * float32(2 a / 2^24) - float32(a)      (float32 arithmetic)
     with mix64 splitmix64's finaliser. tests/reference_memory.py evaluates it independently in numpy.
     """
     stream = _mix64_int((seed + commit * GOLDEN_GAMMA) & ((1 << 64) - 1))
-    h = torch.mul(slots, _signed64(GOLDEN_GAMMA))
-    h.add_(_signed64(GOLDEN_GAMMA + stream))  # (slot + 1) * G + stream
+    h = slots.view(np.uint64) * np.uint64(GOLDEN_GAMMA)
+    h += np.uint64((GOLDEN_GAMMA + stream) & ((1 << 64) - 1))  # (slot + 1) * G + stream
     _mix64_high_bits(h)
-    h.bitwise_right_shift_(64 - NOISE_BITS)
-    h.bitwise_and_((1 << NOISE_BITS) - 1)
-    noise = h.to(torch.float32)
-    # Python floats that are float32 values: a float32 tensor's arithmetic takes them as those float32s.
-    noise.mul_(float(np.float32(2 * half_width / 2**NOISE_BITS)))
-    noise.sub_(float(np.float32(half_width)))
+    h >>= np.uint64(64 - NOISE_BITS)
+    noise = h.astype(np.float32)
+    noise *= np.float32(2 * half_width / 2**NOISE_BITS)
+    noise -= np.float32(half_width)
     return noise
 
 
-def _descending_then_lower_slot(score: torch.Tensor, indices: torch.Tensor, count: int, size: int) -> torch.Tensor:
-    """The ``count`` of ``indices`` (distinct, in [0, size)) of largest float32 ``score``, in decreasing
-    order, ties to the lower index: one top-k of a key with no two alike."""
-    top = torch.topk(descending_then_lower_index_key(score, indices, size), count).values
-    return top.bitwise_and_(LOW_HALF).neg_().add_(size - 1)
+def _descending_then_lower_slot(score: np.ndarray, indices: np.ndarray, count: int, size: int) -> np.ndarray:
+    """The ``count`` of ``indices`` (int64, distinct, in [0, size), size <= 2^31) of largest float32 ``score``
+    (never NaN), in decreasing order, ties to the lower index: one partition of an int64 key with no two alike,
+    as descending_then_lower_index_key builds it: the float's bits made monotone, then size - 1 - index."""
+    bits = (score + np.float32(0.0)).view(np.int32)  # +0.0 stands in for -0.0
+    bits ^= (bits >> 31) & np.int32(0x7FFFFFFF)
+    key = bits.astype(np.int64)
+    key <<= 32
+    key -= indices
+    key += size - 1
+    key.partition(len(key) - count)
+    top = np.sort(key[len(key) - count :])[::-1]
+    return (size - 1) - (top & LOW_HALF)
 
 
 def check_writer(writer) -> None:

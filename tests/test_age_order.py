@@ -21,8 +21,8 @@ def rule(memory: Memory, count: int, excluded: np.ndarray) -> list[int]:
     size = memory.config.memory_size
     score = memory.ages.clone()
     if memory.config.age_noise:
-        score = age_noise(memory.config.seed, memory.commit_sequence + 1, torch.arange(size), memory.config.age_noise)
-        score = score + memory.ages
+        noise = age_noise(memory.config.seed, memory.commit_sequence + 1, np.arange(size), memory.config.age_noise)
+        score = torch.from_numpy(noise) + memory.ages
     score[torch.from_numpy(excluded)] = -math.inf
     order = sorted(range(size), key=lambda slot: (-float(score[slot]), slot))
     return order[:count]

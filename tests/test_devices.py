@@ -374,17 +374,17 @@ def test_this_environment_has_exactly_one_faiss():
 
 @pytest.mark.parametrize("seed, commit", [(0, 1), (3, 17), (2**63 - 1, 2**40 + 5), (123456789, 1)])
 def test_the_noise_is_the_spec_s_hash(seed, commit):
-    slots = torch.arange(5000)
-    got = age_noise(seed, commit, slots, 8.0).numpy()
+    slots = np.arange(5000)
+    got = age_noise(seed, commit, slots, 8.0)
     want = reference_age_noise(seed, commit, 5000, 8.0)
     np.testing.assert_array_equal(got, want)
     assert got.dtype == np.float32 and -8.0 <= got.min() and got.max() <= 8.0 and len(np.unique(got)) > 4900
 
 
 def test_the_noise_of_a_slot_does_not_depend_on_which_slots_are_asked():
-    everywhere = age_noise(5, 9, torch.arange(1000), 2.0)
-    some = torch.tensor([999, 3, 512])
-    assert torch.equal(age_noise(5, 9, some, 2.0), everywhere[some])
+    everywhere = age_noise(5, 9, np.arange(1000), 2.0)
+    some = np.array([999, 3, 512])
+    np.testing.assert_array_equal(age_noise(5, 9, some, 2.0), everywhere[some])
 
 
 # ------------------------------------------------------------------ the image's torch build, the extras
