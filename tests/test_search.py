@@ -51,3 +51,37 @@ def test_tied_neighbours_come_lower_slot_first_whatever_order_the_index_returns(
     result = memory.query(torch.eye(8)[:1], fields={"neighbors"})
     assert result.neighbor_slots.tolist() == [sorted(tied)]
     assert (result.neighbor_similarities == 1).all()
+
+
+class FixedIndex:
+    """An index answering every search with the same (similarities, slots), in the order given."""
+
+    def __init__(self, similarities: torch.Tensor, slots: torch.Tensor):
+        self.answer = similarities, slots
+
+    def search(self, queries, k, empty_slots=0):
+        return self.answer
+
+
+def test_the_canonical_order_holds_in_rows_with_and_without_ties_and_puts_nan_first():
+    """Rows without ties are ordered by one float sort; a row with ties, or a NaN, by slot among equals."""
+    generator = torch.Generator().manual_seed(3)
+    slots = torch.stack([torch.randperm(60, generator=generator)[:12] for _ in range(3)])
+    similarities = torch.stack(
+        [
+            torch.rand(12, generator=generator) + 0.5,  # distinct
+            torch.tensor([0.5, 0.25, 0.75]).repeat(4),  # four slots at each of three values
+            torch.rand(12, generator=generator) + 0.5,
+        ]
+    )
+    similarities[2, [4, 9]] = float("nan")
+    memory = Memory(MemoryConfig(key_dim=4, memory_size=64, choose_k=12, age_noise=0.0))
+    memory.index = FixedIndex(similarities, slots)
+    got_slots, got_similarities = memory._search(torch.zeros(3, 4), 12)
+    for row in range(3):
+        pairs = sorted(
+            zip(similarities[row].tolist(), slots[row].tolist(), strict=True),
+            key=lambda pair: (pair[0] == pair[0], -pair[0] if pair[0] == pair[0] else 0.0, pair[1]),
+        )
+        assert got_slots[row].tolist() == [slot for _, slot in pairs]
+        assert torch.equal(got_similarities[row].isnan(), torch.tensor([s != s for s, _ in pairs]))
