@@ -18,7 +18,8 @@ each in turn, so load from elsewhere hits them alike:
 
 ``--backend lsh`` or ``faiss-ivf`` gives both memories that approximate index (the raw anchors stay exact):
 with a sublinear search, what the step does outside the search shows. The memories are filled N / 256 slots
-per commit, so a full memory's oldest slots come in groups of N / 256 of one age.
+per commit, so a full memory's oldest slots come in groups of N / 256 of one age. ``--fresh`` starts both from
+empty memories instead: every slot of one age, so each write scores every slot (a new memory's first writes).
 
 Reported: median ms per call, ratios, and whether the answers were the same. Table and JSON (--out).
 """
@@ -76,13 +77,15 @@ def unit_rows(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(n, KEY_DIM, generator=generator), dim=1)
 
 
-def filled(module, n: int, max_batch: int, backend: str):
-    """A memory of ``module`` with every slot written (the same keys for every module). Small batches: the
-    empty slots soon are older than the age noise can hide, so writes land in them."""
+def filled(module, n: int, max_batch: int, backend: str, fresh: bool = False):
+    """A memory of ``module`` with every slot written (the same keys for every module), or none (``fresh``).
+    Small batches: the empty slots soon are older than the age noise can hide, so writes land in them."""
     memory = module.Memory(
         module.MemoryConfig(key_dim=KEY_DIM, memory_size=n, choose_k=CHOOSE_K, age_noise=AGE_NOISE, backend=backend),
         max_batch=max(max_batch, n // 256),
     )
+    if fresh:
+        return memory
     generator = torch.Generator().manual_seed(n)
     label = 0
     while memory.empty_slots:
@@ -101,10 +104,10 @@ def same(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def bench_shape(baseline, n: int, b: int, seconds: float, writer: str, backend: str) -> dict:
-    memories = {"baseline": filled(baseline, n, b, backend), "current": filled(current, n, b, backend)}
+def bench_shape(baseline, n: int, b: int, seconds: float, writer: str, backend: str, fresh: bool) -> dict:
+    memories = {"baseline": filled(baseline, n, b, backend, fresh), "current": filled(current, n, b, backend, fresh)}
     if writer:
-        memories["tagged"] = filled(current, n, b, backend)
+        memories["tagged"] = filled(current, n, b, backend, fresh)
     generator = torch.Generator().manual_seed(n + b)
     keys = unit_rows(n, generator)
     buffer = torch.empty(b, n)
@@ -149,6 +152,7 @@ def bench_shape(baseline, n: int, b: int, seconds: float, writer: str, backend: 
         "N": n,
         "B": b,
         "backend": backend,
+        "fresh": fresh,
         "calls": step,
         "median_ms": median,
         "baseline/raw": median["baseline"] / median["raw"],
@@ -168,14 +172,18 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--backend", default="torch", help="the memories' search backend (torch, faiss, lsh, faiss-ivf)"
     )
+    parser.add_argument(
+        "--fresh", action="store_true", help="start from empty memories: every slot of one age, the first writes"
+    )
     parser.add_argument("--out", default="benchmarks/results/fused-step.json")
     args = parser.parse_args(argv)
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     with tempfile.TemporaryDirectory() as folder:
         baseline = load_baseline(args.baseline, pathlib.Path(folder))
-        rows = [bench_shape(baseline, n, b, args.seconds, args.writer, args.backend) for n, b in shapes]
+        rows = [bench_shape(baseline, n, b, args.seconds, args.writer, args.backend, args.fresh) for n, b in shapes]
     print(
-        f"embedded fused query + update, d={KEY_DIM} k={CHOOSE_K}, backend {args.backend}; torch {torch.__version__}, "
+        f"embedded fused query + update, d={KEY_DIM} k={CHOOSE_K}, backend {args.backend}"
+        f"{', fresh memories' if args.fresh else ''}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; median ms per call"
     )
     header = f"{'N':>9} {'B':>4} {'raw':>8} {'raw-out':>8} {'baseline':>9} {'current':>8} "

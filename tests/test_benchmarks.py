@@ -99,3 +99,14 @@ def test_bench_ivf_lists_probing_probes_at_95_keeps_the_exact_sides_in_95_percen
     assert [r["nlist"] for r in rows] == [32, 256]
     for row in rows:
         assert 1 <= row["probes_95"] <= row["nlist"] and row["sides_equal"] >= 0.95
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_bench_fused_step_runs_a_revision_beside_the_current_memory(tmp_path, fresh):
+    out = tmp_path / "fused.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_fused_step.py"), "--baseline", "HEAD", "--shapes", "2048x8"]
+    command += ["--seconds", "0.2", "--out", str(out)] + (["--fresh"] if fresh else [])
+    subprocess.run(command, check=True, timeout=300, cwd=BENCHMARKS.parent, capture_output=True)
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["same"] and row["fresh"] == fresh and row["calls"] >= 10
+    assert {"raw", "raw-out", "baseline", "current"} <= row["median_ms"].keys()
