@@ -1163,7 +1163,7 @@ class Memory:
         host_slots = np.where(host_incorrect, oldest, host_positive)
         slots = torch.from_numpy(host_slots)
         device_slots = slots.to(self.device)
-        merged_keys = _l2_normalize(q + self._padded_keys[device_slots])  # used only where a row merges
+        merged_keys = _l2_normalize_(self._padded_keys[device_slots].add_(q))  # used only where a row merges
         new_keys = torch.where(incorrect[:, None], q, merged_keys)
         # Rows apply in batch order: where two rows touch one slot, the later wins.
         order = np.argsort(host_slots, kind="stable")
@@ -1354,13 +1354,13 @@ def _sorted_descending(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _best(slots: torch.Tensor, similarities: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each of the masks [S, B, P] over a pool's [B, P] slots, per row the masked entry of highest
     similarity, the first of equals: (slot or -1, similarity or 0), each [S, B]."""
-    best = torch.where(masks, similarities, -math.inf).argmax(dim=2, keepdim=True)
+    best_similarity, best = torch.where(masks, similarities, -math.inf).max(dim=2, keepdim=True)
     found = masks.any(dim=2)
     slot = torch.where(found, slots.expand_as(masks).gather(2, best).squeeze(2), NO_SLOT)
-    similarity = torch.where(found, similarities.expand_as(masks).gather(2, best).squeeze(2), 0.0)
+    similarity = torch.where(found, best_similarity.squeeze(2), 0.0)
     return slot, similarity
 
 
-def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """TensorFlow's l2_normalize: x * rsqrt(max(sum(x^2), 1e-12))."""
-    return x * torch.rsqrt(torch.clamp((x * x).sum(dim=-1, keepdim=True), min=1e-12))
+def _l2_normalize_(x: torch.Tensor) -> torch.Tensor:
+    """TensorFlow's l2_normalize, in place: x * rsqrt(max(sum(x^2), 1e-12))."""
+    return x.mul_((x * x).sum(dim=-1, keepdim=True).clamp_(min=1e-12).rsqrt_())
