@@ -73,17 +73,17 @@ class TorchFlatIndex:
         self._scores = torch.empty(rows, len(keys), dtype=search_dtype, device=keys.device)
 
     def search(self, queries: torch.Tensor, k: int, empty_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        k = min(k, len(self.keys))
+        k = min(k, self.keys.shape[0])
         queries = queries.to(self.keys.device)
         partition = self._partitions(k, empty_slots)
-        rows = len(self._scores)
-        if len(queries) <= rows:
+        rows, batch = self._scores.shape[0], queries.shape[0]  # shapes, not len(): torch's __len__ is a Python call
+        if batch <= rows:
             return self._search(queries, k, partition)
-        parts = [self._search(queries[start : start + rows], k, partition) for start in range(0, len(queries), rows)]
+        parts = [self._search(queries[start : start + rows], k, partition) for start in range(0, batch, rows)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _search(self, queries: torch.Tensor, k: int, partition: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self._scores[: len(queries)]
+        scores = self._scores[: queries.shape[0]]
         torch.mm(queries.to(self.search_dtype), self.search_keys.T, out=scores)
         if partition:
             n = scores.shape[1]
@@ -100,7 +100,7 @@ class TorchFlatIndex:
         return (
             self.keys.device.type == "cpu"
             and self.search_dtype == torch.float32
-            and len(self.keys) <= PARTITION_MAX_ROWS_PER_K * k
+            and self.keys.shape[0] <= PARTITION_MAX_ROWS_PER_K * k
             and empty_slots < k
         )
 

@@ -664,20 +664,21 @@ class Memory:
         """Search the memory; with ``update`` apply the memory update in the same step, tagging the slots it
         writes or merges with ``writer``."""
         q = self._check_queries(queries)
-        y = self._check_labels(labels, len(q), required=update)
+        batch = q.shape[0]  # not len(q): a tensor's __len__ is a Python call through torch's function hooks
+        y = self._check_labels(labels, batch, required=update)
         k = self._check_k(k)
         fields = self._check_fields(fields, labelled=y is not None)
         if update:
-            self._check_update_batch(len(q))
+            self._check_update_batch(batch)
             check_writer(writer)
-        self._check_query_bytes(len(q), k, fields)
+        self._check_query_bytes(batch, k, fields)
         with self._locked():
             read = self._read(q, y, k, use_recent)
             result = self._result(q, read, fields, k, use_recent, ticket=not update)
             if update:
                 result.written_slots = self._apply(q, y, read.incorrect, read.positive_slots, writer)
                 result.commit_sequence = self.commit_sequence
-            self.counters["queries"] += len(q)
+            self.counters["queries"] += batch
         if "weights" in fields:  # computed after releasing the lock: it reads only this query's own tensors
             result.weights = torch.softmax(read.similarities * softmax_temperature(k, self.config.alpha), dim=1)
         if update:
@@ -950,7 +951,7 @@ class Memory:
             raise InvalidArgument("queries", f"must be float32, got {q.dtype}")
         if q.dim() != 2 or q.shape[1] != self.config.key_dim:
             raise InvalidArgument("queries", f"must have shape [B, {self.config.key_dim}], got {list(q.shape)}")
-        if len(q) == 0:
+        if q.shape[0] == 0:
             raise InvalidArgument("queries", "the batch is empty")
         # Checked where the caller's rows are (the CPU, from the wire): no GPU round trip per check. One pass
         # in the common case: a row that is not finite has no norm within the tolerance either.
@@ -1073,7 +1074,7 @@ class Memory:
     def _result(
         self, q: torch.Tensor, read: _Read, fields: frozenset[str], k: int, use_recent: bool, ticket: bool
     ) -> QueryResult:
-        batch = len(q)
+        batch = q.shape[0]
         result = QueryResult(
             commit_sequence=self.commit_sequence,
             predictions=read.values[:, 0].clone(),
@@ -1159,7 +1160,7 @@ class Memory:
             )
         host_incorrect, host_positive = torch.stack([incorrect.long(), positive_slots]).cpu().numpy()
         host_incorrect = host_incorrect.astype(bool)
-        oldest = self._oldest(len(q), np.unique(host_positive[~host_incorrect & (host_positive >= 0)]))
+        oldest = self._oldest(q.shape[0], np.unique(host_positive[~host_incorrect & (host_positive >= 0)]))
         host_slots = np.where(host_incorrect, oldest, host_positive)
         slots = torch.from_numpy(host_slots)
         device_slots = slots.to(self.device)
@@ -1209,7 +1210,8 @@ class Memory:
             self.recent.popitem(last=False)
         self.index.update(delta.targets, keys)
         self.counters["writes"] += delta.writes
-        self.counters["merges"] += len(delta.labels) - delta.writes
+        merges = delta.labels.shape[0] - delta.writes
+        self.counters["merges"] += merges
         writer = self._writer_ids.get(delta.writer)
         if writer is None:
             writer = self._writer_ids[delta.writer] = len(self.writer_names)
@@ -1217,7 +1219,7 @@ class Memory:
             self.writer_counters.append([0, 0])
         self.writers.index_fill_(0, delta.targets, writer)
         self.writer_counters[writer][0] += delta.writes
-        self.writer_counters[writer][1] += len(delta.labels) - delta.writes
+        self.writer_counters[writer][1] += merges
 
     def _retrain(self, record: Retrain, index) -> None:
         """Search with ``index`` (built with ``record``'s quantizer over the current keys) from this commit on."""
