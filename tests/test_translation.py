@@ -268,6 +268,39 @@ def test_a_tied_recall_raises_the_logit_of_the_recalled_subword_by_its_weight():
     torch.testing.assert_close(recalled - plain, want, atol=1e-5, rtol=1e-5)
 
 
+def test_recall_mix_mixes_the_memory_s_distribution_into_the_output_at_evaluation_only():
+    store = connect("local")
+    module = MemoryModule(store, 8, 16, name="mix", return_neighbors=True, memory_size=256, choose_k=4)
+    torch.manual_seed(0)
+    model = translation.Translator(20, 20, 8, 16, 0.0, module)
+    pairs = translation.Pairs([[4, 5, 6], [7, 8]], [[5, 6, 9], [7]], [""] * 2, [""] * 2)
+    translation.memorise(model, pairs)
+    source, decoder_inputs, _ = translation.as_batch(pairs, range(2))
+    steps = decoder_inputs != translation.PAD
+
+    def decoded(mix: float, training: bool = False):
+        model.recall_mix = mix
+        model.train(training)
+        with torch.no_grad():
+            encoded, state = model.encode(source)
+            logits, _, out = model.decode(encoded, decoder_inputs, state)
+        return logits[steps], out
+
+    plain, out = decoded(0.0)
+    memory = torch.zeros(len(plain), 20)
+    neighbours = zip(out.neighbor_values.tolist(), out.neighbor_weights.tolist(), strict=True)
+    for row, (values, weights) in enumerate(neighbours):
+        for value, weight in zip(values, weights, strict=True):
+            memory[row, value] += weight if value >= 0 else 0.0
+    assert torch.allclose(memory.sum(dim=1), torch.ones(len(plain)))  # every neighbour holds a value
+    mixed, _ = decoded(0.25)
+    torch.testing.assert_close(mixed.exp(), 0.75 * plain.softmax(dim=-1) + 0.25 * memory)
+    torch.testing.assert_close(decoded(1.0)[0].exp(), memory)
+    torch.testing.assert_close(decoded(0.25, training=True)[0], decoded(0.0, training=True)[0])
+    with pytest.raises(SystemExit, match="--recall-mix"):
+        translation.main(["--model", "baseline", "--recall-mix", "0.2"])
+
+
 def test_a_checkpoint_from_before_a_setting_counts_as_trained_with_its_default():
     later = ("recall_gate", "tied_recall")
     saved = {key: translation.configure([])[key] for key in translation.EXPERIMENT_SETTINGS if key not in later}

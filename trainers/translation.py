@@ -18,6 +18,8 @@ CPU core trains in half an hour, on Multi30k (29,000 English-German image descri
               vector and the nearest neighbour's cosine similarity, so the model can learn when to trust it.
               With --tied-recall the recalled subword's embedding is the output layer's own row for that
               subword (in the half that reads the recall): a recall then raises that subword's logit.
+              With --recall-mix M (evaluation only) the output distribution is mixed with the memory's own:
+              (1 - M) p_model + M p_memory, p_memory the k neighbours' softmax weights on their values.
 
 Evaluation (at the end of training, or --evaluate CHECKPOINT): beam search on test_2016_flickr and
 test_2017_flickr, BLEU and chrF with sacrebleu on the detokenized output; the paper's one-shot context test
@@ -78,6 +80,7 @@ memory_size = 16_384  # at least a batch's rows: one query per target subword (u
 search_dtype = "float32"  # the memory's search scores: "float32" or "bfloat16" (about half the cost, ranks may tie)
 recall_gate = False  # memory model: gate the recalled embedding on the attention vector and the nearest similarity
 tied_recall = False  # memory model: a recalled subword is embedded by its own output-layer row (see Translator)
+recall_mix = 0.0  # memory model, evaluation only: this share of the output distribution is the memory's (Translator)
 choose_k = 16
 alpha = 0.1
 age_noise = 8.0
@@ -274,6 +277,9 @@ class Translator(nn.Module):
             # the attention vector and the nearest neighbour's cosine similarity -> how much of the recall to use
             self.recall_gate = nn.Linear(hidden + 1, 1) if recall_gate else None
         self.output = nn.Linear(hidden * (2 if memory is not None else 1), target_vocab)
+        # Evaluation only, not a weight: p = (1 - mix) p_model + mix p_memory, where p_memory puts each of the k
+        # neighbours' softmax weights on its value (as kNN-LM, Khandelwal et al. 2020, not the paper's wiring).
+        self.recall_mix = 0.0
 
     def encode(self, source: torch.Tensor):
         """Attention keys and values [B, S, H], the padding mask [B, S] and the decoder's initial state."""
@@ -313,7 +319,18 @@ class Translator(nn.Module):
             weight = weight * torch.sigmoid(self.recall_gate(gate_input))[:, 0]
         recalled = torch.zeros_like(attention_vector)
         recalled[steps] = self.embed_value(nearest.clamp(min=0)) * weight[:, None]
-        return self.output(torch.cat([attention_vector, recalled], dim=-1)), state, out
+        logits = self.output(torch.cat([attention_vector, recalled], dim=-1))
+        if self.recall_mix and not self.training:
+            logits[steps] = self.mixed_log_probabilities(logits[steps], out)
+        return logits, state, out
+
+    def mixed_log_probabilities(self, logits: torch.Tensor, out) -> torch.Tensor:
+        """log((1 - mix) softmax(logits) + mix p_memory) for the rows that queried the memory; empty slots
+        carry no weight."""
+        values = out.neighbor_values
+        weights = out.neighbor_weights * (values >= 0)
+        memory = torch.zeros_like(logits).scatter_add_(1, values.clamp(min=0), weights.to(logits.dtype))
+        return torch.log(torch.softmax(logits, dim=-1) * (1 - self.recall_mix) + memory * self.recall_mix)
 
     def embed_value(self, values: torch.Tensor) -> torch.Tensor:
         if self.value_embedding is None:
@@ -706,6 +723,8 @@ def main(argv: list[str] | None = None) -> None:
     config = configure(argv)
     if config["model"] not in ("memory", "baseline"):
         raise SystemExit(f"--model must be 'memory' or 'baseline', got {config['model']!r}")
+    if not 0.0 <= config["recall_mix"] <= 1.0 or (config["recall_mix"] and config["model"] != "memory"):
+        raise SystemExit(f"--recall-mix must be in [0, 1] and needs --model memory, got {config['recall_mix']}")
     torch.manual_seed(config["seed"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
@@ -755,6 +774,7 @@ def main(argv: list[str] | None = None) -> None:
         config["recall_gate"],
         config["tied_recall"],
     )
+    model.recall_mix = config["recall_mix"]
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     first_step, metrics = 1, []
     if state:
