@@ -26,6 +26,15 @@ TINY = ["--data-dir", str(DATA), "--train-pairs", "300", "--test-pairs", "40", "
         "--threads", "1"]  # fmt: skip
 
 
+# Two sentence pairs for the tests of the memory's wiring: once memorised, every decoder step recalls a written slot.
+PAIRS = translation.Pairs([[4, 5, 6], [7, 8]], [[5, 6, 9], [7]], [""] * 2, [""] * 2)
+
+
+def tiny_memory(name: str) -> MemoryModule:
+    """An embedded memory for a Translator of hidden size 16: keys of 8, 256 slots, k = 4."""
+    return MemoryModule(connect("local"), 8, 16, name=name, return_neighbors=True, memory_size=256, choose_k=4)
+
+
 def run_trainer(out: pathlib.Path, *flags: str) -> tuple[list[dict], dict]:
     subprocess.run([sys.executable, "-m", "lifelong_memory.trainers.translation", *TINY, "--out-dir", str(out), *flags],
                    check=True, capture_output=True, timeout=300)  # fmt: skip
@@ -191,33 +200,29 @@ def test_the_context_test_leaves_the_memory_as_it_was_and_changes_nothing_withou
 
 def test_teacher_forced_recall_counts_what_the_memory_holds():
     torch.manual_seed(0)
-    store = connect("local")
-    module = MemoryModule(store, 8, 16, name="recall", return_neighbors=True, memory_size=256, choose_k=4)
+    module = tiny_memory("recall")
     model = translation.Translator(20, 20, 8, 16, 0.0, module)
-    pairs = translation.Pairs([[4, 5, 6], [7, 8]], [[5, 6, 9], [7]], [""] * 2, [""] * 2)
-    empty = translation.teacher_forced_recall(model, pairs)
+    empty = translation.teacher_forced_recall(model, PAIRS)
     assert empty["subwords"] == 6 and empty["memory"] == empty["only_memory"] == 0.0, "an empty slot is no answer"
-    translation.memorise(model, pairs)
-    remembered = translation.teacher_forced_recall(model, pairs)
+    translation.memorise(model, PAIRS)
+    remembered = translation.teacher_forced_recall(model, PAIRS)
     # Each written key is its own query: the memory now answers every reference subword it was shown. (The
     # model's own answer may change too: its output layer reads the recalled value.)
     assert remembered["memory"] == 1.0
     assert remembered["only_memory"] == 1.0 - remembered["model"]
-    baseline = translation.teacher_forced_recall(translation.Translator(20, 20, 8, 16, 0.0), pairs)
+    baseline = translation.teacher_forced_recall(translation.Translator(20, 20, 8, 16, 0.0), PAIRS)
     assert baseline["memory"] is None and baseline["subwords"] == 6
 
 
 def test_the_recall_gate_decides_how_much_of_the_recall_reaches_the_output():
-    store = connect("local")
-    module = MemoryModule(store, 8, 16, name="gate", return_neighbors=True, memory_size=256, choose_k=4)
+    module = tiny_memory("gate")
     torch.manual_seed(0)
     gated = translation.Translator(20, 20, 8, 16, 0.0, module, recall_gate=True)
     ungated = translation.Translator(20, 20, 8, 16, 0.0, module)
     missing, unexpected = ungated.load_state_dict(gated.state_dict(), strict=False)
     assert not missing and unexpected == ["recall_gate.weight", "recall_gate.bias"]
-    pairs = translation.Pairs([[4, 5, 6], [7, 8]], [[5, 6, 9], [7]], [""] * 2, [""] * 2)
-    translation.memorise(gated, pairs)  # every step now recalls a written slot
-    source, decoder_inputs, _ = translation.as_batch(pairs, range(2))
+    translation.memorise(gated, PAIRS)  # every step now recalls a written slot
+    source, decoder_inputs, _ = translation.as_batch(PAIRS, range(2))
 
     def logits(model):
         model.eval()
@@ -239,16 +244,14 @@ def test_the_recall_gate_decides_how_much_of_the_recall_reaches_the_output():
 
 
 def test_a_tied_recall_raises_the_logit_of_the_recalled_subword_by_its_weight():
-    store = connect("local")
-    module = MemoryModule(store, 8, 16, name="tied", return_neighbors=True, memory_size=256, choose_k=4)
+    module = tiny_memory("tied")
     torch.manual_seed(0)
     tied = translation.Translator(12, 12, 8, 16, 0.0, module, tied_recall=True)
     own = translation.Translator(12, 12, 8, 16, 0.0, module)
     assert tied.value_embedding is None
     assert sum(p.numel() for p in own.parameters()) - sum(p.numel() for p in tied.parameters()) == 12 * 16
-    pairs = translation.Pairs([[4, 5, 6], [7, 8]], [[5, 6, 9], [7]], [""] * 2, [""] * 2)
-    translation.memorise(tied, pairs)  # every step now recalls a written slot
-    source, decoder_inputs, _ = translation.as_batch(pairs, range(2))
+    translation.memorise(tied, PAIRS)  # every step now recalls a written slot
+    source, decoder_inputs, _ = translation.as_batch(PAIRS, range(2))
     steps = decoder_inputs != translation.PAD
 
     def decoded():
@@ -269,13 +272,11 @@ def test_a_tied_recall_raises_the_logit_of_the_recalled_subword_by_its_weight():
 
 
 def test_recall_mix_mixes_the_memory_s_distribution_into_the_output_at_evaluation_only():
-    store = connect("local")
-    module = MemoryModule(store, 8, 16, name="mix", return_neighbors=True, memory_size=256, choose_k=4)
+    module = tiny_memory("mix")
     torch.manual_seed(0)
     model = translation.Translator(20, 20, 8, 16, 0.0, module)
-    pairs = translation.Pairs([[4, 5, 6], [7, 8]], [[5, 6, 9], [7]], [""] * 2, [""] * 2)
-    translation.memorise(model, pairs)
-    source, decoder_inputs, _ = translation.as_batch(pairs, range(2))
+    translation.memorise(model, PAIRS)
+    source, decoder_inputs, _ = translation.as_batch(PAIRS, range(2))
     steps = decoder_inputs != translation.PAD
 
     def decoded(mix: float, training: bool = False):
