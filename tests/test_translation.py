@@ -63,6 +63,7 @@ def test_the_pipeline_runs_end_to_end(straight_run):
     assert [m["step"] for m in metrics] == [10, 20]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert (out / "bleu.png").stat().st_size > 0
+    assert evaluation["recall_mix"] == 0.0, "an evaluation says whether the memory's distribution was mixed in"
     for name in ("test_2016_flickr", "test_2017_flickr"):
         test = evaluation["tests"][name]
         assert test["lines"] == 40 and 0 <= test["bleu"] <= 100 and 0 <= test["chrf"] <= 100
@@ -274,7 +275,8 @@ def test_a_tied_recall_raises_the_logit_of_the_recalled_subword_by_its_weight():
 def test_recall_mix_mixes_the_memory_s_distribution_into_the_output_at_evaluation_only():
     module = tiny_memory("mix")
     torch.manual_seed(0)
-    model = translation.Translator(20, 20, 8, 16, 0.0, module)
+    model = translation.Translator(20, 20, 8, 16, 0.0, module, recall_mix=0.25)
+    assert model.recall_mix == 0.25
     translation.memorise(model, PAIRS)
     source, decoder_inputs, _ = translation.as_batch(PAIRS, range(2))
     steps = decoder_inputs != translation.PAD

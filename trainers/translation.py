@@ -258,6 +258,7 @@ class Translator(nn.Module):
         memory: MemoryModule | None = None,
         recall_gate: bool = False,
         tied_recall: bool = False,
+        recall_mix: float = 0.0,
     ):
         super().__init__()
         self.source_embed = nn.Embedding(source_vocab, embedding_dim, padding_idx=PAD)
@@ -279,7 +280,7 @@ class Translator(nn.Module):
         self.output = nn.Linear(hidden * (2 if memory is not None else 1), target_vocab)
         # Evaluation only, not a weight: p = (1 - mix) p_model + mix p_memory, where p_memory puts each of the k
         # neighbours' softmax weights on its value (as kNN-LM, Khandelwal et al. 2020, not the paper's wiring).
-        self.recall_mix = 0.0
+        self.recall_mix = recall_mix
 
     def encode(self, source: torch.Tensor):
         """Attention keys and values [B, S, H], the padding mask [B, S] and the decoder's initial state."""
@@ -658,7 +659,13 @@ def train(config, model, optimizer, store, task: Task, first_step, metrics, chec
 
 def final_evaluation(model, store, task: Task, config: dict, out: pathlib.Path) -> dict:
     target_vocab = task.vocabularies[1]
-    results = {"model": config["model"], "memory": config["memory"], "train_pairs": len(task.train), "tests": {}}
+    results = {
+        "model": config["model"],
+        "memory": config["memory"],
+        "recall_mix": config["recall_mix"],
+        "train_pairs": len(task.train),
+        "tests": {},
+    }
     for name, pairs in task.tests.items():
         started = time.process_time()
         hypotheses = translate(model, pairs, config["beam"], config["length_penalty"], target_vocab)
@@ -674,7 +681,9 @@ def final_evaluation(model, store, task: Task, config: dict, out: pathlib.Path) 
 
 
 def print_evaluation(results: dict) -> None:
-    print(f"\nTest ({results['model']}, memory {results['memory']}), beam search, sacrebleu on detokenized output:")
+    setting = f"{results['model']}, memory {results['memory']}"
+    setting += f", recall mix {results['recall_mix']}" if results["recall_mix"] else ""
+    print(f"\nTest ({setting}), beam search, sacrebleu on detokenized output:")
     for name, test in results["tests"].items():
         context = test["context"]
         print(
@@ -773,8 +782,8 @@ def main(argv: list[str] | None = None) -> None:
         module,
         config["recall_gate"],
         config["tied_recall"],
+        config["recall_mix"],
     )
-    model.recall_mix = config["recall_mix"]
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     first_step, metrics = 1, []
     if state:
