@@ -11,9 +11,18 @@ key of another class lies in a list whose centroid averages many random cluster 
 barely points towards it. This script measures FAISS IVF used directly, as a library, on bench_ann's clustered
 keys (N / 32 random centres, noise of norm 0.5, the cluster is the label) for several nlist, up to one list
 per cluster. Fine lists use an HNSW coarse quantizer (FAISS's IVF<nlist>_HNSW32, its advice from 1M keys on)
-and k-means on TRAIN_POINTS_PER_LIST points per list. Per nlist, in one run:
+and k-means on TRAIN_POINTS_PER_LIST points per list. ``--centroids`` also tries two cheaper ways to get fine
+lists, since k-means for about N / 32 lists is out of reach on a CPU at 16M keys:
 
-  train s      k-means and the quantizer; add s: every key assigned to its list
+  kmeans       FAISS k-means on TRAIN_POINTS_PER_LIST points per list (the default)
+  sample       nlist keys drawn at random are the centroids (no k-means); every key to its nearest one
+  two-level    k-means into about sqrt(nlist) coarse lists, then k-means into fine lists within each coarse
+               list (nlist shared by their sizes, as faiss.contrib.clustering.two_level_clustering); every key
+               to the nearest fine centroid of its nearest coarse list
+
+Per nlist and way, in one run:
+
+  train s      the centroids and the quantizer; add s: every key assigned to its list
   probes@95    the fewest lists probed for which 95% of rows have the exact positive and negative slots in a
                probed list (lists ranked by exact centroid similarity), and that as a share of nlist
   search ms    FAISS's search for the k = 256 nearest of B queries, probing probes@95 lists (median)
@@ -66,23 +75,72 @@ def median_time(call, reps: int) -> float:
     return statistics.median(times[1:])
 
 
+def nearest(rows: np.ndarray, centroids: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """Each row's most similar centroid (exact, in blocks of rows)."""
+    found, centroid_tensor = np.empty(len(rows), dtype=np.int64), torch.from_numpy(centroids)
+    for at in range(0, len(rows), block):
+        found[at : at + block] = (torch.from_numpy(rows[at : at + block]) @ centroid_tensor.T).argmax(dim=1).numpy()
+    return found
+
+
+def kmeans(faiss, rows: np.ndarray, count: int, seed: int) -> np.ndarray:
+    means = faiss.Kmeans(D, count, niter=KMEANS_ITERATIONS, spherical=True, seed=seed, min_points_per_centroid=1,
+                         max_points_per_centroid=TRAIN_POINTS_PER_LIST)  # fmt: skip
+    means.train(np.ascontiguousarray(rows))
+    return means.centroids
+
+
+def cheap_lists(faiss, keys: np.ndarray, lists: int, way: str) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Centroids made without k-means over all of them, each key's list, and the seconds each took."""
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    if way == "sample":
+        centroids = np.ascontiguousarray(keys[np.sort(rng.choice(len(keys), lists, replace=False))])
+        train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        return centroids, nearest(keys, centroids), train_s, time.perf_counter() - start
+    sample = keys[rng.permutation(len(keys))[: TRAIN_POINTS_PER_LIST * lists]]
+    coarse_count = max(1, int(round(lists**0.5)))
+    coarse = kmeans(faiss, sample, coarse_count, seed=0)
+    sample_home = nearest(sample, coarse)
+    shares = np.diff(np.cumsum(np.bincount(sample_home, minlength=coarse_count)) * lists // len(sample), prepend=0)
+    fine = [np.empty((0, D), dtype=np.float32)] * coarse_count
+    for c in np.flatnonzero(shares):
+        fine[c] = kmeans(faiss, sample[sample_home == c], int(shares[c]), seed=int(c) + 1)
+    offsets = np.cumsum([0] + [len(f) for f in fine])
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    key_coarse, home = nearest(keys, coarse), np.zeros(len(keys), dtype=np.int64)
+    for c in np.flatnonzero(shares):
+        rows = np.flatnonzero(key_coarse == c)
+        home[rows] = offsets[c] + nearest(keys[rows], fine[c])
+    return np.ascontiguousarray(np.vstack(fine)), home, train_s, time.perf_counter() - start
+
+
 def bench_lists(faiss, keys: np.ndarray, labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
-                exact_sides: np.ndarray, lists: int, reps: int) -> dict:  # fmt: skip
+                exact_sides: np.ndarray, lists: int, way: str, reps: int) -> dict:  # fmt: skip
     if lists >= HNSW_FROM_LISTS:
         quantizer = faiss.IndexHNSWFlat(D, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
         quantizer.hnsw.efSearch = HNSW_EF_SEARCH
     else:
         quantizer = faiss.IndexFlatIP(D)
     index = faiss.IndexIVFFlat(quantizer, D, lists, faiss.METRIC_INNER_PRODUCT)
-    index.cp.spherical, index.cp.niter, index.cp.seed = True, KMEANS_ITERATIONS, 0
-    index.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
-    sample = keys[np.random.default_rng(0).permutation(len(keys))[: TRAIN_POINTS_PER_LIST * lists]]
-    start = time.perf_counter()
-    index.train(sample)
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    index.add(keys)
-    add_s = time.perf_counter() - start
+    if way == "kmeans":
+        index.cp.spherical, index.cp.niter, index.cp.seed = True, KMEANS_ITERATIONS, 0
+        index.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
+        sample = keys[np.random.default_rng(0).permutation(len(keys))[: TRAIN_POINTS_PER_LIST * lists]]
+        start = time.perf_counter()
+        index.train(sample)
+        train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        index.add(keys)
+        add_s = time.perf_counter() - start
+    else:
+        centroids, assigned, train_s, add_s = cheap_lists(faiss, keys, lists, way)
+        quantizer.add(centroids)
+        index.is_trained = True
+        ids = np.arange(len(keys), dtype=np.int64)
+        index.add_core(len(keys), faiss.swig_ptr(keys), faiss.swig_ptr(ids), faiss.swig_ptr(assigned))
 
     home = np.empty(len(keys), dtype=np.int64)  # the list each key was added to
     for number in range(lists):
@@ -94,12 +152,15 @@ def bench_lists(faiss, keys: np.ndarray, labels: np.ndarray, queries: np.ndarray
     probes = lists_for_95(order, [np.where(slots >= 0, home[slots], -1) for slots in exact_sides])
 
     index.nprobe = probes
+    if lists >= HNSW_FROM_LISTS:  # the quantizer must look at least that far to return nprobe lists
+        quantizer.hnsw.efSearch = max(HNSW_EF_SEARCH, probes)
     search_s = median_time(lambda: index.search(queries, K), reps)
     found = index.search(queries, K)[1]
     got = sides(found, labels, query_labels)
     same = (got == exact_sides).all(axis=0)
     return {
         "nlist": lists,
+        "centroids": way,
         "quantizer": "hnsw" if lists >= HNSW_FROM_LISTS else "flat",
         "train_s": train_s,
         "add_s": add_s,
@@ -118,6 +179,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1 << 16, help="keys (default 65,536)")
     parser.add_argument("--lists", default="256,2048,8192", help="comma-separated nlist values")
+    parser.add_argument("--centroids", default="kmeans", help="comma-separated: kmeans, sample, two-level")
     parser.add_argument("--batch", type=int, default=256, help="queries per search (B)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch and faiss threads (default 1)")
@@ -138,8 +200,11 @@ def main(argv=None) -> int:
     print(f"N = {args.n:,} clustered keys, B = {args.batch}: exact search {exact_ms:.1f} ms", flush=True)
 
     rows = []
-    for lists in (int(s) for s in args.lists.split(",")):
-        row = bench_lists(faiss, keys, labels, queries, query_labels, exact_sides, lists, args.reps)
+    ways = args.centroids.split(",")
+    if unknown := set(ways) - {"kmeans", "sample", "two-level"}:
+        parser.error(f"--centroids: unknown {sorted(unknown)}")
+    for lists, way in ((int(n), way) for n in args.lists.split(",") for way in ways):
+        row = bench_lists(faiss, keys, labels, queries, query_labels, exact_sides, lists, way, args.reps)
         row["times_exact"] = exact_ms / row["search_ms"]
         rows.append(row)
         print(
@@ -149,12 +214,14 @@ def main(argv=None) -> int:
     lines = [
         f"N = {args.n:,} clustered keys, B = {args.batch}, k = {K}; exact search {exact_ms:.1f} ms",
         "",
-        "| nlist | quantizer | train s | add s | probes@95 | search ms | × exact | recall@1 | pos+neg = exact |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| nlist | centroids | quantizer | train s | add s | probes@95 | search ms | × exact | recall@1 "
+        "| pos+neg = exact |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['nlist']:,} | {r['quantizer']} | {r['train_s']:.1f} | {r['add_s']:.1f} | {r['probes_95']:,} "
+            f"| {r['nlist']:,} | {r['centroids']} | {r['quantizer']} | {r['train_s']:.1f} | {r['add_s']:.1f} | "
+            f"{r['probes_95']:,} "
             f"({r['probes_95'] / r['nlist']:.1%}) | {r['search_ms']:.1f} | {r['times_exact']:.1f} | "
             f"{r['recall_at_1']:.3f} | {r['sides_equal']:.3f} |"
         )
