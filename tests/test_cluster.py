@@ -47,6 +47,9 @@ NODE_CPUS = 4
 def ray_cluster():
     from ray.cluster_utils import Cluster
 
+    # Ray waits 30 s for its GCS server to bind; on 2 busy cores it took longer and every test here errored.
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False})
     for _ in range(NODES - 1):
         cluster.add_node(num_cpus=NODE_CPUS)
