@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 from lifelong_memory.server.errors import ResourceExhausted
-from lifelong_memory.server.memory import Memory, MemoryConfig
+from lifelong_memory.server.memory import Memory, MemoryConfig, MemoryState
 
 KEY_DIM, CHOOSE_K, BATCH, LABELS = 128, 256, 16, 200
+BATCH_WRITTEN = 256  # slots per commit in the speed test's full memory
 
 
 def stream(steps: int, batch: int, seed: int):
@@ -110,39 +111,59 @@ def out_of_memory_is_resource_exhausted() -> dict:
     return {"pass": False, "slots": slots, "error": "allocated"}
 
 
-def median_ms(call, repeats: int = 30) -> float:
+def median_ms(call, device: str, repeats: int = 30) -> float:
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     for _ in range(3):
         call()
-    torch.cuda.synchronize()
+    synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         call()
-        torch.cuda.synchronize()
+        synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
-def speed(size: int, batch: int = 256) -> dict:
-    memory = Memory(
-        MemoryConfig(key_dim=KEY_DIM, memory_size=size, choose_k=CHOOSE_K, device="cuda:0"), max_batch=batch
+def full_state(config: MemoryConfig, keys: torch.Tensor) -> MemoryState:
+    """Every slot written, ``BATCH_WRITTEN`` slots per commit in slot order (ages as training leaves them),
+    each its own label: a full memory without size / batch fill steps."""
+    size = config.memory_size
+    ages = ((size - 1 - torch.arange(size)) // BATCH_WRITTEN).float()
+    commits = size // BATCH_WRITTEN + 1
+    return MemoryState(
+        config=config,
+        commit_sequence=commits,
+        keys=keys,
+        values=torch.arange(size),
+        ages=ages,
+        generations=commits - ages.long(),
+        recent_labels=torch.zeros(0, dtype=torch.int64),
+        recent_slots=torch.zeros(0, dtype=torch.int64),
+        counters={"queries": 0, "writes": size, "merges": 0},
+        writers=torch.zeros(size, dtype=torch.int32),
+        writer_names=[""],
+        writer_counters=[(size, 0)],
     )
+
+
+def speed(size: int, batch: int = 256, device: str = "cuda:0") -> dict:
     generator = torch.Generator().manual_seed(0)
     keys = torch.nn.functional.normalize(torch.randn(size, KEY_DIM, generator=generator), dim=1)
-    memory.keys.copy_(keys)  # a full memory without size / batch fill steps
-    memory.values.copy_(torch.arange(size))
-    memory.index.shards[0].update(torch.arange(size), memory.keys)
-    memory.empty_slots = 0
+    config = MemoryConfig(key_dim=KEY_DIM, memory_size=size, choose_k=CHOOSE_K, device=device)
+    memory = Memory(config, state=full_state(config, keys), max_batch=batch)
     queries = torch.nn.functional.normalize(torch.randn(batch, KEY_DIM, generator=generator), dim=1)
     labels = torch.randint(0, size, (batch,), generator=generator)
-    gpu_keys, gpu_queries = keys.cuda(), queries.cuda()
+    gpu_keys, gpu_queries = keys.to(device), queries.to(device)
     return {
         "size": size,
         "batch": batch,
-        "raw_topk_ms": median_ms(lambda: torch.topk(gpu_queries @ gpu_keys.T, CHOOSE_K)),
-        "query_ms": median_ms(lambda: memory.query(queries, labels, fields=frozenset({"positive_negative_keys"}))),
+        "raw_topk_ms": median_ms(lambda: torch.topk(gpu_queries @ gpu_keys.T, CHOOSE_K), device),
+        "query_ms": median_ms(
+            lambda: memory.query(queries, labels, fields=frozenset({"positive_negative_keys"})), device
+        ),
         "fused_ms": median_ms(
-            lambda: memory.query(queries, labels, update=True, fields=frozenset({"positive_negative_keys"}))
+            lambda: memory.query(queries, labels, update=True, fields=frozenset({"positive_negative_keys"})), device
         ),
     }
 

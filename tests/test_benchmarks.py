@@ -4,6 +4,7 @@ case and anchor ran and every target at the measured shape got a figure, not the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -113,3 +115,24 @@ def test_bench_fused_step_runs_a_revision_beside_the_current_memory(tmp_path, fr
     (row,) = json.loads(out.read_text())["results"]
     assert row["same"] and row["fresh"] == fresh and row["calls"] >= 10
     assert {"raw", "raw-out", "baseline", "current"} <= row["median_ms"].keys()
+
+
+def test_gpu_check_compares_and_times_on_the_cpu():
+    """gpu_check.py runs once, on a lent GPU machine with minutes to spare, so its code must work before then:
+    here its comparison (a 4-shard memory against one, same seed) and its speed test run on the CPU. Its speed
+    test once set a full memory's fields by hand and left it counting negative empty slots."""
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCHMARKS / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    same = gpu_check.compare(4096, 30, {"shards": 4})
+    assert same["pass"] and same["writes"] > 0 and same["first_divergent_step"] is None
+
+    config = gpu_check.MemoryConfig(key_dim=gpu_check.KEY_DIM, memory_size=4096, choose_k=256, age_noise=0.0)
+    keys = torch.nn.functional.normalize(torch.randn(4096, gpu_check.KEY_DIM), dim=1)
+    memory = gpu_check.Memory(config, state=gpu_check.full_state(config, keys))
+    assert memory.empty_slots == 0 and memory.ages.max() == 4096 // gpu_check.BATCH_WRITTEN - 1
+    result = memory.query(keys[:16], torch.arange(10_000, 10_016), update=True)  # new labels: 16 writes
+    assert memory.empty_slots == 0 and torch.equal(result.written_slots, torch.arange(16))  # the oldest slots
+
+    timed = gpu_check.speed(4096, batch=16, device="cpu")
+    assert min(timed["raw_topk_ms"], timed["query_ms"], timed["fused_ms"]) > 0
