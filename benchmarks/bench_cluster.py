@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from lifelong_memory.client.memory_file import entries_state
 from lifelong_memory.server.cluster import NAMESPACE, RayCluster
 from lifelong_memory.server.memory import Memory, MemoryConfig, MemoryState
 
@@ -47,24 +48,11 @@ DIM, K = 128, 256
 
 
 def initial_state(config: MemoryConfig, seed: int) -> MemoryState:
-    """N random unit keys, every slot written once (commit 1), labels 0 .. N/4 - 1."""
+    """N random unit keys, every slot written in one commit, labels 0 .. N/4 - 1."""
     generator = torch.Generator().manual_seed(seed)
     size = config.memory_size
     keys = torch.nn.functional.normalize(torch.randn(size, DIM, generator=generator), dim=1)
-    return MemoryState(
-        config=config,
-        commit_sequence=1,
-        keys=keys,
-        values=torch.randint(0, size // 4, (size,), generator=generator),
-        ages=torch.zeros(size),
-        generations=torch.ones(size, dtype=torch.int64),
-        recent_labels=torch.zeros(0, dtype=torch.int64),
-        recent_slots=torch.zeros(0, dtype=torch.int64),
-        counters={"queries": 0, "writes": size, "merges": 0},
-        writers=torch.zeros(size, dtype=torch.int32),
-        writer_names=[""],
-        writer_counters=[(size, 0)],
-    )
+    return entries_state(config, keys, torch.randint(0, size // 4, (size,), generator=generator), rows_per_commit=size)
 
 
 def batches(state: MemoryState, batch: int, seed: int):

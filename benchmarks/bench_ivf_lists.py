@@ -118,8 +118,9 @@ def cheap_lists(faiss, keys: np.ndarray, lists: int, way: str) -> tuple[np.ndarr
 
 
 def bench_lists(faiss, keys: np.ndarray, labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
-                exact_sides: np.ndarray, lists: int, way: str, reps: int) -> dict:  # fmt: skip
-    if lists >= HNSW_FROM_LISTS:
+                exact_sides: np.ndarray, lists: int, way: str, reps: int, quantizer_kind: str) -> dict:  # fmt: skip
+    hnsw = quantizer_kind == "hnsw" or (quantizer_kind == "auto" and lists >= HNSW_FROM_LISTS)
+    if hnsw:
         quantizer = faiss.IndexHNSWFlat(D, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
         quantizer.hnsw.efSearch = HNSW_EF_SEARCH
     else:
@@ -152,7 +153,7 @@ def bench_lists(faiss, keys: np.ndarray, labels: np.ndarray, queries: np.ndarray
     probes = lists_for_95(order, [np.where(slots >= 0, home[slots], -1) for slots in exact_sides])
 
     index.nprobe = probes
-    if lists >= HNSW_FROM_LISTS:  # the quantizer must look at least that far to return nprobe lists
+    if hnsw:  # the quantizer must look at least that far to return nprobe lists
         quantizer.hnsw.efSearch = max(HNSW_EF_SEARCH, probes)
     search_s = median_time(lambda: index.search(queries, K), reps)
     found = index.search(queries, K)[1]
@@ -161,7 +162,7 @@ def bench_lists(faiss, keys: np.ndarray, labels: np.ndarray, queries: np.ndarray
     return {
         "nlist": lists,
         "centroids": way,
-        "quantizer": "hnsw" if lists >= HNSW_FROM_LISTS else "flat",
+        "quantizer": "hnsw" if hnsw else "flat",
         "train_s": train_s,
         "add_s": add_s,
         "probes_95": probes,
@@ -180,6 +181,12 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=1 << 16, help="keys (default 65,536)")
     parser.add_argument("--lists", default="256,2048,8192", help="comma-separated nlist values")
     parser.add_argument("--centroids", default="kmeans", help="comma-separated: kmeans, sample, two-level")
+    parser.add_argument(
+        "--quantizer",
+        choices=("auto", "flat", "hnsw"),
+        default="auto",
+        help=f"coarse quantizer: exact (flat) or HNSW; auto: HNSW from {HNSW_FROM_LISTS:,} lists",
+    )
     parser.add_argument("--batch", type=int, default=256, help="queries per search (B)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch and faiss threads (default 1)")
@@ -204,7 +211,9 @@ def main(argv=None) -> int:
     if unknown := set(ways) - {"kmeans", "sample", "two-level"}:
         parser.error(f"--centroids: unknown {sorted(unknown)}")
     for lists, way in ((int(n), way) for n in args.lists.split(",") for way in ways):
-        row = bench_lists(faiss, keys, labels, queries, query_labels, exact_sides, lists, way, args.reps)
+        row = bench_lists(
+            faiss, keys, labels, queries, query_labels, exact_sides, lists, way, args.reps, args.quantizer
+        )
         row["times_exact"] = exact_ms / row["search_ms"]
         rows.append(row)
         print(

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
+from lifelong_memory.client.memory_file import entries_state
 from lifelong_memory.server.errors import ResourceExhausted
-from lifelong_memory.server.memory import Memory, MemoryConfig, MemoryState
+from lifelong_memory.server.memory import Memory, MemoryConfig
 
 KEY_DIM, CHOOSE_K, BATCH, LABELS = 128, 256, 16, 200
 BATCH_WRITTEN = 256  # slots per commit in the speed test's full memory
@@ -125,33 +126,13 @@ def median_ms(call, device: str, repeats: int = 30) -> float:
     return statistics.median(times)
 
 
-def full_state(config: MemoryConfig, keys: torch.Tensor) -> MemoryState:
-    """Every slot written, ``BATCH_WRITTEN`` slots per commit in slot order (ages as training leaves them),
-    each its own label: a full memory without size / batch fill steps."""
-    size = config.memory_size
-    ages = ((size - 1 - torch.arange(size)) // BATCH_WRITTEN).float()
-    commits = size // BATCH_WRITTEN + 1
-    return MemoryState(
-        config=config,
-        commit_sequence=commits,
-        keys=keys,
-        values=torch.arange(size),
-        ages=ages,
-        generations=commits - ages.long(),
-        recent_labels=torch.zeros(0, dtype=torch.int64),
-        recent_slots=torch.zeros(0, dtype=torch.int64),
-        counters={"queries": 0, "writes": size, "merges": 0},
-        writers=torch.zeros(size, dtype=torch.int32),
-        writer_names=[""],
-        writer_counters=[(size, 0)],
-    )
-
-
 def speed(size: int, batch: int = 256, device: str = "cuda:0") -> dict:
     generator = torch.Generator().manual_seed(0)
     keys = torch.nn.functional.normalize(torch.randn(size, KEY_DIM, generator=generator), dim=1)
     config = MemoryConfig(key_dim=KEY_DIM, memory_size=size, choose_k=CHOOSE_K, device=device)
-    memory = Memory(config, state=full_state(config, keys), max_batch=batch)
+    # every slot written, its own label, BATCH_WRITTEN per commit: ages as training leaves them
+    state = entries_state(config, keys, torch.arange(size), rows_per_commit=BATCH_WRITTEN)
+    memory = Memory(config, state=state, max_batch=batch)
     queries = torch.nn.functional.normalize(torch.randn(batch, KEY_DIM, generator=generator), dim=1)
     labels = torch.randint(0, size, (batch,), generator=generator)
     gpu_keys, gpu_queries = keys.to(device), queries.to(device)

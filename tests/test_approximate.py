@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from lifelong_memory.client.memory_file import entries_state
 from lifelong_memory.server import ann, persistence
 from lifelong_memory.server.errors import ResourceExhausted
 from lifelong_memory.server.index import build_index
-from lifelong_memory.server.memory import EMPTY, Memory, MemoryConfig, MemoryState
+from lifelong_memory.server.memory import EMPTY, Memory, MemoryConfig
 from lifelong_memory.server.registry import MemoryRegistry
 
 D = 32
@@ -36,24 +37,8 @@ def clustered(count: int, clusters: int, spread: float, seed: int) -> tuple[torc
 
 def filled(config: MemoryConfig, keys: torch.Tensor, labels: torch.Tensor) -> Memory:
     """A memory whose first len(keys) slots hold ``keys`` (as a restore would load them), the rest empty."""
-    size = config.memory_size
-    values = torch.full((size,), EMPTY, dtype=torch.int64)
-    values[: len(keys)] = labels
-    state = MemoryState(
-        config=config,
-        commit_sequence=1,
-        keys=torch.cat([keys, torch.zeros(size - len(keys), D)]),
-        values=values,
-        ages=torch.zeros(size),
-        generations=(values != EMPTY).to(torch.int64),
-        recent_labels=torch.empty(0, dtype=torch.int64),
-        recent_slots=torch.empty(0, dtype=torch.int64),
-        counters={"queries": 0, "writes": len(keys), "merges": 0},
-        writers=torch.zeros(size, dtype=torch.int32),
-        writer_names=[""],
-        writer_counters=[(len(keys), 0)],
-    )
-    return Memory(config, state)
+    padded = torch.cat([keys, torch.zeros(config.memory_size - len(keys), D)])
+    return Memory(config, entries_state(config, padded, labels, rows_per_commit=len(keys)))
 
 
 def write_stream(memory: Memory, steps: int, seed: int, clear_at: int | None = None) -> None:

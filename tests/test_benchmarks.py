@@ -106,6 +106,19 @@ def test_bench_ivf_lists_probing_probes_at_95_keeps_the_exact_sides_in_95_percen
         assert 1 <= row["probes_95"] <= row["nlist"] and row["sides_equal"] >= 0.95
 
 
+def test_bench_ivf_lists_quantizer_option_chooses_the_coarse_quantizer(tmp_path):
+    """--quantizer overrides the choice by list count (auto: HNSW only from 8,192 lists), both ways."""
+    rows = {}
+    for quantizer, lists in (("hnsw", "64"), ("flat", "8192")):
+        out = tmp_path / f"{quantizer}.json"
+        command = [sys.executable, str(BENCHMARKS / "bench_ivf_lists.py"), "--n", "8192", "--lists", lists]
+        command += ["--quantizer", quantizer, "--batch", "32", "--reps", "1", "--out", str(out)]
+        subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+        (rows[quantizer],) = json.loads(out.read_text())["rows"]
+    assert rows["hnsw"]["quantizer"] == "hnsw" and rows["flat"]["quantizer"] == "flat"
+    assert rows["flat"]["sides_equal"] >= 0.95  # an exact quantizer finds every slot of a probed list
+
+
 @pytest.mark.parametrize("fresh", [False, True])
 def test_bench_fused_step_runs_a_revision_beside_the_current_memory(tmp_path, fresh):
     out = tmp_path / "fused.json"
@@ -129,7 +142,8 @@ def test_gpu_check_compares_and_times_on_the_cpu():
 
     config = gpu_check.MemoryConfig(key_dim=gpu_check.KEY_DIM, memory_size=4096, choose_k=256, age_noise=0.0)
     keys = torch.nn.functional.normalize(torch.randn(4096, gpu_check.KEY_DIM), dim=1)
-    memory = gpu_check.Memory(config, state=gpu_check.full_state(config, keys))
+    state = gpu_check.entries_state(config, keys, torch.arange(4096), rows_per_commit=gpu_check.BATCH_WRITTEN)
+    memory = gpu_check.Memory(config, state=state)
     assert memory.empty_slots == 0 and memory.ages.max() == 4096 // gpu_check.BATCH_WRITTEN - 1
     result = memory.query(keys[:16], torch.arange(10_000, 10_016), update=True)  # new labels: 16 writes
     assert memory.empty_slots == 0 and torch.equal(result.written_slots, torch.arange(16))  # the oldest slots
