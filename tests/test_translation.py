@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -323,3 +324,35 @@ def test_the_rare_word_ceiling_fixes_only_the_lines_holding_a_rare_word_of_the_c
     expected = translation.bleu_chrf([references[0], *hypotheses[1:]], references)
     assert result == {"lines": 1, **expected}
     assert result["bleu"] > translation.bleu_chrf(hypotheses, references)["bleu"] > 0
+
+
+def test_context_pairs_are_other_pairs_holding_a_rare_word_of_the_batch():
+    targets = ["ein Dackel rennt", "der Dackel schläft", "ein Dackel bellt", "eine Katze", "die Katze", "ein Hund"]
+    pairs = translation.Pairs([[4]] * 6, [[4]] * 6, [""] * 6, targets)
+    counts = Counter(word for line in targets for word in translation.WORD.findall(line))
+    holders = translation.rare_word_pairs(pairs, counts, most=3)  # "ein" (3 times) counts; "Hund" (once) cannot
+    assert {w: r.tolist() for w, r in holders.items()} == {"Dackel": [0, 1, 2], "ein": [0, 2, 5], "Katze": [3, 4]}
+
+    batch = np.array([0, 3])  # rare words Dackel, ein (row 0) and Katze (row 3): three draws, the first 2 kept
+    draws = {tuple(translation.context_pairs(pairs, batch, holders, np.random.default_rng(s))) for s in range(40)}
+    for chosen in draws:  # never a pair of the batch, distinct, at most one per row of the batch
+        assert len(chosen) == len(set(chosen)) == 2 and not {0, 3} & set(chosen)
+    assert {c for chosen in draws for c in chosen} == {1, 2, 4, 5}, "every other holder of a word is drawn sometimes"
+    rng = lambda: np.random.default_rng(7)  # noqa: E731
+    assert translation.context_pairs(pairs, batch, holders, rng()) == translation.context_pairs(
+        pairs, batch, holders, rng()
+    )
+    assert translation.context_pairs(pairs, np.array([3, 4]), {"Katze": holders["Katze"]}, rng()) == []
+    with pytest.raises(SystemExit, match="--context-training"):
+        translation.main(["--model", "baseline", "--context-training"])
+
+
+@needs_data
+def test_context_training_memorises_before_each_step_and_resumes_exactly(straight_run, tmp_path):
+    _, plain, _ = straight_run
+    straight, _ = run_trainer(tmp_path / "straight", "--steps", "20", "--context-training")
+    assert [m["step"] for m in straight] == [10, 20]
+    assert straight[0]["train_loss"] != plain[0]["train_loss"], "the context passes write the memory it reads"
+    run_trainer(tmp_path / "resumed", "--steps", "10", "--context-training")
+    resumed, _ = run_trainer(tmp_path / "resumed", "--steps", "20", "--context-training", "--resume")
+    assert [without_timing(m) for m in resumed] == [without_timing(m) for m in straight]

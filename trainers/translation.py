@@ -18,6 +18,9 @@ CPU core trains in half an hour, on Multi30k (29,000 English-German image descri
               vector and the nearest neighbour's cosine similarity, so the model can learn when to trust it.
               With --tied-recall the recalled subword's embedding is the output layer's own row for that
               subword (in the half that reads the recall): a recall then raises that subword's logit.
+              With --context-training every step is trained as the context test is run: first one pass of
+              memory updates (memorise) over other training pairs that share a rare word with the batch
+              (context_pairs), then the step, so training meets recalls of rare words from other sentences.
               With --recall-mix M (evaluation only) the output distribution is mixed with the memory's own:
               (1 - M) p_model + M p_memory, p_memory the k neighbours' softmax weights on their values.
 
@@ -81,6 +84,8 @@ search_dtype = "float32"  # the memory's search scores: "float32" or "bfloat16" 
 recall_gate = False  # memory model: gate the recalled embedding on the attention vector and the nearest similarity
 tied_recall = False  # memory model: a recalled subword is embedded by its own output-layer row (see Translator)
 recall_mix = 0.0  # memory model, evaluation only: this share of the output distribution is the memory's (Translator)
+context_training = False  # memory model: before each step, memorise other pairs sharing a rare word (context_pairs)
+context_word_max = 5  # context_training: words seen 2 .. this many times in the training targets count as rare
 choose_k = 16
 alpha = 0.1
 age_noise = 8.0
@@ -239,6 +244,31 @@ def as_batch(pairs: Pairs, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     source = padded([pairs.source[i] for i in rows], suffix=(EOS,))
     target = [pairs.target[i] for i in rows]
     return source, padded(target, prefix=(BOS,)), padded(target, suffix=(EOS,))
+
+
+def rare_word_pairs(pairs: Pairs, train_counts: Counter, most: int) -> dict[str, np.ndarray]:
+    """Per word seen 2 .. ``most`` times in the training targets, the pairs whose target holds it."""
+    holders: dict[str, list[int]] = {}
+    for i, line in enumerate(pairs.target_text):
+        for word in set(WORD.findall(line)):
+            if 2 <= train_counts[word] <= most:
+                holders.setdefault(word, []).append(i)
+    return {word: np.array(rows) for word, rows in holders.items() if len(rows) > 1}
+
+
+def context_pairs(pairs: Pairs, rows: np.ndarray, holders: dict[str, np.ndarray], rng) -> list[int]:
+    """For each rare word (a key of ``holders``) in the targets of ``rows``, one other pair holding it, drawn by
+    ``rng``: a training batch's context, as the even lines are the odd lines' in the context test. At most one
+    pair per row of the batch."""
+    batch = set(rows.tolist())
+    chosen: list[int] = []
+    for row in rows:
+        for word in sorted(set(WORD.findall(pairs.target_text[row])) & holders.keys()):
+            others = holders[word][~np.isin(holders[word], list(batch))]
+            if len(others):
+                chosen.append(int(others[rng.integers(len(others))]))
+    chosen = list(dict.fromkeys(chosen))  # first draw of each, in order
+    return chosen[: len(rows)]
 
 
 # --------------------------------------------------------------------- model
@@ -631,10 +661,14 @@ def train(config, model, optimizer, store, task: Task, first_step, metrics, chec
     steps_per_epoch = math.ceil(len(lengths) / config["batch_size"])
     losses, memory_losses, cpu_started = [], [], time.process_time()
     batches = None
+    holders = rare_word_pairs(task.train, task.train_word_counts, config["context_word_max"])
     for step in range(first_step, config["steps"] + 1):
         epoch, index = divmod(step - 1, steps_per_epoch)
         if batches is None or index == 0:
             batches = epoch_batches(lengths, config["batch_size"], config["seed"], epoch)
+        if config["context_training"]:
+            rng = np.random.default_rng([config["seed"], 2, step])  # a function of the step: resumes draw the same
+            memorise(model, task.train.subset(context_pairs(task.train, batches[index], holders, rng)), batch_size=32)
         loss, memory_loss = train_step(model, optimizer, *as_batch(task.train, batches[index]), config)
         losses.append(loss)
         memory_losses.append(memory_loss)
@@ -714,7 +748,7 @@ def print_evaluation(results: dict) -> None:
 # What a checkpoint's weights and memory depend on: resuming or evaluating under other values would mix experiments.
 EXPERIMENT_SETTINGS = ("model", "source_language", "target_language", "train_pairs", "vocab_size", "max_train_length",
                        "embedding_dim", "hidden", "key_dim", "memory_size", "choose_k", "recall_gate",
-                       "tied_recall", "seed")  # fmt: skip
+                       "tied_recall", "context_training", "context_word_max", "seed")  # fmt: skip
 
 
 def check_same_experiment(config: dict, saved: dict, source) -> None:
@@ -734,6 +768,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--model must be 'memory' or 'baseline', got {config['model']!r}")
     if not 0.0 <= config["recall_mix"] <= 1.0 or (config["recall_mix"] and config["model"] != "memory"):
         raise SystemExit(f"--recall-mix must be in [0, 1] and needs --model memory, got {config['recall_mix']}")
+    if config["context_training"] and config["model"] != "memory":
+        raise SystemExit("--context-training needs --model memory")
     torch.manual_seed(config["seed"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
