@@ -113,7 +113,8 @@ def test_bench_ivf_lists_quantizer_option_chooses_the_coarse_quantizer(tmp_path)
         out = tmp_path / f"{quantizer}.json"
         command = [sys.executable, str(BENCHMARKS / "bench_ivf_lists.py"), "--n", "8192", "--lists", lists]
         command += ["--quantizer", quantizer, "--batch", "32", "--reps", "1", "--out", str(out)]
-        subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+        one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run(command, check=True, timeout=300, env=one_thread, capture_output=True)
         (rows[quantizer],) = json.loads(out.read_text())["rows"]
     assert rows["hnsw"]["quantizer"] == "hnsw" and rows["flat"]["quantizer"] == "flat"
     assert rows["flat"]["sides_equal"] >= 0.95  # an exact quantizer finds every slot of a probed list

@@ -3,9 +3,12 @@ similarities, high recall."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
+from lifelong_memory.server import devices
 from lifelong_memory.server.index import build_index
 from lifelong_memory.server.memory import Memory, MemoryConfig
 
@@ -35,6 +38,29 @@ def test_bfloat16_search_returns_exact_similarities_and_high_recall():
     )
     assert recall / a.neighbor_slots.numel() >= 0.95
     assert (a.predictions == b.predictions).float().mean() >= 0.95
+
+
+def test_native_bfloat16_reads_the_cpu_flags():
+    assert devices.native_bfloat16("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n") is True
+    assert devices.native_bfloat16("processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n") is False
+    assert devices.native_bfloat16("flags\t\t: avx2 amx_bf16 amx_tile\n") is True
+    assert devices.native_bfloat16("Features\t: fp asimd bf16 i8mm\n") is True  # Arm
+    assert devices.native_bfloat16("no flags here") is None
+
+
+@pytest.mark.parametrize(
+    "native, search_dtype, warned",
+    [(False, "bfloat16", True), (True, "bfloat16", False), (None, "bfloat16", False), (False, "float32", False)],
+)
+def test_a_bfloat16_search_on_a_cpu_without_bfloat16_instructions_is_logged(
+    monkeypatch, caplog, native, search_dtype, warned
+):
+    """torch emulates bf16 there: such a search is several times slower than float32, so the memory says so."""
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="lifelong_memory.server.index"):
+        Memory(MemoryConfig(key_dim=8, memory_size=64, choose_k=8, search_dtype=search_dtype))
+    logged = [r.getMessage() for r in caplog.records if r.name == "lifelong_memory.server.index"]
+    assert (len(logged) == 1 and "config.search_dtype bfloat16" in logged[0]) if warned else not logged
 
 
 @pytest.mark.parametrize("backend, shards", [("torch", 1), ("torch", 3), ("faiss", 1)])
