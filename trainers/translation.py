@@ -260,11 +260,10 @@ def context_pairs(pairs: Pairs, rows: np.ndarray, holders: dict[str, np.ndarray]
     """For each rare word (a key of ``holders``) in the targets of ``rows``, one other pair holding it, drawn by
     ``rng``: a training batch's context, as the even lines are the odd lines' in the context test. At most one
     pair per row of the batch."""
-    batch = set(rows.tolist())
     chosen: list[int] = []
     for row in rows:
         for word in sorted(set(WORD.findall(pairs.target_text[row])) & holders.keys()):
-            others = holders[word][~np.isin(holders[word], list(batch))]
+            others = holders[word][~np.isin(holders[word], rows)]
             if len(others):
                 chosen.append(int(others[rng.integers(len(others))]))
     chosen = list(dict.fromkeys(chosen))  # first draw of each, in order
@@ -661,7 +660,8 @@ def train(config, model, optimizer, store, task: Task, first_step, metrics, chec
     steps_per_epoch = math.ceil(len(lengths) / config["batch_size"])
     losses, memory_losses, cpu_started = [], [], time.process_time()
     batches = None
-    holders = rare_word_pairs(task.train, task.train_word_counts, config["context_word_max"])
+    if config["context_training"]:
+        holders = rare_word_pairs(task.train, task.train_word_counts, config["context_word_max"])
     for step in range(first_step, config["steps"] + 1):
         epoch, index = divmod(step - 1, steps_per_epoch)
         if batches is None or index == 0:
