@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             for field in ("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes"):
                 sub.add_argument(f"--{field.replace('_', '-')}", type=int)
             sub.add_argument("--ivf-codes")
+            sub.add_argument("--ivf-quantizer")
     _add_inspection_commands(commands)
 
     args = parser.parse_args(argv)
@@ -404,7 +405,7 @@ def _admin(store, args) -> int:
         overrides = {
             name: getattr(args, name)
             for name in ("device", "devices", "backend", "search_dtype", "shards", "placement")
-            + ("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes")
+            + ("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes", "ivf_quantizer")
             if getattr(args, name) is not None
         }
         try:

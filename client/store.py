@@ -592,7 +592,8 @@ def _config_message(config: dict) -> pb.MemoryConfig:
     message = pb.MemoryConfig()
     plain = (
         *("key_dim", "memory_size", "choose_k", "correct_in_top", "seed", "shards", "alpha", "device", "age_noise"),
-        *("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes", "placement"),
+        *("lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes", "ivf_quantizer"),
+        "placement",
     )
     for name in plain:
         if name in config:

@@ -61,11 +61,20 @@ def lsh_bytes(rows: int, dim: int, tables: int, bits: int) -> int:
 IVF_ROW_BYTES = 8 + 48
 
 
-def ivf_bytes(rows: int, dim: int, lists: int, codes: str) -> int:
+# An HNSW quantizer (FAISS's IVF<nlist>_HNSW32): links per centroid and the breadth of its search, which is
+# raised to the lists probed, since a search returns at most its breadth of them.
+HNSW_LINKS, HNSW_EF_SEARCH = 32, 128
+# Per centroid in the HNSW graph: 2 x HNSW_LINKS neighbours (int32) at level 0, and the upper levels, the
+# level and the offset (about HNSW_LINKS / (HNSW_LINKS - 1) more links on average, rounded up).
+HNSW_NODE_BYTES = (2 * HNSW_LINKS + 2) * 4 + 4 + 8
+
+
+def ivf_bytes(rows: int, dim: int, lists: int, codes: str, quantizer: str) -> int:
     """Host bytes a FaissIvfIndex over ``rows`` holds at most: every row's code (float32 or 8-bit per
-    component), id and hash-table entry, the empty-row mask and the centroids."""
+    component), id and hash-table entry, the empty-row mask, the centroids and an HNSW quantizer's graph."""
     code = dim * 4 if codes == "flat" else dim
-    return rows * (code + IVF_ROW_BYTES + 1) + lists * dim * 4
+    graph = lists * HNSW_NODE_BYTES if quantizer == "hnsw" else 0
+    return rows * (code + IVF_ROW_BYTES + 1) + lists * dim * 4 + graph
 
 
 class ZeroRows:
@@ -286,28 +295,46 @@ class FaissIvfIndex:
     them. Until then a search is exact over the filled rows. The centroids (and sq8's ranges) are the
     index's state: ``state()`` gives them to a snapshot and the constructor takes them back, so a restored
     memory assigns every key to the same list and answers as before.
+
+    ``quantizer`` "flat" finds a query's lists exactly, "hnsw" through an HNSW graph over the centroids
+    (sublinear in the lists, for the many lists of a large memory). Both train the same centroids, by k-means
+    with exact assignment; the graph is then built over them with one thread, so it is a function of the
+    centroids alone and a restored index (or one switched between the two on import) needs no more state.
     """
 
     def __init__(
-        self, keys: torch.Tensor, start: int, lists: int, probes: int, codes: str, seed: int, state: dict | None = None
+        self,
+        keys: torch.Tensor,
+        start: int,
+        lists: int,
+        probes: int,
+        codes: str,
+        quantizer: str,
+        seed: int,
+        state: dict | None = None,
     ):
         """``state``: the trained state of an earlier index over these slots (from ``state()``), if any."""
         from lifelong_memory.server.index import import_faiss
 
         self.faiss = import_faiss()
         self.keys, self.start = keys, start
-        self.lists, self.probes, self.codes, self.seed = lists, probes, codes, seed
+        self.lists, self.probes, self.codes, self.quantizer_kind, self.seed = lists, probes, codes, quantizer, seed
         self.zero = ZeroRows(keys)
         self.train_size = min(len(keys), TRAIN_POINTS_PER_LIST * lists)
         self.index = None
         if state:
             self._build(state["centroids"].numpy(), state.get("ranges"))
         elif len(keys) - self.zero.count >= self.train_size:
-            self._train()
+            self._build(*self._trained(self.training_sample()))
 
     def state(self) -> dict[str, torch.Tensor]:
         """The trained quantizer (empty until trained): the centroids and, with sq8, the code ranges."""
-        return {} if self.index is None else self._state_of(self.index, self.quantizer)
+        if self.index is None:
+            return {}
+        state = {"centroids": torch.from_numpy(self.centroids.copy())}
+        if self.codes == "sq8":
+            state["ranges"] = torch.from_numpy(self.faiss.vector_to_array(self.index.sq.trained))
+        return state
 
     def training_sample(self) -> np.ndarray:
         """A copy of the keys k-means trains on: ``train_size`` filled rows spread evenly over the shard (all
@@ -319,24 +346,16 @@ class FaissIvfIndex:
     def retrained_state(self, sample: np.ndarray) -> dict[str, torch.Tensor]:
         """The state of a quantizer trained on ``sample`` (from ``training_sample``); this index is untouched,
         so it can run beside searches and writes."""
-        index, quantizer = self._new_index()
-        index.train(sample)
-        return self._state_of(index, quantizer)
-
-    def _state_of(self, index, quantizer) -> dict[str, torch.Tensor]:
-        faiss = self.faiss
-        dim = self.keys.shape[1]
-        centroids = torch.from_numpy(faiss.rev_swig_ptr(quantizer.get_xb(), self.lists * dim).copy())
-        state = {"centroids": centroids.view(self.lists, dim)}
-        if self.codes == "sq8":
-            state["ranges"] = torch.from_numpy(faiss.vector_to_array(index.sq.trained))
+        centroids, ranges = self._trained(sample)
+        state = {"centroids": torch.from_numpy(centroids)}
+        if ranges is not None:
+            state["ranges"] = ranges
         return state
 
-    def _new_index(self):
-        """An untrained IVF index and its quantizer, which the index does not own: keep both."""
+    def _new_index(self, quantizer):
+        """An untrained IVF index over ``quantizer``, which the index does not own: keep both."""
         faiss = self.faiss
         dim = self.keys.shape[1]
-        quantizer = faiss.IndexFlatIP(dim)
         if self.codes == "flat":
             index = faiss.IndexIVFFlat(quantizer, dim, self.lists, faiss.METRIC_INNER_PRODUCT)
         else:
@@ -345,24 +364,38 @@ class FaissIvfIndex:
             )
         index.cp.seed = self.seed % (1 << 31)
         index.cp.spherical = True  # unit keys: centroids on the sphere, lists by inner product
-        return index, quantizer
+        return index
 
-    def _train(self) -> None:
-        index, quantizer = self._new_index()
-        index.train(self.training_sample())
-        self._finish(index, quantizer)
+    def _trained(self, sample: np.ndarray) -> tuple[np.ndarray, torch.Tensor | None]:
+        """The centroids [lists, dim] (and sq8's ranges) k-means finds on ``sample``, with exact assignment."""
+        quantizer = self.faiss.IndexFlatIP(self.keys.shape[1])
+        index = self._new_index(quantizer)
+        index.train(sample)
+        centroids = quantizer.reconstruct_n(0, self.lists)
+        ranges = torch.from_numpy(self.faiss.vector_to_array(index.sq.trained)) if self.codes == "sq8" else None
+        return np.ascontiguousarray(centroids, dtype=np.float32), ranges
 
     def _build(self, centroids: np.ndarray, ranges: torch.Tensor | None) -> None:
-        index, quantizer = self._new_index()
-        quantizer.add(np.ascontiguousarray(centroids))
+        faiss = self.faiss
+        dim = self.keys.shape[1]
+        if self.quantizer_kind == "hnsw":
+            quantizer = faiss.IndexHNSWFlat(dim, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+            quantizer.hnsw.efSearch = max(HNSW_EF_SEARCH, self.probes)
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)  # OpenMP's thread count is this thread's own setting
+            try:
+                quantizer.add(np.ascontiguousarray(centroids))
+            finally:
+                faiss.omp_set_num_threads(threads)
+        else:
+            quantizer = faiss.IndexFlatIP(dim)
+            quantizer.add(np.ascontiguousarray(centroids))
+        index = self._new_index(quantizer)
         if ranges is not None:
-            self.faiss.copy_array_to_vector(ranges.numpy(), index.sq.trained)
+            faiss.copy_array_to_vector(ranges.numpy(), index.sq.trained)
         index.is_trained = True
-        self._finish(index, quantizer)
-
-    def _finish(self, index, quantizer) -> None:
-        self.quantizer = quantizer
-        index.set_direct_map_type(self.faiss.DirectMap.Hashtable)
+        self.centroids, self.quantizer = centroids, quantizer
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
         index.nprobe = self.probes
         self.index = index
         filled = np.flatnonzero(~self.zero.zero)
@@ -388,7 +421,7 @@ class FaissIvfIndex:
         self.zero.update(local, nonzero)
         if self.index is None:
             if len(self.keys) - self.zero.count >= self.train_size:
-                self._train()
+                self._build(*self._trained(self.training_sample()))
             return
         self.index.remove_ids(self.faiss.IDSelectorArray(len(local), self.faiss.swig_ptr(np.ascontiguousarray(local))))
         if nonzero.any():

@@ -278,7 +278,16 @@ def build_index(
             prefix = f"shard{i}."
             own = {name[len(prefix) :]: t for name, t in state.items() if name.startswith(prefix)}
             parts.append(
-                FaissIvfIndex(rows, start, config.ivf_lists, config.ivf_probes, config.ivf_codes, config.seed, own)
+                FaissIvfIndex(
+                    rows,
+                    start,
+                    config.ivf_lists,
+                    config.ivf_probes,
+                    config.ivf_codes,
+                    config.ivf_quantizer,
+                    config.seed,
+                    own,
+                )
             )
             continue
         if config.backend == "lsh":

@@ -49,6 +49,7 @@ BACKENDS = ("torch", "faiss", "lsh", "faiss-ivf")
 # spread over the cluster's nodes; "gpu", one Ray actor with one GPU per shard (server/cluster.py).
 PLACEMENTS = ("local", "node", "gpu")
 IVF_CODES = ("flat", "sq8")
+IVF_QUANTIZERS = ("flat", "hnsw")
 MAX_LSH_TABLES = 64
 MAX_LSH_BITS = 30  # a bucket code and a row id share one int64
 MAX_PROBES = 4096  # LSH buckets probed per table: the probe order enumerates up to 2 * probes flip sets
@@ -97,6 +98,7 @@ class MemoryConfig:
     ivf_lists: int = 0  # backend faiss-ivf: nlist; default the power of two nearest sqrt(shard slots)
     ivf_probes: int = 0  # nprobe; default max(1, ivf_lists // 32); ivf_lists: exhaustive
     ivf_codes: str = "flat"  # "flat" (float32 vectors) or "sq8" (8-bit codes, candidates re-ranked exactly)
+    ivf_quantizer: str = "flat"  # how a query finds its lists: "flat" (exact) or "hnsw" (a graph: for many lists)
     placement: str = "local"  # PLACEMENTS: in this process, or each shard a Ray actor (lmem serve --cluster)
 
     def validated(self) -> MemoryConfig:
@@ -174,6 +176,11 @@ class MemoryConfig:
             value = getattr(self, field)
             check(value == 0 or low <= value <= high, field, f"must be 0 (default) or in [{low}, {high}], got {value}")
         check(self.ivf_codes in IVF_CODES, "ivf_codes", f"must be one of {list(IVF_CODES)}, got {self.ivf_codes!r}")
+        check(
+            self.ivf_quantizer in IVF_QUANTIZERS,
+            "ivf_quantizer",
+            f"must be one of {list(IVF_QUANTIZERS)}, got {self.ivf_quantizer!r}",
+        )
         if self.backend == "lsh":
             tables = self.lsh_tables or min(MAX_LSH_TABLES, math.ceil(math.sqrt(self.choose_k)))
             bucket_slots = self.choose_k / tables
@@ -238,7 +245,7 @@ class MemoryConfig:
             elif self.backend == "lsh":
                 shard = lsh_bytes(rows, dim, self.lsh_tables, self.lsh_bits)
             elif self.backend == "faiss-ivf":
-                shard = ivf_bytes(rows, dim, self.ivf_lists, self.ivf_codes)
+                shard = ivf_bytes(rows, dim, self.ivf_lists, self.ivf_codes, self.ivf_quantizer)
             else:
                 shard = rows * dim * 2 if self.search_dtype == "bfloat16" else 0
                 shard += rows * dim * 4 if device != self.device else 0

@@ -39,7 +39,7 @@ CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(MemoryConfig))
 # What an import may change: where and how the memory is searched, never what it holds.
 IMPORT_OVERRIDES = frozenset(
     {"device", "devices", "backend", "search_dtype", "shards", "placement"}
-    | {"lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes"}
+    | {"lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes", "ivf_quantizer"}
 )
 GIB = 1 << 30
 

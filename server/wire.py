@@ -106,6 +106,7 @@ def config_to_proto(config: MemoryConfig) -> pb.MemoryConfig:
         ivf_lists=config.ivf_lists,
         ivf_probes=config.ivf_probes,
         ivf_codes=config.ivf_codes,
+        ivf_quantizer=config.ivf_quantizer,
         placement=config.placement,
     )
 
@@ -129,6 +130,7 @@ def config_from_proto(message: pb.MemoryConfig) -> dict:
         "ivf_lists",
         "ivf_probes",
         "ivf_codes",
+        "ivf_quantizer",
         "placement",
     ):
         if message.HasField(name):

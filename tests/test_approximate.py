@@ -92,6 +92,7 @@ RECALL_CASES = [
     pytest.param(dict(backend="faiss-ivf", ivf_probes=32), 0.98, 0.94, id="ivf-flat-32-probes"),
     pytest.param(dict(backend="faiss-ivf", ivf_probes=32, ivf_codes="sq8"), 0.98, 0.94, id="ivf-sq8-32-probes"),
     pytest.param(dict(backend="faiss-ivf", shards=2, ivf_probes=16), 0.98, 0.9, id="ivf-flat-two-shards"),
+    pytest.param(dict(backend="faiss-ivf", ivf_probes=32, ivf_quantizer="hnsw"), 0.98, 0.94, id="ivf-hnsw-32-probes"),
 ]
 
 
@@ -147,6 +148,7 @@ def reopen(registry: MemoryRegistry) -> MemoryRegistry:
     [
         pytest.param(dict(backend="faiss-ivf", ivf_lists=16, ivf_probes=1), id="ivf-flat"),
         pytest.param(dict(backend="faiss-ivf", ivf_lists=8, ivf_probes=1, ivf_codes="sq8", shards=2), id="ivf-sq8"),
+        pytest.param(dict(backend="faiss-ivf", ivf_lists=16, ivf_probes=1, ivf_quantizer="hnsw"), id="ivf-hnsw"),
         pytest.param(dict(backend="lsh", lsh_tables=4, lsh_bits=6), id="lsh"),
     ],
 )
@@ -224,6 +226,15 @@ def test_the_memory_budget_counts_an_approximate_index(options, index_bytes_per_
     assert registry.list() == [] and registry.create("exact", key_dim=D, memory_size=1 << 16)
 
 
+def test_the_memory_budget_counts_an_hnsw_quantizers_graph():
+    def footprint(quantizer: str) -> int:
+        config = MemoryConfig(key_dim=D, memory_size=1 << 16, backend="faiss-ivf", ivf_lists=1 << 14, shards=2,
+                              ivf_quantizer=quantizer)  # fmt: skip
+        return config.validated().footprint(16)["cpu"]
+
+    assert footprint("hnsw") - footprint("flat") == 2 * (1 << 14) * ann.HNSW_NODE_BYTES
+
+
 def test_an_import_may_probe_more_keeping_the_quantizer_or_retrain_it_with_other_lists():
     keys, labels = clustered(4096, 128, 0.5, seed=3)
     config = MemoryConfig(key_dim=D, memory_size=4096, choose_k=16, backend="faiss-ivf", ivf_lists=16, ivf_probes=1)
@@ -237,6 +248,82 @@ def test_an_import_may_probe_more_keeping_the_quantizer_or_retrain_it_with_other
     assert torch.equal(wider.query(queries, query_labels).neighbor_slots, exact.neighbor_slots)  # exhaustive
     retrained = registry.import_state("retrained", state, ivf_lists=8)
     assert retrained.index.state()["shard0.centroids"].shape == (8, D)
+
+
+def test_an_hnsw_quantizer_trains_the_centroids_of_a_flat_one_and_searched_exhaustively_answers_as_it():
+    """ivf_quantizer only changes how a query finds its lists: the same k-means, so the same centroids, and with
+    every list probed the same answers and states, step by step, as a flat quantizer's (itself checked against
+    the reference memory in tests/test_equivalence.py)."""
+    base = dict(key_dim=D, memory_size=2048, choose_k=16, backend="faiss-ivf", ivf_lists=8, ivf_probes=8)
+    flat = Memory(MemoryConfig(**base, age_noise=2.0, seed=4))
+    hnsw = Memory(MemoryConfig(**base, age_noise=2.0, seed=4, ivf_quantizer="hnsw"))
+    assert hnsw.config.ivf_quantizer == "hnsw" and flat.config.ivf_quantizer == "flat"
+    for step in range(60):
+        queries, labels = clustered(32, 256, 0.4, seed=500 + step)
+        labels[::3] += 256
+        a, b = flat.query(queries, labels, update=True), hnsw.query(queries, labels, update=True)
+        for field in ("neighbor_slots", "neighbor_similarities", "written_slots", "predictions"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), (step, field)
+    assert hnsw.index.state() and torch.equal(
+        hnsw.index.state()["shard0.centroids"], flat.index.state()["shard0.centroids"]
+    )
+    assert torch.equal(hnsw.keys, flat.keys) and torch.equal(hnsw.values, flat.values)
+
+
+def test_an_hnsw_quantizer_finds_the_lists_an_exact_one_finds_and_is_rebuilt_the_same():
+    """With many lists (1,024 here) the graph finds nearly every list exact search over the centroids ranks in a
+    query's first ivf_probes, and a graph built again from the same centroids (as a restore builds it, with
+    FAISS's threads free) answers identically."""
+    keys, labels = clustered(16384, 512, 0.5, seed=6)
+    config = MemoryConfig(
+        key_dim=D, memory_size=len(keys), choose_k=64, backend="faiss-ivf", ivf_lists=1024, ivf_probes=16,
+        ivf_quantizer="hnsw",
+    )  # fmt: skip
+    memory = filled(config, keys, labels)
+    shard = memory.index.shards[0]
+    assert shard.quantizer.ntotal == 1024 and shard.quantizer.hnsw.efSearch == ann.HNSW_EF_SEARCH
+    queries = np.ascontiguousarray(clustered(512, 512, 0.5, seed=7)[0].numpy())
+    found = shard.quantizer.search(queries, 16)[1]
+    exact = np.argsort(-(queries @ shard.centroids.T), axis=1, kind="stable")[:, :16]
+    overlap = np.mean([len(set(f) & set(e)) / 16 for f, e in zip(found, exact, strict=True)])
+    assert overlap >= 0.95, overlap
+    rebuilt = build_index(memory.keys, memory.config, 16, memory.index.state()).shards[0]
+    assert np.array_equal(rebuilt.quantizer.search(queries, 16)[1], found)
+
+
+def test_an_import_may_switch_the_quantizer_keeping_its_centroids():
+    keys, labels = clustered(4096, 128, 0.5, seed=3)
+    config = MemoryConfig(key_dim=D, memory_size=4096, choose_k=16, backend="faiss-ivf", ivf_lists=16, ivf_probes=16)
+    state = filled(config, keys, labels).capture()
+    registry = MemoryRegistry()
+    switched = registry.import_state("switched", state, ivf_quantizer="hnsw")
+    assert switched.config.ivf_quantizer == "hnsw"
+    assert torch.equal(switched.index.state()["shard0.centroids"], state.index_state["shard0.centroids"])
+    queries, query_labels = clustered(64, 128, 0.5, seed=8)
+    exact = registry.import_state("exact", state, backend="torch").query(queries, query_labels)
+    assert torch.equal(switched.query(queries, query_labels).neighbor_slots, exact.neighbor_slots)  # exhaustive
+
+
+def test_the_quantizer_travels_through_the_api_and_an_import_switches_it(store, tmp_path):
+    """Over both transports: created with ivf_quantizer "hnsw", the config reads it back; exported and imported
+    with "flat" the memory keeps its centroids, and with every list probed both answer as exact search."""
+    keys, labels = clustered(1024, 32, 0.5, seed=10)
+    config = dict(key_dim=D, memory_size=1024, choose_k=16, backend="faiss-ivf", ivf_lists=4, ivf_probes=4)
+    memory = store.create_memory("ivf-quantizer", **config, ivf_quantizer="hnsw")
+    assert memory.info().config.ivf_quantizer == "hnsw"
+    for rows in (slice(0, 512), slice(512, 1024)):  # the lists train once 64 x 4 slots hold keys
+        memory.query(keys[rows], labels[rows], update=True)
+    path = tmp_path / "m.lmem"
+    store.export_memory("ivf-quantizer", path)
+    with open(path, "rb") as f:
+        assert persistence.read_snapshot(f).index_state["shard0.centroids"].shape == (4, D)
+    switched = store.import_memory("ivf-quantizer-flat", path, ivf_quantizer="flat")
+    exact = store.import_memory("ivf-quantizer-exact", path, backend="torch")
+    assert switched.info().config.ivf_quantizer == "flat"
+    queries, query_labels = clustered(64, 32, 0.5, seed=11)
+    want = exact.query(queries, query_labels).neighbor_slots
+    assert torch.equal(memory.query(queries, query_labels).neighbor_slots, want)
+    assert torch.equal(switched.query(queries, query_labels).neighbor_slots, want)
 
 
 def test_bench_ann_probes_for_95_is_the_fewest_probes_that_keep_95_percent_of_exact_sides(monkeypatch):

@@ -66,7 +66,7 @@ class Array(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class MemoryConfig(_message.Message):
-    __slots__ = ("key_dim", "memory_size", "choose_k", "alpha", "age_noise", "correct_in_top", "seed", "device", "search_dtype", "backend", "shards", "devices", "lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes", "placement")
+    __slots__ = ("key_dim", "memory_size", "choose_k", "alpha", "age_noise", "correct_in_top", "seed", "device", "search_dtype", "backend", "shards", "devices", "lsh_tables", "lsh_bits", "lsh_probes", "ivf_lists", "ivf_probes", "ivf_codes", "placement", "ivf_quantizer")
     KEY_DIM_FIELD_NUMBER: _ClassVar[int]
     MEMORY_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHOOSE_K_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class MemoryConfig(_message.Message):
     IVF_PROBES_FIELD_NUMBER: _ClassVar[int]
     IVF_CODES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    IVF_QUANTIZER_FIELD_NUMBER: _ClassVar[int]
     key_dim: int
     memory_size: int
     choose_k: int
@@ -105,7 +106,8 @@ class MemoryConfig(_message.Message):
     ivf_probes: int
     ivf_codes: str
     placement: str
-    def __init__(self, key_dim: _Optional[int] = ..., memory_size: _Optional[int] = ..., choose_k: _Optional[int] = ..., alpha: _Optional[float] = ..., age_noise: _Optional[float] = ..., correct_in_top: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., search_dtype: _Optional[_Union[SearchDtype, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., shards: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., lsh_tables: _Optional[int] = ..., lsh_bits: _Optional[int] = ..., lsh_probes: _Optional[int] = ..., ivf_lists: _Optional[int] = ..., ivf_probes: _Optional[int] = ..., ivf_codes: _Optional[str] = ..., placement: _Optional[str] = ...) -> None: ...
+    ivf_quantizer: str
+    def __init__(self, key_dim: _Optional[int] = ..., memory_size: _Optional[int] = ..., choose_k: _Optional[int] = ..., alpha: _Optional[float] = ..., age_noise: _Optional[float] = ..., correct_in_top: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., search_dtype: _Optional[_Union[SearchDtype, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., shards: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., lsh_tables: _Optional[int] = ..., lsh_bits: _Optional[int] = ..., lsh_probes: _Optional[int] = ..., ivf_lists: _Optional[int] = ..., ivf_probes: _Optional[int] = ..., ivf_codes: _Optional[str] = ..., placement: _Optional[str] = ..., ivf_quantizer: _Optional[str] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
     __slots__ = ("shard", "slot_start", "slot_stop", "node", "pid", "state", "commit_sequence", "detail")
