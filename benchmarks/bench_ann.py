@@ -19,6 +19,9 @@ swapped in behind the index seam (what ``backend=`` selects at create), so every
   torch       exact search (the reference every quality figure is measured against)
   lsh         the paper's LSH with its defaults (1 probe), and lsh-p<P> with P buckets probed per table
   ivf-flat    faiss IVF, float32 lists, default nlist / nprobe; ivf-sq8 with 8-bit codes, re-ranked exactly
+  ivf-fine    faiss IVF, float32 lists, N / 32 of them (one per cluster of the clustered keys), 1/64 probed;
+              ivf-fine-hnsw the same with ivf_quantizer "hnsw" and the same centroids (its build time is then
+              the lists and the graph alone, without k-means)
 
 Measured per (backend, B), median of repeated calls after a warm-up:
   build      seconds to build the index over the filled memory (IVF: k-means training included)
@@ -72,7 +75,21 @@ BACKENDS = {
     "lsh-p16": dict(backend="lsh", lsh_probes=16),
     "ivf-flat": dict(backend="faiss-ivf"),
     "ivf-sq8": dict(backend="faiss-ivf", ivf_codes="sq8"),
+    "ivf-fine": dict(backend="faiss-ivf"),
+    "ivf-fine-hnsw": dict(backend="faiss-ivf", ivf_quantizer="hnsw"),
 }
+# The "fine" IVF presets: one list per CLUSTER_SIZE keys (as many lists as the clustered keys have clusters,
+# what keeps the exact positive and negative within a few percent of the lists), 1 / FINE_PROBE_SHARE of
+# them probed.
+FINE_PROBE_SHARE = 64
+
+
+def backend_options(name: str, n: int) -> dict:
+    options = dict(BACKENDS[name])
+    if name.startswith("ivf-fine"):
+        lists = max(1, n // CLUSTER_SIZE)
+        options.update(ivf_lists=lists, ivf_probes=max(1, lists // FINE_PROBE_SHARE))
+    return options
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -169,19 +186,18 @@ def timed(call, min_time: float, min_reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def probes_for_95(index, keys: torch.Tensor, queries: torch.Tensor, sides: tuple[torch.Tensor, ...]) -> int:
+def probes_for_95(index, queries: torch.Tensor, sides: tuple[torch.Tensor, ...]) -> int:
     """The smallest nprobe of a one-shard IVF index for which 95% of rows have both exact ``sides`` (positive and
-    negative slots, -1 for none) in one of the lists nearest the query."""
+    negative slots, -1 for none) in one of the lists nearest the query (by exact similarity to the centroids;
+    each slot in the list the index holds it in)."""
     (shard,) = index.shards
-    lists = shard.quantizer.ntotal
-    order = shard.quantizer.search(np.ascontiguousarray(queries.numpy()), lists)[1]
-    homes = []
-    for slots in sides:
-        slots = slots.numpy()
-        home = np.full(len(slots), -1, dtype=np.int64)
-        held = slots >= 0
-        home[held] = shard.quantizer.search(np.ascontiguousarray(keys[slots[held]].numpy()), 1)[1][:, 0]
-        homes.append(home)
+    order = np.argsort(-(queries.numpy() @ shard.centroids.T), axis=1, kind="stable")
+    home_of = np.full(len(shard.keys), -1, dtype=np.int64)
+    for number in range(shard.lists):
+        size = shard.index.invlists.list_size(number)
+        if size:
+            home_of[shard.faiss.rev_swig_ptr(shard.index.invlists.get_ids(number), size)] = number
+    homes = [np.where(slots.numpy() >= 0, home_of[slots.numpy()], -1) for slots in sides]
     return lists_for_95(order, homes)
 
 
@@ -234,14 +250,22 @@ def bench_distribution(n: int, kind: str, args, backends: list[str]) -> list[dic
     print(f"\n== N={n:,} {kind}: filled in {time.perf_counter() - start:.1f} s", flush=True)
     batches = {b: keys.rows(b) for b in args.batches}
     configs, indexes, rows = {}, {}, []
-    for name in backends:
-        config = MemoryConfig(key_dim=D, memory_size=n, choose_k=K, age_noise=8.0, seed=0, **BACKENDS[name])
-        configs[name] = config.validated()
+    trained = {}  # (ivf_lists, ivf_codes) -> the first such index's name: IVF presets differing only in how
+    for name in backends:  # they probe share its centroids (as an import does) instead of training again
+        config = MemoryConfig(key_dim=D, memory_size=n, choose_k=K, age_noise=8.0, seed=0, **backend_options(name, n))
+        configs[name] = config = config.validated()
+        lists_of = (config.ivf_lists, config.ivf_codes) if config.backend == "faiss-ivf" else None
+        shared = trained.get(lists_of)
         start = time.perf_counter()
-        indexes[name] = build_index(memory.keys, configs[name], 256)
+        indexes[name] = build_index(memory.keys, config, 256, indexes[shared].state() if shared else None)
         build_s = time.perf_counter() - start
-        rows.append({"n": n, "keys": kind, "backend": name, "build_s": build_s, "config": params(configs[name])})
-        print(f"  built {name} in {build_s:.1f} s {params(configs[name])}", flush=True)
+        row = {"n": n, "keys": kind, "backend": name, "build_s": build_s, "config": params(config)}
+        if shared:
+            row["config"]["centroids_of"] = shared  # build_s: the lists and quantizer alone, no k-means
+        elif lists_of:
+            trained[lists_of] = name
+        rows.append(row)
+        print(f"  built {name} in {build_s:.1f} s {row['config']}", flush=True)
     by_name = {r["backend"]: r for r in rows}
 
     exact = {}
@@ -257,7 +281,7 @@ def bench_distribution(n: int, kind: str, args, backends: list[str]) -> list[dic
                 r.neighbor_slots, exact[b][0], (r.positive_slots, r.negative_slots), exact[b][1]
             )
             if configs[name].backend == "faiss-ivf":
-                entry["probes_95"] = probes_for_95(indexes[name], memory.keys, q, exact[b][1])
+                entry["probes_95"] = probes_for_95(indexes[name], q, exact[b][1])
     written: list[torch.Tensor] = []
     for name in backends:
         index = indexes[name]
@@ -369,7 +393,12 @@ def params(config: MemoryConfig) -> dict:
     if config.backend == "lsh":
         return {"tables": config.lsh_tables, "bits": config.lsh_bits, "probes": config.lsh_probes}
     if config.backend == "faiss-ivf":
-        return {"nlist": config.ivf_lists, "nprobe": config.ivf_probes, "codes": config.ivf_codes}
+        return {
+            "nlist": config.ivf_lists,
+            "nprobe": config.ivf_probes,
+            "codes": config.ivf_codes,
+            "quantizer": config.ivf_quantizer,
+        }
     return {}
 
 

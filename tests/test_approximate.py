@@ -337,7 +337,7 @@ def test_bench_ann_probes_for_95_is_the_fewest_probes_that_keep_95_percent_of_ex
     want = filled(MemoryConfig(**base), keys, labels).query(queries, query_labels)
     sides = (want.positive_slots, want.negative_slots)
     ivf = filled(MemoryConfig(**base, backend="faiss-ivf", ivf_lists=64), keys, labels)
-    needed = bench_ann.probes_for_95(ivf.index, ivf.keys, queries, sides)
+    needed = bench_ann.probes_for_95(ivf.index, queries, sides)
     assert 1 < needed < 64
     for probes, enough in ((needed, True), (needed - 1, False)):
         got = filled(MemoryConfig(**base, backend="faiss-ivf", ivf_lists=64, ivf_probes=probes), keys, labels).query(

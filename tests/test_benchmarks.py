@@ -84,10 +84,14 @@ def test_bench_ann_runs_every_backend_on_a_memory_aged_as_training_leaves_it(tmp
     subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
     result = json.loads(out.read_text())
     assert result["complete"] and {r["backend"] for r in result["rows"]} == {
-        "torch", "lsh", "lsh-p16", "ivf-flat", "ivf-sq8"
+        "torch", "lsh", "lsh-p16", "ivf-flat", "ivf-sq8", "ivf-fine", "ivf-fine-hnsw"
     }  # fmt: skip
-    exact = next(r for r in result["rows"] if r["backend"] == "torch")["per_batch"]["16"]
+    rows = {r["backend"]: r for r in result["rows"]}
+    exact = rows["torch"]["per_batch"]["16"]
     assert exact["recall_at_1"] == exact["sides_equal"] == 1.0 and exact["fused_ms"] > 0
+    fine, hnsw = rows["ivf-fine"]["config"], rows["ivf-fine-hnsw"]["config"]
+    assert (fine["nlist"], fine["nprobe"], fine["quantizer"]) == (8192 // 32, 8192 // 32 // 64, "flat")
+    assert hnsw == {**fine, "quantizer": "hnsw", "centroids_of": "ivf-fine"}
 
 
 def test_bench_ivf_lists_probing_probes_at_95_keeps_the_exact_sides_in_95_percent_of_rows(tmp_path):
