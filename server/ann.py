@@ -321,6 +321,7 @@ class FaissIvfIndex:
         self.faiss = import_faiss()
         self.keys, self.start = keys, start
         self.lists, self.probes, self.codes, self.quantizer_kind, self.seed = lists, probes, codes, quantizer, seed
+        self.search_breadth = max(HNSW_EF_SEARCH, probes)  # an HNSW quantizer's, for a query
         self.zero = ZeroRows(keys)
         self.train_size = min(len(keys), TRAIN_POINTS_PER_LIST * lists)
         self.index = None
@@ -382,16 +383,15 @@ class FaissIvfIndex:
         dim = self.keys.shape[1]
         if self.quantizer_kind == "hnsw":
             quantizer = faiss.IndexHNSWFlat(dim, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
-            quantizer.hnsw.efSearch = max(HNSW_EF_SEARCH, self.probes)
-            threads = faiss.omp_get_max_threads()
-            faiss.omp_set_num_threads(1)  # OpenMP's thread count is this thread's own setting
-            try:
-                quantizer.add(np.ascontiguousarray(centroids))
-            finally:
-                faiss.omp_set_num_threads(threads)
+            quantizer.hnsw.efSearch = self.search_breadth
         else:
             quantizer = faiss.IndexFlatIP(dim)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # a graph built by one thread is the same every time; the setting is per thread
+        try:
             quantizer.add(np.ascontiguousarray(centroids))
+        finally:
+            faiss.omp_set_num_threads(threads)
         index = self._new_index(quantizer)
         if ranges is not None:
             faiss.copy_array_to_vector(ranges.numpy(), index.sq.trained)
@@ -440,4 +440,4 @@ class FaissIvfIndex:
         try:
             self.index.add_with_ids(keys, rows)
         finally:
-            hnsw.efSearch = max(HNSW_EF_SEARCH, self.probes)
+            hnsw.efSearch = self.search_breadth
