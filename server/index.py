@@ -226,12 +226,14 @@ class ShardedIndex:
         return {f"shard{i}.{name}": t for i, shard in enumerate(self.shards) for name, t in shard.state().items()}
 
     def training_samples(self) -> list:
-        """Per shard, a copy of the keys a retrain of its quantizer trains on (faiss-ivf shards, trained)."""
+        """Per shard, a copy of the keys a retrain of its quantizer trains on (faiss-ivf shards). A shard not yet
+        trained (before its first fill) trains early on the keys it holds: at least one per list."""
         for i, shard in enumerate(self.shards):
-            if shard.index is None:
+            filled = len(shard.keys) - shard.zero.count
+            if shard.index is None and filled < shard.lists:
                 raise FailedPrecondition(
-                    f"config.ivf_lists: shard {i} has not trained its quantizer yet (it trains once "
-                    f"{shard.train_size} of its slots are filled); there is nothing to retrain"
+                    f"config.ivf_lists: shard {i} holds {filled} keys, fewer than its {shard.lists} lists: too few "
+                    f"to train on (it trains by itself once {shard.train_size} of its slots are filled)"
                 )
         return [shard.training_sample() for shard in self.shards]
 

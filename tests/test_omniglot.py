@@ -149,7 +149,7 @@ def test_the_resnet_is_another_model_of_the_same_interface():
 
 def test_a_checkpoint_is_only_resumed_or_evaluated_under_its_own_settings():
     config = {"split": "reference", "input": "ink", "init": "he", "rep_dim": 128, "adam": "torch", "backend": "torch",
-              "encoder": "convnet"}  # fmt: skip
+              "encoder": "convnet", "ivf_lists": 0, "ivf_probes": 0, "retrain_index_every": 0}  # fmt: skip
     omniglot.check_same_experiment(config, {"split": "reference", "rep_dim": 128}, "old.pt")  # before the options
     omniglot.check_same_experiment(config, dict(config), "same.pt")
     with pytest.raises(SystemExit, match=r"run.pt was trained with --input raw \(given ink\), --init authors"):
@@ -160,6 +160,8 @@ def test_a_checkpoint_is_only_resumed_or_evaluated_under_its_own_settings():
         omniglot.check_same_experiment(config, {**config, "adam": "tensorflow"}, "run.pt")
     with pytest.raises(SystemExit, match=r"run.pt was trained with --backend lsh \(given torch\)"):
         omniglot.check_same_experiment(config, {**config, "backend": "lsh"}, "run.pt")
+    with pytest.raises(SystemExit, match=r"run.pt was trained with --ivf-lists 4 \(given 0\)"):
+        omniglot.check_same_experiment(config, {**config, "ivf_lists": 4}, "run.pt")
 
 
 def tensorflow_adam_reference(theta, gradients, lr, eps, beta1=0.9, beta2=0.999):
@@ -305,8 +307,14 @@ def run_trainer(out: pathlib.Path, cache: pathlib.Path, *flags: str) -> list[dic
 
 @pytest.mark.parametrize(
     "setting",
-    [(), ("--init", "authors", "--input", "raw"), ("--backend", "lsh"), ("--encoder", "resnet")],
-    ids=["ours", "authors", "lsh", "resnet"],
+    [
+        (),
+        ("--init", "authors", "--input", "raw"),
+        ("--backend", "lsh"),
+        ("--backend", "faiss-ivf", "--ivf-lists", "2", "--ivf-probes", "1", "--retrain-index-every", "1"),
+        ("--encoder", "resnet"),
+    ],
+    ids=["ours", "authors", "lsh", "faiss-ivf-retrained", "resnet"],
 )
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path, setting):
     straight = run_trainer(tmp_path / "straight", tmp_path / "cache", *setting, "--episode-batches", "3")

@@ -95,14 +95,36 @@ def test_a_snapshot_after_a_retrain_keeps_the_new_quantizer(tmp_path):
     same_answers(recovered, memory)
 
 
-def test_only_a_trained_faiss_ivf_memory_retrains(store):
+def test_only_a_faiss_ivf_memory_with_a_key_per_list_retrains(store):
     exact = store.create_memory("exact", key_dim=D, memory_size=64)
     with pytest.raises(FailedPrecondition, match="config.backend"):
         exact.retrain_index()
     untrained = store.create_memory("untrained", **CONFIG)
-    with pytest.raises(FailedPrecondition, match="config.ivf_lists: shard 0 has not trained"):
+    untrained.query(QUERIES[:7], LABELS[:7], update=True)
+    sequence = untrained.info().stats["commit_sequence"]
+    with pytest.raises(FailedPrecondition, match="config.ivf_lists: shard 0 holds 7 keys, fewer than its 8 lists"):
         untrained.retrain_index()
-    assert untrained.info().stats["commit_sequence"] == 0
+    assert untrained.info().stats["commit_sequence"] == sequence
+
+
+def test_a_retrain_before_the_first_fill_trains_early_and_the_log_replays_it(tmp_path):
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", **CONFIG)
+    write_stream(memory, 2, seed=8)  # 64 keys: far below the 512 of the first fill
+    assert memory.index.shards[0].index is None
+    memory.retrain_index()
+    assert memory.index.shards[0].index is not None
+    early = memory.index.state()["shard0.centroids"]
+    write_stream(memory, 30, seed=9)  # past the first fill: the early quantizer stays
+    assert torch.equal(memory.index.state()["shard0.centroids"], early)
+    fresh = Memory(MemoryConfig(**CONFIG))
+    write_stream(fresh, 2, seed=8)
+    write_stream(fresh, 30, seed=9)
+    assert not torch.equal(fresh.index.state()["shard0.centroids"], early)  # trained at its first fill instead
+    registry.storage.close()
+    recovered = MemoryRegistry(data_dir=tmp_path).get("m")
+    assert torch.equal(recovered.index.state()["shard0.centroids"], early)
+    same_answers(recovered, memory)
 
 
 def test_retrain_over_grpc_and_embedded(store):

@@ -45,6 +45,9 @@ episode_length = 30
 batch_episodes = 16
 memory_size = 8192
 backend = "torch"  # the memory's search: "torch" (exact), "faiss", "lsh" or "faiss-ivf" (docs/approximate-search.md)
+ivf_lists = 0  # faiss-ivf: lists (0: the memory's default); it trains once 64 x lists slots are filled
+ivf_probes = 0  # faiss-ivf: lists a query visits (0: the memory's default)
+retrain_index_every = 0  # faiss-ivf: retrain the quantizer on the keys of every n-th episode batch (0: never)
 choose_k = 256
 alpha = 0.1
 age_noise = 8.0
@@ -348,7 +351,7 @@ def plot(metrics: list[dict], path: pathlib.Path) -> None:
     plt.close(figure)
 
 
-def train(config, encoder, module, optimizer, eval_memory, split_data, rng, first, metrics, checkpoint_path) -> None:
+def train(config, store, encoder, module, optimizer, eval_memory, split_data, rng, first, metrics, checkpoint_path):
     """Episode batches from ``first`` on, validating, plotting and checkpointing as configured."""
     out = checkpoint_path.parent
     # The metrics file restarts from the checkpoint's: validations after it, from a stopped run, are redone.
@@ -361,6 +364,9 @@ def train(config, encoder, module, optimizer, eval_memory, split_data, rng, firs
         step_started = time.time()
         losses.append(train_episode_batch(encoder, module, optimizer, images, labels, config["clip_norm"]))
         step_ms = 1000 * (time.time() - step_started) / config["episode_length"]
+        if config["retrain_index_every"] and episode_batch % config["retrain_index_every"] == 0:
+            # The lists follow the encoder as it learns: trained on this batch's keys, kept through the clears.
+            module.memory.retrain_index()
 
         if episode_batch % config["validate_every"] == 0 or episode_batch == config["episode_batches"]:
             # Fresh validation episodes each time, as the reference; seeded by the step, so a resumed run
@@ -397,6 +403,9 @@ def train(config, encoder, module, optimizer, eval_memory, split_data, rng, firs
             )
             plot(metrics, out / "accuracy.png")
         if episode_batch % config["checkpoint_every"] == 0 or episode_batch == config["episode_batches"]:
+            # The training memory too: what it keeps through the clears (a trained quantizer) shapes the next batch.
+            memory_file = f"memory-{episode_batch}.lmem"
+            store.export_memory(config["memory_name"], out / memory_file)
             state = {
                 "encoder": encoder.state_dict(),
                 "memory_module": module.state_dict(),
@@ -406,11 +415,15 @@ def train(config, encoder, module, optimizer, eval_memory, split_data, rng, firs
                 # Dropout on a GPU draws from each device's own generator, which the CPU state does not cover.
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "episode_batch": episode_batch,
+                "memory_file": memory_file,
                 "metrics": metrics,
                 "config": config,
             }
             torch.save(state, checkpoint_path.with_suffix(".tmp"))
             os.replace(checkpoint_path.with_suffix(".tmp"), checkpoint_path)
+            for old in out.glob("memory-*.lmem"):
+                if old.name != memory_file:
+                    old.unlink()
 
 
 # What a checkpoint's weights and metrics depend on, with the value a checkpoint from before the option meant.
@@ -422,6 +435,9 @@ EXPERIMENT_SETTINGS = {
     "encoder": "convnet",
     "adam": "torch",
     "backend": "torch",
+    "ivf_lists": 0,
+    "ivf_probes": 0,
+    "retrain_index_every": 0,
 }
 
 
@@ -438,6 +454,8 @@ def check_same_experiment(config: dict, saved: dict, source) -> None:
 
 def main() -> None:
     config = configure()
+    if config["retrain_index_every"] and config["backend"] != "faiss-ivf":
+        raise SystemExit(f"--retrain-index-every: only a faiss-ivf memory has a quantizer, not {config['backend']}")
     torch.manual_seed(config["seed"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
@@ -457,6 +475,8 @@ def main() -> None:
     memory_config = dict(
         memory_size=config["memory_size"],
         backend=config["backend"],
+        ivf_lists=config["ivf_lists"],
+        ivf_probes=config["ivf_probes"],
         choose_k=config["choose_k"],
         alpha=config["alpha"],
         age_noise=config["age_noise"],
@@ -489,11 +509,14 @@ def main() -> None:
             for index, cuda_state in enumerate(state.get("cuda_rng", [])[: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(cuda_state.cpu(), index)
         first = state["episode_batch"] + 1
+        if not config["evaluate"] and "memory_file" in state:
+            store.delete_memory(config["memory_name"])
+            store.import_memory(config["memory_name"], out / state["memory_file"])
         metrics = state["metrics"]
         print(f"resumed from {source} after episode batch {state['episode_batch']}")
 
     if not config["evaluate"]:
-        train(config, encoder, module, optimizer, eval_memory, split_data, rng, first, metrics, checkpoint_path)
+        train(config, store, encoder, module, optimizer, eval_memory, split_data, rng, first, metrics, checkpoint_path)
 
     runs = omniglot_data.load_lake_runs(data_dir, config["input"])
     results = final_evaluation(encoder, module, eval_memory, split_data, runs, config)

@@ -204,7 +204,8 @@ class MemoryServiceServicer:
 
     def RetrainIndex(self, request, context):
         """Train a faiss-ivf memory's quantizer anew on its current keys, while queries and writes go on; a commit,
-        kept in the log. FAILED_PRECONDITION for other backends and before the first training.
+        kept in the log. FAILED_PRECONDITION for other backends and while a shard holds fewer keys than lists;
+        before the first fill it trains the quantizer early on the keys there are.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
