@@ -248,6 +248,11 @@ BAD_CONFIGS = [
         id="device-cuda-without-cuda",
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
     ),
+    # FAISS runs on the CPU only (docs/approximate-search.md, "FAISS on the GPU"): refused on any host.
+    pytest.param({"device": "cuda", "backend": "faiss"}, "config.backend", id="faiss-on-cuda"),
+    pytest.param({"devices": ["cpu", "cuda:0"], "shards": 2, "backend": "faiss-ivf"}, "config.backend",
+                 id="faiss-ivf-shard-on-cuda"),  # fmt: skip
+    pytest.param({"device": "cuda", "backend": "lsh"}, "config.backend", id="lsh-on-cuda"),
     pytest.param({"placement": "rack"}, "config.placement", id="placement-unknown"),
     pytest.param({"placement": "node", "backend": "faiss"}, "config.backend", id="placement-node-faiss"),
     pytest.param({"placement": "gpu", "devices": ["cpu"]}, "config.devices", id="placement-gpu-with-devices"),
