@@ -1,12 +1,12 @@
-"""How approximate a faiss-ivf memory's search is in Omniglot training (docs/approximate-search.md, "Omniglot
-with each backend"): with a checkpoint's encoder, episode batches run as the trainer runs them with
-``--retrain-index-every 1`` (a cleared memory, one fused query + update per episode step, the quantizer retrained
-on each batch's keys and kept through the next clear), and before each step's update the same queries are
-answered by an exact search over the very same memory. Reports the share of rows whose nearest slot, and whose
-positive and negative slots (the ones the loss and the update use), equal the exact search's.
+"""How approximate an approximate backend's search is in Omniglot training (docs/approximate-search.md,
+"Omniglot with each backend"): with a checkpoint's encoder, episode batches run as the trainer runs them (a
+cleared memory, one fused query + update per episode step; for faiss-ivf as with ``--retrain-index-every 1``, the
+quantizer retrained on each batch's keys and kept through the next clear), and before each step's update the same
+queries are answered by an exact search over the very same memory. Reports the share of rows whose nearest slot,
+and whose positive and negative slots (the ones the loss and the update use), equal the exact search's.
 
-    .venv/bin/python benchmarks/omniglot_ivf_agreement.py --checkpoint runs/backend-ivf/checkpoint.pt \\
-        --data ../shared/data/omniglot --ivf-lists 8 --ivf-probes 1
+    .venv/bin/python benchmarks/omniglot_agreement.py --checkpoint runs/backend-ivf/checkpoint.pt \\
+        --data ../shared/data/omniglot --backend faiss-ivf --ivf-lists 8 --ivf-probes 1
 
 The encoder runs without dropout (the trainer's keys carry dropout noise; these do not).
 """
@@ -33,9 +33,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", required=True)
+    parser.add_argument("--backend", choices=["faiss-ivf", "lsh"], default="faiss-ivf")
     parser.add_argument("--ivf-lists", type=int, default=8)
     parser.add_argument("--ivf-probes", type=int, default=1)
-    parser.add_argument("--batches", type=int, default=20, help="measured episode batches (one more trains)")
+    parser.add_argument("--batches", type=int, default=20, help="measured episode batches (after one more)")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
@@ -54,9 +55,8 @@ def main() -> None:
         alpha=config["alpha"],
         age_noise=config["age_noise"],
         seed=args.seed,
-        backend="faiss-ivf",
-        ivf_lists=args.ivf_lists,
-        ivf_probes=args.ivf_probes,
+        backend=args.backend,
+        **({"ivf_lists": args.ivf_lists, "ivf_probes": args.ivf_probes} if args.backend == "faiss-ivf" else {}),
     )
     memory = Memory(memory_config, max_batch=config["batch_episodes"])
     exact_config = dataclasses.replace(memory.config, backend="torch")
@@ -71,7 +71,7 @@ def main() -> None:
             with torch.no_grad():
                 queries = l2_normalize(encoder(torch.from_numpy(images[t])) @ query_proj)
             y = torch.from_numpy(labels[t])
-            if batch:  # the first batch only trains the quantizer
+            if batch:  # the first batch only trains the quantizer (faiss-ivf)
                 approximate = memory.query(queries, y, fields=FIELDS)
                 ivf_index, memory.index = memory.index, build_index(memory.keys, exact_config, memory.max_batch)
                 try:
@@ -86,14 +86,14 @@ def main() -> None:
                 same["negative"].append(negative)
                 same["positive_and_negative"].append(positive & negative)
             memory.query(queries, y, update=True, fields=frozenset())
-        memory.retrain_index()
+        if args.backend == "faiss-ivf":
+            memory.retrain_index()
     shares = {name: float(torch.cat(rows).float().mean()) for name, rows in same.items()}
     rows = len(torch.cat(same["nearest"]))
     report = {
         "checkpoint": args.checkpoint,
         "episode_batch": state["episode_batch"],
-        "ivf_lists": args.ivf_lists,
-        "ivf_probes": args.ivf_probes,
+        "config": dataclasses.asdict(memory.config),
         "rows": rows,
         "same_as_exact": shares,
     }
