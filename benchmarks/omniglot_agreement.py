@@ -1,9 +1,10 @@
 """How approximate an approximate backend's search is in Omniglot training (docs/approximate-search.md,
 "Omniglot with each backend"): with a checkpoint's encoder, episode batches run as the trainer runs them (a
-cleared memory, one fused query + update per episode step; for faiss-ivf as with ``--retrain-index-every 1``, the
-quantizer retrained on each batch's keys and kept through the next clear), and before each step's update the same
-queries are answered by an exact search over the very same memory. Reports the share of rows whose nearest slot,
-and whose positive and negative slots (the ones the loss and the update use), equal the exact search's.
+cleared memory, one fused query + update per episode step; for faiss-ivf the quantizer retrained on the keys of
+every ``--retrain-every``-th batch and kept through the clears, as the trainer's ``--retrain-index-every``), and
+before each step's update the same queries are answered by an exact search over the very same memory. Reports the
+share of rows whose nearest slot, and whose positive and negative slots (the ones the loss and the update use),
+equal the exact search's.
 
     .venv/bin/python benchmarks/omniglot_agreement.py --checkpoint runs/backend-ivf/checkpoint.pt \\
         --data ../shared/data/omniglot --backend faiss-ivf --ivf-lists 8 --ivf-probes 1
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["faiss-ivf", "lsh"], default="faiss-ivf")
     parser.add_argument("--ivf-lists", type=int, default=8)
     parser.add_argument("--ivf-probes", type=int, default=1)
+    parser.add_argument("--retrain-every", type=int, default=1, help="faiss-ivf: retrain after every n-th batch")
     parser.add_argument("--batches", type=int, default=20, help="measured episode batches (after one more)")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--out", default="")
@@ -86,7 +88,7 @@ def main() -> None:
                 same["negative"].append(negative)
                 same["positive_and_negative"].append(positive & negative)
             memory.query(queries, y, update=True, fields=frozenset())
-        if args.backend == "faiss-ivf":
+        if args.backend == "faiss-ivf" and batch % args.retrain_every == 0:
             memory.retrain_index()
     shares = {name: float(torch.cat(rows).float().mean()) for name, rows in same.items()}
     rows = len(torch.cat(same["nearest"]))
