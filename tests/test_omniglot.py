@@ -329,3 +329,21 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, setting):
     assert (tmp_path / "resumed" / "accuracy.png").stat().st_size > 0
     evaluation = json.loads((tmp_path / "resumed" / "evaluation.json").read_text())
     assert set(evaluation) >= {"5-way", "20-way", "lake_20way_within_alphabet"}
+
+
+def test_the_agreement_benchmark_finds_an_exhaustive_ivf_exact_and_one_probe_not(tmp_path):
+    run_trainer(tmp_path / "run", tmp_path / "cache", "--episode-batches", "1")
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "omniglot_agreement.py"
+    shares = {}
+    for probes in (2, 1):
+        out = tmp_path / f"agreement-{probes}.json"
+        command = [sys.executable, str(script), "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
+                   "--data", str(DATA), "--ivf-lists", "2", "--ivf-probes", str(probes), "--batches", "3",
+                   "--out", str(out)]  # fmt: skip
+        env = {**os.environ, "LMEM_CACHE_DIR": str(tmp_path / "cache")}
+        subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)
+        report = json.loads(out.read_text())
+        assert report["rows"] == 3 * 10 * 2 and report["config"]["ivf_probes"] == probes
+        shares[probes] = report["same_as_exact"]
+    assert set(shares[2].values()) == {1.0}  # every list probed: the exact answers
+    assert shares[1]["positive_and_negative"] < 1.0
