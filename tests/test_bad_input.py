@@ -250,8 +250,11 @@ BAD_CONFIGS = [
     ),
     # FAISS runs on the CPU only (docs/approximate-search.md, "FAISS on the GPU"): refused on any host.
     pytest.param({"device": "cuda", "backend": "faiss"}, "config.backend", id="faiss-on-cuda"),
-    pytest.param({"devices": ["cpu", "cuda:0"], "shards": 2, "backend": "faiss-ivf"}, "config.backend",
-                 id="faiss-ivf-shard-on-cuda"),  # fmt: skip
+    pytest.param(
+        {"devices": ["cpu", "cuda:0"], "shards": 2, "backend": "faiss-ivf"},
+        "config.backend",
+        id="faiss-ivf-shard-on-cuda",
+    ),
     pytest.param({"device": "cuda", "backend": "lsh"}, "config.backend", id="lsh-on-cuda"),
     pytest.param({"placement": "rack"}, "config.placement", id="placement-unknown"),
     pytest.param({"placement": "node", "backend": "faiss"}, "config.backend", id="placement-node-faiss"),
