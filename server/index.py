@@ -226,11 +226,11 @@ class ShardedIndex:
         return {f"shard{i}.{name}": t for i, shard in enumerate(self.shards) for name, t in shard.state().items()}
 
     def training_samples(self) -> list:
-        """Per shard, a copy of the keys a retrain of its quantizer trains on (faiss-ivf shards). A shard not yet
-        trained (before its first fill) trains early on the keys it holds: at least one per list."""
+        """Per shard, a copy of the keys a retrain of its quantizer trains on (faiss-ivf shards): at least one per
+        list. A shard not yet trained (before its first fill) trains early on the keys it holds."""
         for i, shard in enumerate(self.shards):
             filled = len(shard.keys) - shard.zero.count
-            if shard.index is None and filled < shard.lists:
+            if filled < shard.lists:
                 raise FailedPrecondition(
                     f"config.ivf_lists: shard {i} holds {filled} keys, fewer than its {shard.lists} lists: too few "
                     f"to train on (it trains by itself once {shard.train_size} of its slots are filled)"

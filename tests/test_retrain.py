@@ -99,12 +99,19 @@ def test_only_a_faiss_ivf_memory_with_a_key_per_list_retrains(store):
     exact = store.create_memory("exact", key_dim=D, memory_size=64)
     with pytest.raises(FailedPrecondition, match="config.backend"):
         exact.retrain_index()
-    untrained = store.create_memory("untrained", **CONFIG)
-    untrained.query(QUERIES[:7], LABELS[:7], update=True)
-    sequence = untrained.info().stats["commit_sequence"]
+    ivf = store.create_memory("ivf", **CONFIG)
+    ivf.query(QUERIES[:7], LABELS[:7], update=True)
+    sequence = ivf.info().stats["commit_sequence"]
     with pytest.raises(FailedPrecondition, match="config.ivf_lists: shard 0 holds 7 keys, fewer than its 8 lists"):
-        untrained.retrain_index()
-    assert untrained.info().stats["commit_sequence"] == sequence
+        ivf.retrain_index()
+    assert ivf.info().stats["commit_sequence"] == sequence
+    ivf.query(QUERIES[7:64], LABELS[7:64], update=True)
+    ivf.retrain_index()  # trained early
+    ivf.clear()
+    sequence = ivf.info().stats["commit_sequence"]
+    with pytest.raises(FailedPrecondition, match="config.ivf_lists: shard 0 holds 0 keys, fewer than its 8 lists"):
+        ivf.retrain_index()
+    assert ivf.info().stats["commit_sequence"] == sequence
 
 
 def test_a_retrain_before_the_first_fill_trains_early_and_the_log_replays_it(tmp_path):
