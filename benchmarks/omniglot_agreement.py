@@ -44,21 +44,16 @@ def main() -> None:
     args = parser.parse_args()
 
     state = torch.load(args.checkpoint, weights_only=False, map_location="cpu")
-    config = state["config"]
+    config = {**omniglot.configure([]), **state["config"]}  # the defaults of settings newer than the checkpoint
     encoder = omniglot.build_encoder(config["encoder"], config["rep_dim"], config["dropout_keep"], config["init"])
     encoder.load_state_dict(state["encoder"])
     encoder.eval()
     query_proj = state["memory_module"]["query_proj"]
     split = omniglot_data.load_split(pathlib.Path(args.data), config["split"], config["input"])
+    ivf = args.backend == "faiss-ivf"
+    search = dict(backend=args.backend, ivf_lists=args.ivf_lists * ivf, ivf_probes=args.ivf_probes * ivf)
     memory_config = MemoryConfig(
-        key_dim=config["rep_dim"],
-        memory_size=config["memory_size"],
-        choose_k=config["choose_k"],
-        alpha=config["alpha"],
-        age_noise=config["age_noise"],
-        seed=args.seed,
-        backend=args.backend,
-        **({"ivf_lists": args.ivf_lists, "ivf_probes": args.ivf_probes} if args.backend == "faiss-ivf" else {}),
+        key_dim=config["rep_dim"], **{**omniglot.memory_fields(config), **search, "seed": args.seed}
     )
     memory = Memory(memory_config, max_batch=config["batch_episodes"])
     exact_config = dataclasses.replace(memory.config, backend="torch")

@@ -452,6 +452,20 @@ def check_same_experiment(config: dict, saved: dict, source) -> None:
         raise SystemExit(f"{source} was trained with " + ", ".join(differ) + "; pass the same settings")
 
 
+def memory_fields(config: dict) -> dict:
+    """The MemoryConfig fields (all but key_dim) of a run's memories."""
+    return dict(
+        memory_size=config["memory_size"],
+        backend=config["backend"],
+        ivf_lists=config["ivf_lists"],
+        ivf_probes=config["ivf_probes"],
+        choose_k=config["choose_k"],
+        alpha=config["alpha"],
+        age_noise=config["age_noise"],
+        seed=config["seed"],
+    )
+
+
 def main() -> None:
     config = configure()
     if config["retrain_index_every"] and config["backend"] != "faiss-ivf":
@@ -472,16 +486,7 @@ def main() -> None:
     )
 
     store = connect(config["memory"])
-    memory_config = dict(
-        memory_size=config["memory_size"],
-        backend=config["backend"],
-        ivf_lists=config["ivf_lists"],
-        ivf_probes=config["ivf_probes"],
-        choose_k=config["choose_k"],
-        alpha=config["alpha"],
-        age_noise=config["age_noise"],
-        seed=config["seed"],
-    )
+    memory_config = memory_fields(config)
     names = {info.name for info in store.list_memories()}
     for name in (config["memory_name"], config["memory_name"] + "-eval"):
         if name in names:  # this trainer owns its memories: start from fresh ones
