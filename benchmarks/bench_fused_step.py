@@ -20,6 +20,8 @@ each in turn, so load from elsewhere hits them alike:
 with a sublinear search, what the step does outside the search shows. The memories are filled N / 256 slots
 per commit, so a full memory's oldest slots come in groups of N / 256 of one age. ``--fresh`` starts both from
 empty memories instead: every slot of one age, so each write scores every slot (a new memory's first writes).
+``--episode L`` starts them empty too and clears them (untimed) before every L-th call: Omniglot's training, whose
+memory is cleared each episode of L = 30 steps, so that at most L x B of its slots are ever filled.
 
 Reported: median ms per call, ratios, and whether the answers were the same. Table and JSON (--out).
 """
@@ -104,7 +106,10 @@ def same(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def bench_shape(baseline, n: int, b: int, seconds: float, writer: str, backend: str, fresh: bool) -> dict:
+def bench_shape(
+    baseline, n: int, b: int, seconds: float, writer: str, backend: str, fresh: bool, episode: int = 0
+) -> dict:
+    fresh = fresh or bool(episode)
     memories = {"baseline": filled(baseline, n, b, backend, fresh), "current": filled(current, n, b, backend, fresh)}
     if writer:
         memories["tagged"] = filled(current, n, b, backend, fresh)
@@ -136,6 +141,9 @@ def bench_shape(baseline, n: int, b: int, seconds: float, writer: str, backend: 
     step = 0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or step < 10:
+        if episode and step % episode == 0:
+            for memory in memories.values():
+                memory.clear()
         for name, call in cases.items():
             started = time.perf_counter()
             call(step)
@@ -153,6 +161,7 @@ def bench_shape(baseline, n: int, b: int, seconds: float, writer: str, backend: 
         "B": b,
         "backend": backend,
         "fresh": fresh,
+        "episode": episode,
         "calls": step,
         "median_ms": median,
         "baseline/raw": median["baseline"] / median["raw"],
@@ -175,15 +184,22 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--fresh", action="store_true", help="start from empty memories: every slot of one age, the first writes"
     )
+    parser.add_argument(
+        "--episode", type=int, default=0, help="clear the memories before every EPISODE-th call (Omniglot: 30)"
+    )
     parser.add_argument("--out", default="benchmarks/results/fused-step.json")
     args = parser.parse_args(argv)
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     with tempfile.TemporaryDirectory() as folder:
         baseline = load_baseline(args.baseline, pathlib.Path(folder))
-        rows = [bench_shape(baseline, n, b, args.seconds, args.writer, args.backend, args.fresh) for n, b in shapes]
+        rows = [
+            bench_shape(baseline, n, b, args.seconds, args.writer, args.backend, args.fresh, args.episode)
+            for n, b in shapes
+        ]
     print(
         f"embedded fused query + update, d={KEY_DIM} k={CHOOSE_K}, backend {args.backend}"
-        f"{', fresh memories' if args.fresh else ''}; torch {torch.__version__}, "
+        f"{', fresh memories' if args.fresh else ''}{f', cleared every {args.episode} calls' if args.episode else ''}; "
+        f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; median ms per call"
     )
     header = f"{'N':>9} {'B':>4} {'raw':>8} {'raw-out':>8} {'baseline':>9} {'current':>8} "

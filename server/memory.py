@@ -224,12 +224,11 @@ class MemoryConfig:
     def footprint(self, max_batch: int) -> dict[str, int]:
         """Bytes a memory of this config holds at most, per device: its slots on ``device``; the
         recent-label table (at most memory_size labels), the slots' writer tags and the write and snapshot
-        bookkeeping (HOST_SLOT_BYTES) in host memory; per
-        shard the index's own copies of its keys (bf16; float32 on another device; faiss; an approximate
-        index's buckets or lists, of a validated config) and the score buffer for batches of up to
-        ``max_batch`` rows, on the shard's device (shards placed on a cluster hold these in their actors, not
-        here). Call it once the devices are known to be usable (a CUDA
-        score buffer is sized from the device's memory)."""
+        bookkeeping (HOST_SLOT_BYTES) in host memory; per shard the index's own copies of its keys (bf16;
+        float32 on another device; faiss; an approximate index's buckets or lists, of a validated config; a
+        float32 CPU shard's empty-row mask) and the score buffer for batches of up to ``max_batch`` rows, on
+        the shard's device (shards placed on a cluster hold these in their actors, not here). Call it once the
+        devices are known to be usable (a CUDA score buffer is sized from the device's memory)."""
         dim = self.key_dim
         needed = {self.device: self.memory_size * (dim * 4 + DEVICE_SLOT_BYTES)}
         # The recent-label table, the writer tag of each slot (int32) and the write's bookkeeping live in host memory.
@@ -247,7 +246,10 @@ class MemoryConfig:
             elif self.backend == "faiss-ivf":
                 shard = ivf_bytes(rows, dim, self.ivf_lists, self.ivf_codes, self.ivf_quantizer)
             else:
-                shard = rows * dim * 2 if self.search_dtype == "bfloat16" else 0
+                if self.search_dtype == "bfloat16":
+                    shard = rows * dim * 2
+                else:
+                    shard = rows if device == "cpu" else 0  # a CPU shard's empty-row mask
                 shard += rows * dim * 4 if device != self.device else 0
                 shard += score_rows(rows, score_element, device, max_batch) * rows * score_element
             needed[device] = needed.get(device, 0) + shard

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lifelong_memory.server import devices
-from lifelong_memory.server.index import build_index
+from lifelong_memory.server.index import FILLED_SEARCH_MAX_SHARE, TorchFlatIndex, build_index
 from lifelong_memory.server.memory import Memory, MemoryConfig
 
 
@@ -111,3 +111,72 @@ def test_the_canonical_order_holds_in_rows_with_and_without_ties_and_puts_nan_fi
         )
         assert got_slots[row].tolist() == [slot for _, slot in pairs]
         assert torch.equal(got_similarities[row].isnan(), torch.tensor([s != s for s, _ in pairs]))
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_mostly_empty_shard_scores_only_its_filled_rows_and_answers_as_scoring_every_row(shards, monkeypatch):
+    """From empty to full, then cleared, in batches twice a score buffer's rows: every answer and write as a
+    memory whose index scores every row (similarities to float32 round-off); the search over the filled rows
+    (and k empty ones) ran while those were at most FILLED_SEARCH_MAX_SHARE of a shard, and only then."""
+    config = MemoryConfig(key_dim=16, memory_size=512, choose_k=16, age_noise=2.0, shards=shards)
+    filled_rows, every_row = Memory(config, max_batch=4), Memory(config, max_batch=4)
+    for shard in every_row.index.shards:
+        shard.zero = None  # no empty-row mask: every search scores every row
+    searched_rows = []
+    original = TorchFlatIndex._search_rows
+
+    def counted(self, queries, k, scored):
+        searched_rows.append((len(scored), len(self.keys)))
+        return original(self, queries, k, scored)
+
+    monkeypatch.setattr(TorchFlatIndex, "_search_rows", counted)
+    generator = torch.Generator().manual_seed(4)
+    fields = frozenset({"neighbors", "positive_negative"})
+    calls_per_step = []
+    for step in range(110):
+        if step == 90:
+            filled_rows.clear()
+            every_row.clear()
+        queries = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=1)
+        labels = torch.randint(0, 600, (8,), generator=generator)
+        before = len(searched_rows)
+        got = filled_rows.query(queries, labels, update=True, fields=fields)
+        want = every_row.query(queries, labels, update=True, fields=fields)
+        calls_per_step.append((len(searched_rows) - before, filled_rows.empty_slots))
+        assert torch.equal(got.neighbor_slots, want.neighbor_slots), step
+        assert torch.allclose(got.neighbor_similarities, want.neighbor_similarities, atol=1e-6, rtol=0), step
+        assert torch.equal(got.written_slots, want.written_slots) and torch.equal(got.predictions, want.predictions)
+        assert torch.equal(got.positive_slots, want.positive_slots), step
+        assert torch.equal(got.negative_slots, want.negative_slots), step
+    assert torch.equal(filled_rows.keys, every_row.keys) and torch.equal(filled_rows.values, every_row.values)
+    assert all(rows <= FILLED_SEARCH_MAX_SHARE * shard_rows for rows, shard_rows in searched_rows)
+    assert calls_per_step[0][0] == 2 * shards  # a batch of 8 in two chunks of 4 per shard, on the empty memory
+    assert calls_per_step[85] == (0, 0)  # full: every row is scored
+    assert calls_per_step[90][0] == 2 * shards  # cleared
+
+
+def test_the_filled_rows_search_offers_k_empty_rows_and_uses_no_memory_beyond_the_score_buffer():
+    """Which empty rows is the index's choice (the memory answers with the lowest-numbered ones)."""
+    generator = torch.Generator().manual_seed(5)
+    keys = torch.zeros(64, 8)
+    filled = torch.tensor([3, 17, 40, 41, 63])
+    keys[filled] = torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=1)
+    index = TorchFlatIndex(keys, 100, torch.float32, rows=3, owns_keys=False)
+    buffer = index._scores.data_ptr()
+    queries = torch.nn.functional.normalize(torch.randn(7, 8, generator=generator), dim=1)
+    similarities, slots = index.search(queries, 8)  # three chunks of at most 3 rows
+    assert index._scores.data_ptr() == buffer and index._scores.shape == (3, 64)
+    lowest_empty = {100, 101, 102, 104, 105, 106, 107, 108}  # the 8 lowest rows not in ``filled``
+    for row in range(7):
+        exact = {100 + s: float(queries[row] @ keys[s]) for s in filled.tolist()}
+        positive = {slot for slot, similarity in exact.items() if similarity > 0}
+        got = dict(zip(slots[row].tolist(), similarities[row].tolist(), strict=True))
+        assert len(got) == 8 and positive <= got.keys() and got.keys() - positive <= lowest_empty | exact.keys()
+        for slot, similarity in got.items():
+            assert similarity == pytest.approx(exact.get(slot, 0.0), abs=1e-6)
+        assert all(similarity <= 0 for slot, similarity in exact.items() if slot not in got)
+    keys[filled] = 0.0  # a write of zero keys empties the rows (a clear)
+    index.update(filled + 100, keys[filled])
+    similarities, slots = index.search(queries, 4)
+    assert index.zero.count == 64 and (similarities == 0).all()
+    assert all(len(set(row)) == 4 and min(row) >= 100 for row in slots.tolist())
