@@ -10,7 +10,7 @@ import torch
 
 from lifelong_memory.server import devices
 from lifelong_memory.server.index import FILLED_SEARCH_MAX_SHARE, TorchFlatIndex, build_index
-from lifelong_memory.server.memory import Memory, MemoryConfig
+from lifelong_memory.server.memory import Memory, MemoryConfig, _canonical, _canonical_on_host
 
 
 def filled(search_dtype: str, shards: int) -> Memory:
@@ -180,3 +180,29 @@ def test_the_filled_rows_search_offers_k_empty_rows_and_uses_no_memory_beyond_th
     similarities, slots = index.search(queries, 4)
     assert index.zero.count == 64 and (similarities == 0).all()
     assert all(len(set(row)) == 4 and min(row) >= 100 for row in slots.tolist())
+
+
+def test_the_host_order_is_the_device_order_bit_for_bit():
+    """_canonical_on_host (numpy, CPU tensors) against _canonical (torch, the path of a GPU memory), on the same
+    index answers: rows without ties, with ties, with NaN and -0.0, and with empty slots scoring 0 in any order."""
+    generator = torch.Generator().manual_seed(5)
+    size, k = 96, 24
+    for trial in range(200):
+        values = torch.randint(0, 5, (size,), generator=generator)
+        empty = torch.randperm(size, generator=generator)[: int(torch.randint(0, size, (), generator=generator))]
+        values[empty] = -1  # EMPTY
+        slots = torch.stack([torch.randperm(size, generator=generator)[:k] for _ in range(4)])
+        similarities = torch.rand(4, k, generator=generator) * 2 - 1
+        if trial % 2:
+            similarities = (similarities * 4).round() / 4  # ties between filled slots
+        similarities[values[slots] == -1] = 0.0  # an empty slot's key is zero
+        if trial % 5 == 0:
+            similarities[0, 3] = float("nan")
+            similarities[0, 7] = -float("nan")  # the sign bit set: a NaN orders first whatever its bits
+            similarities[1, 2] = -0.0
+            similarities[1, 5] = 0.0
+        given = values if len(empty) else None  # None: no slot is empty
+        want = _canonical(similarities.clone(), slots.clone(), given, size)
+        got = _canonical_on_host(similarities.clone(), slots.clone(), given, size)
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[1].view(torch.int32), want[1].view(torch.int32))  # -0.0 and NaN bits too
