@@ -157,7 +157,7 @@ def free_port() -> int:
 class Server:
     """A server in a subprocess on a free 127.0.0.1 port, or on the Unix socket ``listen`` (unix:///path), ready
     once it prints ``ready_line``; stopped by its PID. By default ``lmem serve``; ``cmd`` may name the address
-    as {listen}."""
+    as {listen}; ``extra``: more ``lmem serve`` options."""
 
     def __init__(
         self,
@@ -165,6 +165,7 @@ class Server:
         cmd: list[str] | None = None,
         ready_line: str = "lmem: serving on",
         listen: str | None = None,
+        extra: list[str] | tuple[str, ...] = (),
     ):
         self.port = free_port()
         self.target = listen or f"127.0.0.1:{self.port}"  # as gRPC channels take it
@@ -174,7 +175,7 @@ class Server:
             address = ["--listen", listen] if listen else ["--port", str(self.port)]
             cmd = [sys.executable, "-m", "lifelong_memory.client.cli", "serve", *address]
             # Score buffers are allocated up front for batches of --max-batch rows: no more than measured.
-            cmd += ["--log-level", "WARNING", "--max-batch", str(max_batch)]
+            cmd += ["--log-level", "WARNING", "--max-batch", str(max_batch), *extra]
         else:
             cmd = [part.replace("{listen}", self.target) for part in cmd]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)

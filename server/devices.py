@@ -99,7 +99,13 @@ def score_buffer_bytes(device: str) -> int:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """An allocation that failed: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-    )
+    """An allocation that failed: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError, or a CUDA call's
+    cudaErrorMemoryAllocation, which torch raises as AcceleratorError ("CUDA error: out of memory"): a context
+    or library handle that cannot be created because another process holds the device's memory (seen on an
+    H200 whose memory another process's caching allocator held)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(exc)
+    if isinstance(exc, getattr(torch, "AcceleratorError", ())):
+        return "CUDA error: out of memory" in message
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in message

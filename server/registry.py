@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lifelong_memory.server.devices import BUDGET_SHARE, memory_available
+from lifelong_memory.server.devices import BUDGET_SHARE, is_out_of_memory, memory_available
 from lifelong_memory.server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -125,6 +125,17 @@ class MemoryRegistry:
         return imported
 
     def _add(self, name: str, config: MemoryConfig, state: MemoryState | None) -> Memory:
+        try:
+            return self._place(name, config, state)
+        except (RuntimeError, MemoryError) as exc:  # placing it: a device's first use, its budget, the memory
+            if not is_out_of_memory(exc):
+                raise
+            raise ResourceExhausted(
+                f"config.device: out of memory placing {name!r} on {sorted(set(config.shard_devices()))} "
+                f"(no memory was created): {exc}"
+            ) from None
+
+    def _place(self, name: str, config: MemoryConfig, state: MemoryState | None) -> Memory:
         config.check_usable()
         with self._lock:
             self._check_room(name, config)

@@ -136,13 +136,18 @@ def test_bench_fused_step_runs_a_revision_beside_the_current_memory(tmp_path, fr
     assert {"raw", "raw-out", "baseline", "current"} <= row["median_ms"].keys()
 
 
-def test_gpu_check_compares_and_times_on_the_cpu():
+def test_gpu_check_compares_serves_and_tabulates_on_the_cpu():
     """gpu_check.py runs once, on a lent GPU machine with minutes to spare, so its code must work before then:
-    here its comparison (a 4-shard memory against one, same seed) and its speed test run on the CPU. Its speed
-    test once set a full memory's fields by hand and left it counting negative empty slots."""
+    here its comparison (a 4-shard memory against one, same seed), its served check (a server stopped and
+    started again, an export imported) and its table run on the CPU. Its speed test once set a full memory's
+    fields by hand and left it counting negative empty slots."""
     spec = importlib.util.spec_from_file_location("gpu_check", BENCHMARKS / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    sys.path.insert(0, str(BENCHMARKS))  # gpu_check imports bench_memory's Server
+    try:
+        gpu_check = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gpu_check)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
     same = gpu_check.compare(4096, 30, {"shards": 4})
     assert same["pass"] and same["writes"] > 0 and same["first_divergent_step"] is None
 
@@ -154,5 +159,11 @@ def test_gpu_check_compares_and_times_on_the_cpu():
     result = memory.query(keys[:16], torch.arange(10_000, 10_016), update=True)  # new labels: 16 writes
     assert memory.empty_slots == 0 and torch.equal(result.written_slots, torch.arange(16))  # the oldest slots
 
-    timed = gpu_check.speed(4096, batch=16, device="cpu")
-    assert min(timed["raw_topk_ms"], timed["query_ms"], timed["fused_ms"]) > 0
+    served = gpu_check.served(size=512, steps=8, device="cpu")
+    assert served["pass"] and served["device_after_restart"] == "cpu", served
+
+    (row,) = gpu_check.table(4096, [16], faiss=None, device="cpu", min_seconds=0.01)
+    cases = {"raw topk float32", "raw topk bfloat16", "query torch float32", "fused torch float32"}
+    assert cases | {"fused torch bfloat16"} <= row["ms"].keys() and min(row["ms"].values()) > 0
+    assert row["recall_at_1"]["torch float32"] == 1.0 and row["positive_negative_equal"]["torch float32"] == 1.0
+    assert row["recall_at_1"]["torch bfloat16"] > 0.5  # queries are near copies of stored keys

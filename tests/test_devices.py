@@ -18,8 +18,10 @@ import pytest
 import torch
 from reference_memory import age_noise as reference_age_noise
 
+from lifelong_memory.client import connect
 from lifelong_memory.server import index as index_module
 from lifelong_memory.server import memory as memory_module
+from lifelong_memory.server import registry as registry_module
 from lifelong_memory.server.devices import check_usable, score_buffer_bytes
 from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from lifelong_memory.server.index import TorchFlatIndex, build_index, score_rows
@@ -94,7 +96,9 @@ def test_device_names_are_canonical(given, canonical):
         ({"shards": 2, "devices": ("cpu", "cuda:-1")}, "config.devices[1]"),
         ({"shards": 2, "devices": "cpu"}, "config.devices"),
         ({"shards": 1, "devices": ("cpu", "cpu")}, "config.devices"),
-        ({"backend": "faiss", "shards": 2, "devices": ("cpu", "cuda:1")}, "config.backend"),
+        ({"backend": "lsh", "shards": 2, "devices": ("cpu", "cuda:1")}, "config.backend"),
+        ({"backend": "faiss-ivf", "device": "cuda:0"}, "config.backend"),
+        ({"backend": "faiss", "device": "cuda:0", "memory_size": 8192, "choose_k": 2049}, "config.choose_k"),
     ],
 )
 def test_bad_device_names_are_refused_naming_the_field(config, field):
@@ -113,6 +117,20 @@ def test_a_device_this_host_lacks_is_refused_where_the_memory_is_placed(store):
         store.create_memory("on-gpus", **SMALL, shards=2, devices=["cpu", "cuda:1"])
     assert caught.value.field == "config.devices[1]"
     assert "on-gpu" not in {info.name for info in store.list_memories()}
+
+
+def test_faiss_on_cuda_without_a_gpu_faiss_is_refused_naming_the_backend(cuda_host):
+    # This host's faiss is faiss-cpu: a host with CUDA still cannot run the faiss backend there.
+    cuda_host(gpus=2)
+    config = MemoryConfig(backend="faiss", shards=2, devices=("cpu", "cuda:1")).validated()
+    with pytest.raises(InvalidArgument, match=r"config.backend: the faiss backend on cuda:1 needs FAISS built for"):
+        config.check_usable()
+    MemoryConfig(backend="faiss", device="cuda:1", shards=2, devices=("cpu", "cpu")).validated().check_usable()
+    store = connect("local")  # in this process, where the host is faked
+    with pytest.raises(InvalidArgument) as caught:
+        store.create_memory("faiss-gpu", **SMALL, backend="faiss", device="cuda:0")
+    assert caught.value.field == "config.backend"
+    assert store.list_memories() == []
 
 
 def test_a_gpu_index_beyond_the_host_s_count_is_refused(cuda_host):
@@ -213,12 +231,28 @@ def test_score_buffers_are_allocated_up_front():
 # ------------------------------------------------------------------ out of memory
 
 
+# What torch raises when an allocation fails: its caching allocator's error, and a CUDA call's
+# cudaErrorMemoryAllocation (an H200 whose memory another process held raised this one at a server's first use).
+OUT_OF_MEMORY = {
+    "allocator": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    "cuda-call": lambda: torch.AcceleratorError("CUDA error: out of memory\nSearch for `cudaErrorMemoryAllocation'"),
+}
+
+
 def out_of_memory(*args, **kwargs):
-    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    raise OUT_OF_MEMORY["allocator"]()
 
 
+def raising(kind: str):
+    def fail(*args, **kwargs):
+        raise OUT_OF_MEMORY[kind]()
+
+    return fail
+
+
+@pytest.mark.parametrize("kind", sorted(OUT_OF_MEMORY))
 @pytest.mark.parametrize("where", ["search", "oldest", "noise"])
-def test_out_of_memory_in_a_step_is_resource_exhausted_and_changes_nothing(monkeypatch, where):
+def test_out_of_memory_in_a_step_is_resource_exhausted_and_changes_nothing(monkeypatch, where, kind):
     memory = Memory(MemoryConfig(**SMALL, shards=2))
     fill(memory)
     before = everything(memory)
@@ -227,7 +261,7 @@ def test_out_of_memory_in_a_step_is_resource_exhausted_and_changes_nothing(monke
         "oldest": (memory_module, "_descending_then_lower_slot"),
         "noise": (memory_module, "age_noise"),
     }
-    monkeypatch.setattr(*targets[where], out_of_memory)
+    monkeypatch.setattr(*targets[where], raising(kind))
     with pytest.raises(ResourceExhausted, match="out of memory on cpu in query"):
         memory.query(unit_rows(4, seed=50), torch.arange(4), update=True)
     assert_unchanged(before, everything(memory))
@@ -252,6 +286,35 @@ def test_out_of_memory_over_grpc_is_resource_exhausted(monkeypatch, server_url):
             assert all(torch.equal(x, y) for x, y in zip((keys, values, ages), after, strict=True))
         finally:
             store.delete_memory("oom")
+
+
+def test_another_cuda_error_is_not_taken_for_out_of_memory(monkeypatch):
+    memory = Memory(MemoryConfig(**SMALL))
+    fill(memory)
+
+    def illegal_access(*args, **kwargs):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "mm", illegal_access)
+    with pytest.raises(torch.AcceleratorError):
+        memory.query(unit_rows(4, seed=50), torch.arange(4), update=True)
+
+
+@pytest.mark.parametrize("kind", sorted(OUT_OF_MEMORY))
+def test_out_of_memory_placing_a_memory_is_resource_exhausted_and_creates_nothing(monkeypatch, cuda_host, kind):
+    # A GPU's first use (its budget asks the driver what is free) or the memory's own allocations.
+    registry = MemoryRegistry()
+    cuda_host(gpus=1)
+    monkeypatch.setattr(registry_module, "memory_available", raising(kind))
+    with pytest.raises(ResourceExhausted, match=r"config.device: out of memory placing 'first' on \['cuda:0'\]"):
+        registry.create("first", **SMALL, device="cuda:0")
+    monkeypatch.undo()
+    monkeypatch.setattr(index_module.torch, "empty", raising(kind))
+    with pytest.raises(ResourceExhausted, match=r"config.memory_size: cannot allocate"):
+        registry.create("second", **SMALL)
+    monkeypatch.undo()
+    assert registry.list() == []
+    registry.create("first", **SMALL)  # and the name is free
 
 
 def test_a_failed_allocation_at_create_is_resource_exhausted(monkeypatch):
