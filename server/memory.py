@@ -744,7 +744,7 @@ class Memory:
         self._check_query_bytes(len(q), k, frozenset())
         with self._locked():
             stale = (self._padded_generations[relied] != generations).any(dim=1)
-            labels = y.to(self.device)
+            labels = _to_device(y, self.device)
             # NO_SLOT reads EMPTY, which matches no label.
             incorrect = ~(self._padded_values[relied[:, :c]] == labels[:, None]).any(dim=1)
             positive = relied[:, c].clone()
@@ -1008,7 +1008,7 @@ class Memory:
                 f"row {row} has norm {float(q[row].norm()):.6g}; rows must be unit length "
                 f"(within {UNIT_NORM_TOLERANCE})",
             )
-        return q.to(self.device).contiguous()
+        return _to_device(q, self.device).contiguous()
 
     def _check_labels(self, labels, batch: int, *, required: bool) -> torch.Tensor | None:
         """The labels on the CPU (the recent-slot table is a Python dict), or None."""
@@ -1064,7 +1064,7 @@ class Memory:
                 raise InvalidArgument(
                     f"ticket.{name}", f"must be int64 of shape [{batch}, {width}], got {t.dtype} {list(t.shape)}"
                 )
-            checked.append(t.to(self.device))
+            checked.append(_to_device(t, self.device))
         slots = checked[0]
         if bool(((slots < NO_SLOT) | (slots >= self.config.memory_size)).any()):
             raise InvalidArgument("ticket.relied_slots", f"slot ids must be -1 or in [0, {self.config.memory_size})")
@@ -1087,12 +1087,13 @@ class Memory:
             return _Read(slots, similarities, self.values.take(slots))
         pool_slots, pool_similarities = slots, similarities
         if use_recent:
-            recent = torch.tensor([self.recent.get(label, NO_SLOT) for label in labels.tolist()], device=self.device)
+            recent = torch.tensor([self.recent.get(label, NO_SLOT) for label in labels.tolist()])
+            recent = _to_device(recent, self.device)
             recent_similarities = (q * self._padded_keys[recent]).sum(dim=1)
             pool_slots = torch.cat([slots, recent[:, None]], dim=1)
             pool_similarities = torch.cat([similarities, recent_similarities[:, None]], dim=1)
         pool_values = self._padded_values.take(pool_slots)  # NO_SLOT reads EMPTY, which matches no label
-        hint = pool_values == labels.to(self.device)[:, None]
+        hint = pool_values == _to_device(labels, self.device)[:, None]
         # Positive: the best entry holding the label; negative: the best other one, never NO_SLOT.
         sides = torch.stack([hint, ~hint & (pool_slots >= 0)])
         best_slots, best_similarities = _best(pool_slots, pool_similarities, sides)
@@ -1191,7 +1192,7 @@ class Memory:
         oldest = self._oldest(q.shape[0], np.unique(host_positive[~host_incorrect & (host_positive >= 0)]))
         host_slots = np.where(host_incorrect, oldest, host_positive)
         slots = torch.from_numpy(host_slots)
-        device_slots = slots.to(self.device)
+        device_slots = _to_device(slots, self.device)
         merged_keys = _l2_normalize_(self._padded_keys[device_slots].add_(q))  # used only where a row merges
         new_keys = torch.where(incorrect[:, None], q, merged_keys)
         # Rows apply in batch order: where two rows touch one slot, the later wins.
@@ -1201,7 +1202,7 @@ class Memory:
         rows = torch.from_numpy(order[last])
         delta = Delta(
             torch.from_numpy(sorted_slots[last]),
-            new_keys[rows.to(self.device)],
+            new_keys[_to_device(rows, self.device)],
             y[rows],
             y,
             slots,
@@ -1215,8 +1216,8 @@ class Memory:
 
     def _commit(self, delta: Delta) -> None:
         """Make one write part of the memory: the only place slots change, live or replayed."""
-        targets = delta.targets.to(self.device)
-        keys, values = delta.keys.to(self.device), delta.values.to(self.device)
+        targets = _to_device(delta.targets, self.device)
+        keys, values = _to_device(delta.keys, self.device), _to_device(delta.values, self.device)
         recent = list(zip(delta.labels.tolist(), delta.slots.tolist(), strict=True))
         host_targets = delta.targets.numpy()
         if self._streamed_keys:  # cheaper to ask than to iterate a WeakSet
@@ -1377,22 +1378,17 @@ def _canonical(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An index's top k per row ([B, k], any order) as (slots, similarities) in canonical order: similarity
     descending, ties to the lower slot, NaN first. Empty slots all score exactly 0 and an index may return any of
-    them, so those it returns become the lowest-numbered empty slots. ``values`` is None when no slot is empty."""
+    them, so those it returns become the lowest-numbered empty slots. ``values`` is None when no slot is empty.
+    For a GPU memory: one sort of keys with none alike, rather than a float sort and a host check for ties, so
+    that nothing here waits for the device."""
     if values is not None:
-        zero = similarities == 0
-        if bool(zero.any()):
-            zero_empty = zero & (values[slots] == EMPTY)
-            lowest_empty = torch.nonzero(values == EMPTY).flatten()[: slots.shape[1]]
-            rank = (zero_empty.cumsum(dim=1) - 1).clamp(min=0)
-            slots = torch.where(zero_empty, lowest_empty[rank], slots)
-    similarities, order = torch.sort(similarities, dim=1, descending=True)
-    slots = slots.gather(1, order)
-    if not bool((similarities[:, 1:] < similarities[:, :-1]).all()):
-        # Ties (or a NaN, or -0.0 beside +0.0): a sort of keys with none alike puts tied slots lowest first.
-        key = descending_then_lower_index_key(similarities, slots, size, nan_first=True)
-        order = torch.sort(key, dim=1, descending=True).indices
-        slots, similarities = slots.gather(1, order), similarities.gather(1, order)
-    return slots, similarities
+        zero_empty = (similarities == 0) & (values[slots] == EMPTY)
+        lowest_empty = torch.nonzero(values == EMPTY).flatten()[: slots.shape[1]]  # waits: its length
+        rank = (zero_empty.cumsum(dim=1) - 1).clamp(min=0)
+        slots = torch.where(zero_empty, lowest_empty[rank], slots)
+    key = descending_then_lower_index_key(similarities, slots, size, nan_first=True)
+    order = torch.sort(key, dim=1, descending=True).indices
+    return slots.gather(1, order), similarities.gather(1, order)
 
 
 def _canonical_on_host(
@@ -1440,6 +1436,16 @@ def _best(slots: torch.Tensor, similarities: torch.Tensor, masks: torch.Tensor) 
     slot = torch.where(found, slots.expand_as(masks).gather(2, best).squeeze(2), NO_SLOT)
     similarity = torch.where(found, best_similarity.squeeze(2), 0.0)
     return slot, similarity
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A copy to a GPU from pageable host memory is staged at once, so it need not wait
+    for the device (non_blocking; torch would otherwise synchronise after each, 7 of a fused call's 9 host
+    synchronisations on an H200): the caller may change ``t`` right after. From pinned memory, which a
+    non-blocking copy reads later, it waits, so that a caller reusing its pinned buffer cannot race the copy."""
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=t.device.type == "cpu" and not t.is_pinned())
 
 
 def _l2_normalize_(x: torch.Tensor) -> torch.Tensor:
