@@ -9,11 +9,10 @@ dependencies; faiss-gpu for the faiss rows):
 1. Same numbers: for each of --sizes, a CPU memory and a CUDA memory with the same config and seed take the
    same stream of fused query + update steps (clustered unit queries, B = 16, age noise 8). Every step's
    written slots, predictions and incorrect flags must be identical, and at the end values and ages
-   identical and keys within 1e-5. Configs: torch on cuda:0; torch in 4 shards over every GPU of the machine;
-   the faiss backend on cuda:0 (FAISS's GPU brute force over the memory's own keys) when faiss has GPUs.
+   identical and keys within 1e-5. Configs: torch on cuda:0; torch in 4 shards over every GPU of the machine.
    Similarities come from each device's own kernels, so a near-tie could in principle rank differently; any
    divergence is reported with its step.
-2. Host synchronisations per fused call (torch.cuda.set_sync_debug_mode("warn")), torch and faiss backends.
+2. Host synchronisations per fused call (torch.cuda.set_sync_debug_mode("warn")), memory half full and full.
 3. Out of memory: a memory larger than the device's free memory is ResourceExhausted, not a crash.
 4. Served: `lmem serve --data-dir` in a subprocess with a memory on cuda:0: fused calls over the stream equal
    the embedded CPU memory's; the server is stopped and started again and the memory comes back from its
@@ -21,11 +20,12 @@ dependencies; faiss-gpu for the faiss rows):
 5. The GPU table, per N in --table-sizes and B in --table-batches, keys N random unit vectors with distinct
    labels, queries noisy copies of stored keys (so the nearest key and the positive are well defined):
    median ms of synchronised calls of raw torch.topk(q @ K.T, 256) in float32 and bfloat16 (the anchors), the
-   fused query + update of a torch float32 memory, a torch bfloat16 memory and a faiss (GPU) memory, a query
-   of the float32 memory, and FAISS's GpuIndexIVFFlat searched as a library; with, against the float32
-   memory's answers to the same queries, recall@1 and the share of rows whose positive and negative slots are
-   the same (the IVF: recall@1 against exact search). GPU IVF indexes cannot remove ids (faiss raises; the
-   report keeps its message), which is why the faiss-ivf backend stays on the CPU.
+   fused query + update of a torch float32 memory and a torch bfloat16 memory, a query of the float32 memory,
+   with, against the float32 memory's answers to the same queries, recall@1 and the share of rows whose
+   positive and negative slots are the same. Where faiss searches on this GPU (a small knn_gpu, run first in
+   a child process, must equal torch.topk; else the report says why not): FAISS's GpuIndexIVFFlat searched as
+   a library, with recall@1 against exact search, and what its remove_ids says (GPU IVF indexes cannot remove
+   ids, which is why the faiss-ivf backend stays on the CPU).
 
 Writes a JSON report (default benchmarks/results/gpu-check-HOST.json) after every section and exits 1 if a
 check failed, 2 without CUDA.
@@ -123,10 +123,9 @@ def compare(size: int, steps: int, gpu_config: dict) -> dict:
     }
 
 
-def host_synchronisations(size: int, backend: str) -> dict:
+def host_synchronisations(size: int) -> dict:
     """Host synchronisations of one fused call, on a memory with empty slots and on a full one."""
-    config = MemoryConfig(key_dim=KEY_DIM, memory_size=size, choose_k=CHOOSE_K, device="cuda:0", backend=backend)
-    config = config.validated()
+    config = MemoryConfig(key_dim=KEY_DIM, memory_size=size, choose_k=CHOOSE_K, device="cuda:0").validated()
     keys = torch.nn.functional.normalize(torch.randn(size, KEY_DIM), dim=1)
     counts = {}
     for fill, entries in (("half_full", size // 2), ("full", size)):
@@ -259,13 +258,7 @@ def table(size: int, batches: list[int], faiss, device: str = "cuda:0", min_seco
     del gpu_keys
     fields = frozenset({"neighbors", "positive_negative"})
     exact: dict[int, object] = {}
-    for name, extra in (
-        ("torch float32", {}),
-        ("torch bfloat16", {"search_dtype": "bfloat16"}),
-        ("faiss (GPU flat)", {"backend": "faiss"}),
-    ):
-        if extra.get("backend") == "faiss" and faiss is None:
-            continue
+    for name, extra in (("torch float32", {}), ("torch bfloat16", {"search_dtype": "bfloat16"})):
         config = MemoryConfig(key_dim=KEY_DIM, memory_size=size, choose_k=CHOOSE_K, device=device, **extra).validated()
         started = time.perf_counter()
         memory = Memory(
@@ -394,11 +387,8 @@ def main() -> int:
         save()
 
     configs = [{"device": "cuda:0"}, {"device": "cuda:0", "shards": 4, "devices": gpus}]
-    if faiss is not None:
-        configs.append({"device": "cuda:0", "backend": "faiss"})
     section("same_numbers", lambda: [compare(size, args.steps, c) for size in sizes for c in configs])
-    backends = ["torch"] + (["faiss"] if faiss is not None else [])
-    section("host_synchronisations_per_fused_call", lambda: {b: host_synchronisations(min(sizes), b) for b in backends})
+    section("host_synchronisations_per_fused_call", lambda: host_synchronisations(min(sizes)))
     section("out_of_memory", out_of_memory_is_resource_exhausted)
     section("served", served)
     batches = [int(b) for b in args.table_batches.split(",")]

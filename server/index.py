@@ -23,7 +23,7 @@ import torch
 from lifelong_memory.server import devices
 from lifelong_memory.server.ann import FaissIvfIndex, LshIndex, ZeroRows
 from lifelong_memory.server.devices import canonical_device, score_buffer_bytes
-from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument
+from lifelong_memory.server.errors import FailedPrecondition
 
 if TYPE_CHECKING:
     from lifelong_memory.server.memory import MemoryConfig
@@ -43,8 +43,6 @@ PARTITION_MAX_ROWS_PER_K = 256
 FILLED_SEARCH_MAX_SHARE = 0.5
 # The distributions that install the `faiss` package; two of them would share one faiss/ folder.
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12")
-# The largest k FAISS's GPU k-selection takes (GPU_MAX_SELECTION_K in faiss/gpu/utils/DeviceDefs.cuh).
-FAISS_GPU_MAX_K = 2048
 
 
 class Index(Protocol):
@@ -223,65 +221,11 @@ class FaissFlatIndex:
 
     def search(self, queries: torch.Tensor, k: int, empty_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k, self.index.ntotal)
-        similarities, local = self.index.search(np.ascontiguousarray(queries.cpu().numpy()), k)
+        similarities, local = self.index.search(np.ascontiguousarray(queries.numpy()), k)
         return torch.from_numpy(similarities), torch.from_numpy(local) + self.start
 
     def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
-        self.stored[(slots - self.start).numpy()] = keys.cpu().numpy()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-
-def check_faiss_gpu(device: str, field: str) -> None:
-    """InvalidArgument naming ``field`` unless this environment's faiss can search on ``device`` (a CUDA device
-    this host has: ask check_usable first)."""
-    faiss = import_faiss()
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
-    if gpus == 0:
-        raise InvalidArgument(
-            field,
-            f"the faiss backend on {device} needs FAISS built for GPUs (pip install 'lifelong-memory[gpu]'); "
-            f"this faiss ({', '.join(installed_faiss_distributions()) or 'unknown'}) has no GPU support",
-        )
-    if torch.device(device).index >= gpus:
-        raise InvalidArgument(field, f"the faiss backend on {device}: this faiss sees {gpus} GPU(s)")
-
-
-class FaissGpuFlatIndex:
-    """Exact search by FAISS's GPU brute-force kernel (bfKnn, through faiss.contrib.torch_utils) over the shard's
-    CUDA keys themselves: a view of the memory's keys when the shard is on the memory's device (``owns_keys``
-    False), so nothing goes to the host, nothing is stored twice, and a write needs no update. It runs on torch's
-    current stream, with FAISS's scratch memory fixed up front at ``scratch_bytes`` like the torch backend's
-    score buffer."""
-
-    def __init__(self, keys: torch.Tensor, start: int, scratch_bytes: int, owns_keys: bool):
-        self.faiss = import_faiss()
-        import faiss.contrib.torch_utils  # noqa: F401 (faiss.knn_gpu then takes torch tensors)
-
-        self.keys = keys
-        self.start = start
-        self.owns_keys = owns_keys
-        self.resources = self.faiss.StandardGpuResources()
-        self.resources.setTempMemory(scratch_bytes)
-
-    def search(self, queries: torch.Tensor, k: int, empty_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        k = min(k, self.keys.shape[0])
-        queries = queries.to(self.keys.device).contiguous()
-        with torch.cuda.device(self.keys.device):
-            similarities, local = self.faiss.knn_gpu(
-                self.resources,
-                queries,
-                self.keys,
-                k,
-                metric=self.faiss.METRIC_INNER_PRODUCT,
-                device=self.keys.device.index,
-            )
-        return similarities, local + self.start
-
-    def update(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
-        if self.owns_keys:
-            self.keys[(slots - self.start).to(self.keys.device)] = keys.to(self.keys.device)
+        self.stored[(slots - self.start).numpy()] = keys.numpy()
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -369,13 +313,8 @@ def build_index(
     parts: list[Index] = []
     for i, (start, stop, device) in enumerate(zip(bounds[:-1], bounds[1:], shard_devices, strict=True)):
         rows = keys[start:stop]
-        owns_keys = device != home
         if config.backend == "faiss":
-            if device == "cpu":
-                parts.append(FaissFlatIndex(rows.cpu(), start))
-            else:
-                rows = rows.to(device, copy=True) if owns_keys else rows
-                parts.append(FaissGpuFlatIndex(rows, start, score_buffer_bytes(device), owns_keys))
+            parts.append(FaissFlatIndex(rows, start))
             continue
         if config.backend == "faiss-ivf":
             prefix = f"shard{i}."
@@ -396,6 +335,7 @@ def build_index(
         if config.backend == "lsh":
             parts.append(LshIndex(rows, start, config.lsh_tables, config.lsh_bits, config.lsh_probes, config.seed))
             continue
+        owns_keys = device != home
         if owns_keys:
             rows = rows.to(device, copy=True)
         parts.append(

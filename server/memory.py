@@ -43,27 +43,22 @@ from lifelong_memory.server.ann import (
     ivf_bytes,
     lsh_bytes,
 )
-from lifelong_memory.server.devices import canonical_device, check_usable, is_out_of_memory, score_buffer_bytes
+from lifelong_memory.server.devices import canonical_device, check_usable, is_out_of_memory
 from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from lifelong_memory.server.index import (
-    FAISS_GPU_MAX_K,
-    SEARCH_DTYPES,
-    build_index,
-    check_faiss_gpu,
-    score_rows,
-    shard_bounds,
-)
+from lifelong_memory.server.index import SEARCH_DTYPES, build_index, score_rows, shard_bounds
 
 EMPTY = -1
 NO_SLOT = -1
 UNIT_NORM_TOLERANCE = 1e-3
 BACKENDS = ("torch", "faiss", "lsh", "faiss-ivf")
-# On CUDA: torch, or faiss's GPU brute-force search over the memory's own keys. Why the others stay on the CPU:
-CUDA_BACKENDS = ("torch", "faiss")
+# Why a backend other than torch stays on the CPU (the error a CUDA memory of it gets):
 CPU_ONLY_BACKENDS = {
-    "lsh": "the lsh backend runs on the CPU (its buckets are host arrays); use torch or faiss on CUDA",
+    "faiss": "the faiss backend runs on the CPU: PyPI's faiss-gpu-cu12 has no kernels for Hopper GPUs (CUDA "
+    "error 209 on an H200, docs/approximate-search.md) and GPU FAISS code that has not run is not shipped; use "
+    "torch on CUDA",
+    "lsh": "the lsh backend runs on the CPU (its buckets are host arrays); use torch on CUDA",
     "faiss-ivf": "the faiss-ivf backend runs on the CPU: FAISS's GPU IVF indexes cannot remove ids, so a write "
-    "cannot replace a key in place (docs/approximate-search.md); use torch or faiss on CUDA",
+    "cannot replace a key in place (docs/approximate-search.md); use torch on CUDA",
 }
 # Where the shards' searches run: "local", in this process (on ``devices``); "node", one Ray actor per shard,
 # spread over the cluster's nodes; "gpu", one Ray actor with one GPU per shard (server/cluster.py).
@@ -160,15 +155,8 @@ class MemoryConfig:
             "devices",
             f"{len(devices)} devices for {self.shards} shards: each device needs a shard (raise shards)",
         )
-        on_cuda = any(d != "cpu" for d in (device, *devices))
-        if on_cuda:
-            check(self.backend in CUDA_BACKENDS, "backend", CPU_ONLY_BACKENDS.get(self.backend, ""))
-        if on_cuda and self.backend == "faiss":
-            check(
-                self.choose_k <= FAISS_GPU_MAX_K,
-                "choose_k",
-                f"must be <= {FAISS_GPU_MAX_K} with the faiss backend on CUDA (GPU k-selection), got {self.choose_k}",
-            )
+        if any(d != "cpu" for d in (device, *devices)):
+            check(self.backend == "torch", "backend", CPU_ONLY_BACKENDS.get(self.backend, ""))
         check(
             self.backend == "torch" or self.search_dtype == "float32",
             "search_dtype",
@@ -232,14 +220,10 @@ class MemoryConfig:
         return self
 
     def check_usable(self) -> None:
-        """InvalidArgument naming the field unless this host has the config's devices (and, for the faiss backend
-        on CUDA, a faiss built for them)."""
+        """InvalidArgument naming the field unless this host has the config's devices."""
         check_usable(self.device, "config.device")
         for i, device in enumerate(self.devices):
             check_usable(device, f"config.devices[{i}]")
-        if self.backend == "faiss":
-            for device in sorted(set(self.shard_devices()) - {"cpu"}):
-                check_faiss_gpu(device, "config.backend")
 
     def shard_devices(self) -> list[str]:
         """The device of each shard: ``devices`` in consecutive blocks of shards (shard i on
@@ -270,10 +254,8 @@ class MemoryConfig:
         bounds = shard_bounds(self.memory_size, self.shards)
         for start, stop, device in zip(bounds[:-1], bounds[1:], self.shard_devices(), strict=True):
             rows = stop - start
-            if self.backend == "faiss" and device == "cpu":
+            if self.backend == "faiss":
                 shard = rows * dim * 4
-            elif self.backend == "faiss":  # on CUDA: a view of the keys (a copy on another device) and scratch
-                shard = (rows * dim * 4 if device != self.device else 0) + score_buffer_bytes(device)
             elif self.backend == "lsh":
                 shard = lsh_bytes(rows, dim, self.lsh_tables, self.lsh_bits)
             elif self.backend == "faiss-ivf":
