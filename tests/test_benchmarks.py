@@ -167,3 +167,14 @@ def test_gpu_check_compares_serves_and_tabulates_on_the_cpu():
     assert cases | {"fused torch bfloat16"} <= row["ms"].keys() and min(row["ms"].values()) > 0
     assert row["recall_at_1"]["torch float32"] == 1.0 and row["positive_negative_equal"]["torch float32"] == 1.0
     assert row["recall_at_1"]["torch bfloat16"] > 0.5  # queries are near copies of stored keys
+
+
+def test_profile_step_times_and_profiles_a_fused_call_on_the_cpu():
+    command = [sys.executable, str(BENCHMARKS / "profile_step.py"), "--size", "4096", "--batch", "16"]
+    command += ["--steps", "3", "--rows", "5"]
+    out = subprocess.run(
+        command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    ).stdout
+    assert "N=4,096 B=16 cpu float32: fused" in out and "raw top-k" in out
+    assert "aten ops per call (top level):" in out and "aten::mm" in out  # the op table
+    assert "function calls in" in out and "server/memory.py:" in out  # cProfile's functions, the memory's among them
