@@ -7,7 +7,8 @@ dependencies; faiss-gpu for the faiss rows):
                                    [--table-sizes 1048576,10485760] [--table-batches 16,256]
 
 1. Same numbers: for each of --sizes, a CPU memory and a CUDA memory with the same config and seed take the
-   same stream of fused query + update steps (clustered unit queries, B = 16, age noise 8). Every step's
+   same stream of fused query + update steps (clustered unit queries, B = 16, age noise 8), starting empty and
+   starting full (where a GPU memory reads through CUDA graphs). Every step's
    written slots, predictions and incorrect flags must be identical, and at the end values and ages
    identical and keys within 1e-5. Configs: torch on cuda:0; torch in 4 shards over every GPU of the machine.
    Similarities come from each device's own kernels, so a near-tie could in principle rank differently; any
@@ -91,10 +92,19 @@ def stream(steps: int, batch: int, seed: int):
         yield torch.nn.functional.normalize(centres[labels] + noise, dim=1), labels
 
 
-def compare(size: int, steps: int, gpu_config: dict) -> dict:
+def compare(size: int, steps: int, gpu_config: dict, full: bool = False) -> dict:
+    """``full``: both memories start full (each slot a clustered key of its own label, aged as 256-row commits
+    leave them), where a GPU memory reads through its CUDA graphs; else empty."""
     config = dict(key_dim=KEY_DIM, memory_size=size, choose_k=CHOOSE_K, age_noise=8.0, seed=17)
-    cpu = Memory(MemoryConfig(**config), max_batch=BATCH)
-    gpu = Memory(MemoryConfig(**config, **gpu_config), max_batch=BATCH)
+    states = [None, None]
+    if full:
+        keys, labels = next(stream(1, size, seed=size + 1))
+        states = [
+            entries_state(MemoryConfig(**c).validated(), keys, labels, rows_per_commit=BATCH_WRITTEN)
+            for c in (config, {**config, **gpu_config})
+        ]
+    cpu = Memory(MemoryConfig(**config), state=states[0], max_batch=BATCH)
+    gpu = Memory(MemoryConfig(**config, **gpu_config), state=states[1], max_batch=BATCH)
     first_divergence = None
     for step, (queries, labels) in enumerate(stream(steps, BATCH, seed=size)):
         a = cpu.query(queries, labels, update=True, fields=frozenset())
@@ -111,6 +121,7 @@ def compare(size: int, steps: int, gpu_config: dict) -> dict:
     ages_equal = torch.equal(state_cpu.ages, state_gpu.ages.cpu())
     return {
         "size": size,
+        "full": full,
         "gpu_config": gpu_config,
         "steps": steps,
         "first_divergent_step": first_divergence,
@@ -387,7 +398,10 @@ def main() -> int:
         save()
 
     configs = [{"device": "cuda:0"}, {"device": "cuda:0", "shards": 4, "devices": gpus}]
-    section("same_numbers", lambda: [compare(size, args.steps, c) for size in sizes for c in configs])
+    section(
+        "same_numbers",
+        lambda: [compare(size, args.steps, c, full) for size in sizes for c in configs for full in (False, True)],
+    )
     section("host_synchronisations_per_fused_call", lambda: host_synchronisations(min(sizes)))
     section("out_of_memory", out_of_memory_is_resource_exhausted)
     section("served", served)

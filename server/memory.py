@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import heapq
+import logging
 import math
 import numbers
 import re
@@ -46,6 +47,8 @@ from lifelong_memory.server.ann import (
 from lifelong_memory.server.devices import canonical_device, check_usable, is_out_of_memory
 from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from lifelong_memory.server.index import SEARCH_DTYPES, build_index, score_rows, shard_bounds
+
+log = logging.getLogger("lifelong_memory.server.memory")
 
 EMPTY = -1
 NO_SLOT = -1
@@ -89,6 +92,8 @@ QUERY_BYTES_PER_NEIGHBOR = 80
 # the tags it has seen, so a slot costs 4 bytes for it, and the table is bounded.
 WRITER_PATTERN = re.compile(r"[A-Za-z0-9_.:@/+-]{0,128}")
 MAX_WRITERS = 1024
+# CUDA graphs of labelled reads a GPU memory keeps, one per (batch, k, recent) shape, least recently used dropped.
+MAX_GRAPHED_READS = 4
 CONFIG_TYPES = {"int": numbers.Integral, "float": numbers.Real, "str": str, "tuple[str, ...]": (tuple, list)}
 
 
@@ -557,6 +562,45 @@ class IndexBuilder(Protocol):
     def __call__(self, keys: torch.Tensor, generations: torch.Tensor, config: MemoryConfig, max_batch: int): ...
 
 
+class _GraphedRead:
+    """A GPU memory's labelled read of one shape (batch, k, recent slot or not) captured as one CUDA graph: the
+    search, the canonical order, the pool, positive and negative, about 60 kernels launched by one replay. The
+    graph reads the memory's tensors where they are, so it sees every write; inputs are copied into its own
+    buffers and its outputs cloned, so that no caller holds a tensor the next replay overwrites."""
+
+    def __init__(self, memory: Memory, batch: int, k: int, use_recent: bool):
+        device = memory.device
+        self.q = torch.zeros(batch, memory.config.key_dim, device=device)
+        self.labels = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.recent = torch.full((batch,), NO_SLOT, dtype=torch.int64, device=device) if use_recent else None
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capturing stream, as torch.cuda.graph asks
+            for _ in range(2):
+                memory._read_labelled(self.q, self.labels, self.recent, k)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the server's other threads may go on using the GPU for other memories meanwhile.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.read = memory._read_labelled(self.q, self.labels, self.recent, k)
+
+    def __call__(self, q: torch.Tensor, labels: torch.Tensor, recent: torch.Tensor | None) -> _Read:
+        self.q.copy_(q)
+        self.labels.copy_(labels, non_blocking=not labels.is_pinned())
+        if recent is not None:
+            self.recent.copy_(recent, non_blocking=True)  # the memory's own pageable tensor
+        self.graph.replay()
+        read = self.read
+        return _Read(
+            read.slots.clone(),
+            read.similarities.clone(),
+            read.values.clone(),
+            read.best_slots.clone(),
+            read.best_similarities.clone(),
+            read.incorrect.clone(),
+        )
+
+
 def _out_of_memory_is_resource_exhausted(method):
     """An allocation that fails inside a call is RESOURCE_EXHAUSTED, and the memory is as it was: every
     call allocates what it needs before it changes anything (see _apply, _commit)."""
@@ -604,6 +648,9 @@ class Memory:
         cfg.check_usable()
         self.device = torch.device(cfg.device)
         size, dim = cfg.memory_size, cfg.key_dim
+        # A full GPU memory with its shards on its own device reads a labelled batch as one CUDA graph.
+        on_its_device = cfg.placement == "local" and set(cfg.shard_devices()) == {cfg.device}
+        self._graphs: dict | None = {} if self.device.type == "cuda" and on_its_device else None
         try:
             # One row past the last slot stands for NO_SLOT (-1 indexes it): a zero key, the value EMPTY and
             # generation -1, never written. Reading the slots of a pool, a positive or a ticket then needs no mask.
@@ -1064,23 +1111,54 @@ class Memory:
 
     def _read(self, q: torch.Tensor, labels: torch.Tensor | None, k: int, use_recent: bool) -> _Read:
         """``labels`` on the CPU."""
-        slots, similarities = self._search(q, k)
         if labels is None:
+            slots, similarities = self._search(q, k)
             return _Read(slots, similarities, self.values.take(slots))
-        pool_slots, pool_similarities = slots, similarities
+        recent = None
         if use_recent:
             recent = torch.tensor([self.recent.get(label, NO_SLOT) for label in labels.tolist()])
-            recent = _to_device(recent, self.device)
+        graphed = self._graphed_read(q.shape[0], k, use_recent)
+        if graphed is not None:
+            return graphed(q, labels, recent)
+        return self._read_labelled(
+            q, _to_device(labels, self.device), None if recent is None else _to_device(recent, self.device), k
+        )
+
+    def _read_labelled(self, q: torch.Tensor, labels: torch.Tensor, recent: torch.Tensor | None, k: int) -> _Read:
+        """The read of a labelled batch, every tensor on the memory's device: ``recent`` each label's recent
+        slot (NO_SLOT if none), None when the pool has no recent slot."""
+        slots, similarities = self._search(q, k)
+        pool_slots, pool_similarities = slots, similarities
+        if recent is not None:
             recent_similarities = (q * self._padded_keys[recent]).sum(dim=1)
             pool_slots = torch.cat([slots, recent[:, None]], dim=1)
             pool_similarities = torch.cat([similarities, recent_similarities[:, None]], dim=1)
         pool_values = self._padded_values.take(pool_slots)  # NO_SLOT reads EMPTY, which matches no label
-        hint = pool_values == _to_device(labels, self.device)[:, None]
+        hint = pool_values == labels[:, None]
         # Positive: the best entry holding the label; negative: the best other one, never NO_SLOT.
         sides = torch.stack([hint, ~hint & (pool_slots >= 0)])
         best_slots, best_similarities = _best(pool_slots, pool_similarities, sides)
         incorrect = ~hint[:, : self.config.correct_in_top].any(dim=1)
         return _Read(slots, similarities, pool_values[:, :k], best_slots, best_similarities, incorrect)
+
+    def _graphed_read(self, batch: int, k: int, use_recent: bool) -> _GraphedRead | None:
+        """The labelled read of this shape as a CUDA graph, for a full GPU memory whose shards are all on its
+        device; None otherwise (a memory with empty slots orders them with a lookup of data-dependent size)."""
+        if self._graphs is None or self.empty_slots:
+            return None
+        key = (batch, k, use_recent, id(self.index))
+        graphed = self._graphs.pop(key, None)
+        if graphed is None:
+            try:
+                graphed = _GraphedRead(self, batch, k, use_recent)
+            except RuntimeError as exc:  # a step that cannot be captured: this memory reads eagerly from now on
+                log.warning("memory on %s: reads without CUDA graphs (%s)", self.device, exc)
+                self._graphs = None
+                return None
+        self._graphs[key] = graphed  # most recently used last
+        while len(self._graphs) > MAX_GRAPHED_READS:
+            self._graphs.pop(next(iter(self._graphs)))
+        return graphed
 
     def _result(
         self, q: torch.Tensor, read: _Read, fields: frozenset[str], k: int, use_recent: bool, ticket: bool

@@ -148,8 +148,9 @@ def test_gpu_check_compares_serves_and_tabulates_on_the_cpu():
         spec.loader.exec_module(gpu_check)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    same = gpu_check.compare(4096, 30, {"shards": 4})
-    assert same["pass"] and same["writes"] > 0 and same["first_divergent_step"] is None
+    for full in (False, True):
+        same = gpu_check.compare(4096, 30, {"shards": 4}, full)
+        assert same["pass"] and same["writes"] > 0 and same["first_divergent_step"] is None
 
     config = gpu_check.MemoryConfig(key_dim=gpu_check.KEY_DIM, memory_size=4096, choose_k=256, age_noise=0.0)
     keys = torch.nn.functional.normalize(torch.randn(4096, gpu_check.KEY_DIM), dim=1)
