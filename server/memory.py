@@ -247,7 +247,8 @@ class MemoryConfig:
         bookkeeping (HOST_SLOT_BYTES) in host memory; per shard the index's own copies of its keys (bf16;
         float32 on another device; faiss; an approximate index's buckets or lists, of a validated config; a
         float32 CPU shard's empty-row mask) and the score buffer for batches of up to ``max_batch`` rows, on
-        the shard's device (shards placed on a cluster hold these in their actors, not here). Call it once the
+        the shard's device (shards placed on a cluster hold these in their actors, not here); on a GPU the
+        working memory its CUDA graphs keep. Call it once the
         devices are known to be usable (a CUDA score buffer is sized from the device's memory)."""
         dim = self.key_dim
         needed = {self.device: self.memory_size * (dim * 4 + DEVICE_SLOT_BYTES)}
@@ -256,6 +257,9 @@ class MemoryConfig:
         score_element = 2 if self.search_dtype == "bfloat16" else 4
         if self.placement != "local":  # each shard's copy of its keys and its score buffer live in its actor
             return needed
+        if self.device != "cpu" and set(self.shard_devices()) == {self.device}:
+            # The CUDA graphs of labelled reads (Memory._graphed_read) each keep a query's working memory.
+            needed[self.device] += MAX_GRAPHED_READS * query_working_bytes(dim, max_batch, self.choose_k, frozenset())
         bounds = shard_bounds(self.memory_size, self.shards)
         for start, stop, device in zip(bounds[:-1], bounds[1:], self.shard_devices(), strict=True):
             rows = stop - start

@@ -208,6 +208,18 @@ def test_each_device_has_its_own_budget(cuda_host):
     assert registry.list() == []
 
 
+def test_a_gpu_memory_counts_what_its_cuda_graphs_keep(cuda_host):
+    cuda_host(gpus=1, free=8 * GIB, total=16 * GIB)
+    config = MemoryConfig(memory_size=4096, choose_k=64, device="cuda:0").validated()
+    slots = 4096 * (128 * 4 + memory_module.DEVICE_SLOT_BYTES)
+    scores = 16 * 4096 * 4
+    graphs = memory_module.MAX_GRAPHED_READS * 16 * 64 * memory_module.QUERY_BYTES_PER_NEIGHBOR
+    assert config.footprint(16)["cuda:0"] == slots + scores + graphs
+    elsewhere = MemoryConfig(memory_size=4096, choose_k=64, device="cuda:0", shards=2, devices=("cuda:0", "cpu"))
+    # reads eagerly (a shard is on another device): the slots and its shard's scores only
+    assert elsewhere.validated().footprint(16)["cuda:0"] == slots + 16 * 2048 * 4
+
+
 def test_score_buffers_are_allocated_up_front():
     memory = Memory(MemoryConfig(**SMALL, shards=2), max_batch=32)
     assert [len(shard._scores) for shard in memory.index.shards] == [32, 32]
