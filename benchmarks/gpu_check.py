@@ -176,8 +176,12 @@ def served(size: int = 4096, steps: int = 40, device: str = "cuda:0") -> dict:
     """A memory on ``device`` behind `lmem serve --data-dir`: the same answers as an embedded CPU memory, and the
     same slots after a restart (snapshot + log) and after an export imported on the CPU."""
     config = dict(key_dim=KEY_DIM, memory_size=size, choose_k=CHOOSE_K, age_noise=8.0, seed=5)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as data:
+        return _served(size, steps, device, config, data)
+
+
+def _served(size: int, steps: int, device: str, config: dict, data: str) -> dict:
     local = connect("local").create_memory("reference", **config)
-    data = tempfile.mkdtemp(prefix="gpu-check-")
     options = ["--data-dir", data]
     server = Server(max_batch=64, extra=options)
     try:

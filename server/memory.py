@@ -238,6 +238,12 @@ class MemoryConfig:
         return [self.devices[i * len(self.devices) // self.shards] for i in range(self.shards)]
 
     @property
+    def reads_through_cuda_graphs(self) -> bool:
+        """Whether a memory of this validated config reads a labelled batch through CUDA graphs once full
+        (Memory._graphed_read): on a GPU, with every shard there, in this process."""
+        return self.device != "cpu" and self.placement == "local" and set(self.shard_devices()) == {self.device}
+
+    @property
     def softmax_temperature(self) -> float:
         return softmax_temperature(self.choose_k, self.alpha)
 
@@ -257,8 +263,7 @@ class MemoryConfig:
         score_element = 2 if self.search_dtype == "bfloat16" else 4
         if self.placement != "local":  # each shard's copy of its keys and its score buffer live in its actor
             return needed
-        if self.device != "cpu" and set(self.shard_devices()) == {self.device}:
-            # The CUDA graphs of labelled reads (Memory._graphed_read) each keep a query's working memory.
+        if self.reads_through_cuda_graphs:  # each graph keeps a query's working memory
             needed[self.device] += MAX_GRAPHED_READS * query_working_bytes(dim, max_batch, self.choose_k, frozenset())
         bounds = shard_bounds(self.memory_size, self.shards)
         for start, stop, device in zip(bounds[:-1], bounds[1:], self.shard_devices(), strict=True):
@@ -652,9 +657,7 @@ class Memory:
         cfg.check_usable()
         self.device = torch.device(cfg.device)
         size, dim = cfg.memory_size, cfg.key_dim
-        # A full GPU memory with its shards on its own device reads a labelled batch as one CUDA graph.
-        on_its_device = cfg.placement == "local" and set(cfg.shard_devices()) == {cfg.device}
-        self._graphs: dict | None = {} if self.device.type == "cuda" and on_its_device else None
+        self._graphs: dict | None = {} if cfg.reads_through_cuda_graphs else None
         try:
             # One row past the last slot stands for NO_SLOT (-1 indexes it): a zero key, the value EMPTY and
             # generation -1, never written. Reading the slots of a pool, a positive or a ticket then needs no mask.

@@ -236,15 +236,14 @@ OUT_OF_MEMORY = {
 }
 
 
-def out_of_memory(*args, **kwargs):
-    raise OUT_OF_MEMORY["allocator"]()
-
-
 def raising(kind: str):
     def fail(*args, **kwargs):
         raise OUT_OF_MEMORY[kind]()
 
     return fail
+
+
+out_of_memory = raising("allocator")
 
 
 @pytest.mark.parametrize("kind", sorted(OUT_OF_MEMORY))
