@@ -15,6 +15,9 @@ dependencies; faiss-gpu for the faiss rows):
    divergence is reported with its step.
 2. Host synchronisations per fused call (torch.cuda.set_sync_debug_mode("warn")), memory half full and full.
 3. Out of memory: a memory larger than the device's free memory is ResourceExhausted, not a crash.
+   Varying batches: a full memory shaped as the translation trainer's (N = 16,384, d = 64, k = 16) takes fused
+   calls of a new row count each time (500-1,200 rows, as a batch's target subwords): median ms per call with
+   the capture of a shape on its GRAPH_AFTER_READS-th read, on its first (as before that rule), and never.
 4. Served: `lmem serve --data-dir` in a subprocess with a memory on cuda:0: fused calls over the stream equal
    the embedded CPU memory's; the server is stopped and started again and the memory comes back from its
    snapshot and log, on cuda:0, holding the same slots; an export imported with device="cpu" holds them too.
@@ -54,7 +57,7 @@ from bench_memory import Server
 from lifelong_memory.client import connect
 from lifelong_memory.client.memory_file import entries_state
 from lifelong_memory.server.errors import ResourceExhausted
-from lifelong_memory.server.memory import Memory, MemoryConfig
+from lifelong_memory.server.memory import GRAPH_AFTER_READS, Memory, MemoryConfig
 
 KEY_DIM, CHOOSE_K, BATCH, LABELS = 128, 256, 16, 200
 BATCH_WRITTEN = 256  # slots per commit in the table's full memories
@@ -145,7 +148,8 @@ def host_synchronisations(size: int) -> dict:
         state = entries_state(config, filled, torch.arange(entries), rows_per_commit=BATCH_WRITTEN)
         memory = Memory(config, state=state)
         queries, labels = next(stream(1, BATCH, seed=1))
-        memory.query(queries, labels, update=True, fields=frozenset({"positive_negative_keys"}))  # warm
+        for _ in range(GRAPH_AFTER_READS):  # warm: a full memory then replays its capture of this shape
+            memory.query(queries, labels, update=True, fields=frozenset({"positive_negative_keys"}))
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -156,6 +160,37 @@ def host_synchronisations(size: int) -> dict:
             torch.cuda.set_sync_debug_mode("default")
         counts[fill] = sum("synchroniz" in str(w.message) for w in caught)
     return counts
+
+
+def varying_batches(calls: int = 60) -> dict:
+    """Median ms of a fused call whose row count changes every call, by when a shape is captured."""
+    import lifelong_memory.server.memory as memory_module
+
+    size, dim, k = 16384, 64, 16
+    config = MemoryConfig(key_dim=dim, memory_size=size, choose_k=k, device="cuda:0").validated()
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1)
+    batches = [int(b) for b in torch.randint(500, 1201, (calls,), generator=generator)]
+    medians = {}
+    for policy, after in (("third read", GRAPH_AFTER_READS), ("first read", 1), ("never", None)):
+        memory_module.GRAPH_AFTER_READS = after or GRAPH_AFTER_READS
+        memory = Memory(config, state=entries_state(config, keys, torch.arange(size), rows_per_commit=BATCH_WRITTEN))
+        if after is None:
+            memory._graphs = None
+        times = []
+        try:
+            for batch in batches:
+                picked = torch.randint(0, size, (batch,), generator=generator)
+                queries = torch.nn.functional.normalize(keys[picked] + 0.1 * torch.randn(batch, dim), dim=1)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                memory.query(queries, picked, update=True, fields=frozenset({"positive_negative_keys"}))
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - start) * 1e3)
+        finally:
+            memory_module.GRAPH_AFTER_READS = GRAPH_AFTER_READS
+        medians[policy] = round(statistics.median(times), 3)
+    return {"calls": calls, "distinct_batches": len(set(batches)), "median_ms": medians}
 
 
 def out_of_memory_is_resource_exhausted() -> dict:
@@ -408,6 +443,7 @@ def main() -> int:
     )
     section("host_synchronisations_per_fused_call", lambda: host_synchronisations(min(sizes)))
     section("out_of_memory", out_of_memory_is_resource_exhausted)
+    section("varying_batches", varying_batches)
     section("served", served)
     batches = [int(b) for b in args.table_batches.split(",")]
     section(

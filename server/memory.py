@@ -94,6 +94,11 @@ WRITER_PATTERN = re.compile(r"[A-Za-z0-9_.:@/+-]{0,128}")
 MAX_WRITERS = 1024
 # CUDA graphs of labelled reads a GPU memory keeps, one per (batch, k, recent) shape, least recently used dropped.
 MAX_GRAPHED_READS = 4
+# A capture costs a few eager reads, so a shape is captured on its GRAPH_AFTER_READS-th read among the last
+# SHAPES_COUNTED shapes read eagerly: a trainer's fixed batch soon is; a batch whose row count changes with every
+# call (a sequence model's target subwords) mostly is never, instead of being captured and dropped call after call.
+GRAPH_AFTER_READS = 3
+SHAPES_COUNTED = 256
 CONFIG_TYPES = {"int": numbers.Integral, "float": numbers.Real, "str": str, "tuple[str, ...]": (tuple, list)}
 
 
@@ -610,6 +615,32 @@ class _GraphedRead:
         )
 
 
+class _GraphCache:
+    """The captured reads of recurring shapes: at most MAX_GRAPHED_READS, the least recently used dropped; a
+    shape is captured on its GRAPH_AFTER_READS-th read (counted while it has no graph)."""
+
+    def __init__(self):
+        self._graphs: OrderedDict = OrderedDict()  # shape -> its capture, most recently used last
+        self._reads: OrderedDict = OrderedDict()  # shape -> eager reads so far, for the last SHAPES_COUNTED shapes
+
+    def get(self, shape, capture: Callable):
+        """The capture of ``shape``, made now by ``capture()`` if this is its GRAPH_AFTER_READS-th read; None while
+        it should be read eagerly."""
+        graphed = self._graphs.pop(shape, None)
+        if graphed is None:
+            reads = self._reads.pop(shape, 0) + 1
+            if reads < GRAPH_AFTER_READS:
+                self._reads[shape] = reads
+                if len(self._reads) > SHAPES_COUNTED:
+                    self._reads.popitem(last=False)
+                return None
+            graphed = capture()
+        self._graphs[shape] = graphed
+        if len(self._graphs) > MAX_GRAPHED_READS:
+            self._graphs.popitem(last=False)  # counted again from its next read
+        return graphed
+
+
 def _out_of_memory_is_resource_exhausted(method):
     """An allocation that fails inside a call is RESOURCE_EXHAUSTED, and the memory is as it was: every
     call allocates what it needs before it changes anything (see _apply, _commit)."""
@@ -657,7 +688,7 @@ class Memory:
         cfg.check_usable()
         self.device = torch.device(cfg.device)
         size, dim = cfg.memory_size, cfg.key_dim
-        self._graphs: dict | None = {} if cfg.reads_through_cuda_graphs else None
+        self._graphs = _GraphCache() if cfg.reads_through_cuda_graphs else None
         try:
             # One row past the last slot stands for NO_SLOT (-1 indexes it): a zero key, the value EMPTY and
             # generation -1, never written. Reading the slots of a pool, a positive or a ticket then needs no mask.
@@ -1153,19 +1184,14 @@ class Memory:
         device; None otherwise (a memory with empty slots orders them with a lookup of data-dependent size)."""
         if self._graphs is None or self.empty_slots:
             return None
-        key = (batch, k, use_recent, id(self.index))
-        graphed = self._graphs.pop(key, None)
-        if graphed is None:
-            try:
-                graphed = _GraphedRead(self, batch, k, use_recent)
-            except RuntimeError as exc:  # a step that cannot be captured: this memory reads eagerly from now on
-                log.warning("memory on %s: reads without CUDA graphs (%s)", self.device, exc)
-                self._graphs = None
-                return None
-        self._graphs[key] = graphed  # most recently used last
-        while len(self._graphs) > MAX_GRAPHED_READS:
-            self._graphs.pop(next(iter(self._graphs)))
-        return graphed
+        try:
+            return self._graphs.get(
+                (batch, k, use_recent, id(self.index)), lambda: _GraphedRead(self, batch, k, use_recent)
+            )
+        except RuntimeError as exc:  # a step that cannot be captured: this memory reads eagerly from now on
+            log.warning("memory on %s: reads without CUDA graphs (%s)", self.device, exc)
+            self._graphs = None
+            return None
 
     def _result(
         self, q: torch.Tensor, read: _Read, fields: frozenset[str], k: int, use_recent: bool, ticket: bool

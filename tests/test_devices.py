@@ -220,6 +220,29 @@ def test_a_gpu_memory_counts_what_its_cuda_graphs_keep(cuda_host):
     assert elsewhere.validated().footprint(16)["cuda:0"] == slots + 16 * 2048 * 4
 
 
+def test_a_shape_is_captured_as_a_cuda_graph_only_once_it_recurs():
+    cache, captured = memory_module._GraphCache(), []
+
+    def read(shape):
+        return cache.get(shape, lambda: captured.append(shape) or f"graph {shape}")
+
+    after = memory_module.GRAPH_AFTER_READS
+    assert [read(16) for _ in range(after + 2)] == [None] * (after - 1) + ["graph 16"] * 3  # a trainer's fixed batch
+    assert captured == [16]
+    assert all(read(shape) is None for shape in range(1000, 1000 + 1000))  # a new row count at every call
+    assert captured == [16] and read(16) == "graph 16"  # unseen shapes neither capture nor drop a graph
+    for shape in (1, 2, 3, 4):  # four more recurring shapes: the least recently used graph, 16's, is dropped
+        for _ in range(after):
+            read(shape)
+    assert captured == [16, 1, 2, 3, 4]
+    assert [read(16) for _ in range(after)] == [None] * (after - 1) + ["graph 16"]  # counted again from its drop
+    assert captured == [16, 1, 2, 3, 4, 16]
+    read(5), read(5)  # two reads, then as many other shapes as are counted: the count is forgotten
+    for shape in range(3000, 3000 + memory_module.SHAPES_COUNTED):
+        read(shape)
+    assert read(5) is None and captured[-1] == 16
+
+
 def test_score_buffers_are_allocated_up_front():
     memory = Memory(MemoryConfig(**SMALL, shards=2), max_batch=32)
     assert [len(shard._scores) for shard in memory.index.shards] == [32, 32]
