@@ -20,6 +20,7 @@ if ! "$python" -c 'import lifelong_memory.server.memory' 2>/dev/null; then
     mkdir "$scratch/links" "$scratch/links/lifelong_memory"
     ln -s "$PWD/server" "$scratch/links/lifelong_memory/server"
     ln -s "$PWD/client" "$scratch/links/lifelong_memory/client"
+    ln -s "$PWD/trainers" "$scratch/links/lifelong_memory/trainers"
     ln -s "$PWD/proto/lifelong_memory/v1" "$scratch/links/lifelong_memory/v1"
     export PYTHONPATH=$scratch/links${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lifelong_memory.client import MemoryModule, connect
+from lifelong_memory.server.errors import InvalidArgument
 from lifelong_memory.trainers import translation
 from lifelong_memory.trainers.statistics import wilson_interval
 
@@ -356,3 +357,12 @@ def test_context_training_memorises_before_each_step_and_resumes_exactly(straigh
     run_trainer(tmp_path / "resumed", "--steps", "10", "--context-training")
     resumed, _ = run_trainer(tmp_path / "resumed", "--steps", "20", "--context-training", "--resume")
     assert [without_timing(m) for m in resumed] == [without_timing(m) for m in straight]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a host without CUDA")
+def test_a_cuda_device_the_host_lacks_is_refused_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda: this torch sees no CUDA device"):
+        translation.main([*TINY, "--out-dir", str(tmp_path), "--device", "cuda"])
+    with pytest.raises(InvalidArgument, match="config.device: cuda:0 requested but CUDA is not available"):
+        translation.main([*TINY, "--out-dir", str(tmp_path), "--memory-device", "cuda", "--memory-name", "no-gpu"])
+    assert not (tmp_path / "metrics.jsonl").exists()

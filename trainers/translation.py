@@ -34,6 +34,7 @@ then BLEU on the odd lines, before and after); and accuracy on reference words s
     python -m lifelong_memory.trainers.translation --resume --out-dir runs/translation-memory   # continue
     python -m lifelong_memory.trainers.translation --evaluate runs/translation-memory/checkpoint.pt \\
         --memory grpc://127.0.0.1:50051 --out-dir runs/translation-memory-grpc   # the memory served remotely
+    python -m lifelong_memory.trainers.translation --device cuda --memory-device cuda   # model and memory on a GPU
 
 Every option below is a plain value with its default; each has a --flag.
 Outputs in out_dir: checkpoint.pt (with memory-STEP.lmem, the memory at that step), metrics.jsonl,
@@ -103,6 +104,8 @@ out_dir = "runs/translation"
 resume = False
 evaluate = ""  # a checkpoint: skip training, run the final evaluation
 threads = 1  # torch intra-op threads; 0 = torch's default
+device = "cpu"  # where the model trains and translates: "cpu" or "cuda"
+memory_device = "cpu"  # the memory's own device (its config.device; a server's GPU where --memory is grpc://)
 seed = 0
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3  # sentencepiece ids, fixed when the vocabularies are trained
@@ -231,19 +234,21 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def padded(sequences: list[list[int]], prefix: tuple[int, ...] = (), suffix: tuple[int, ...] = ()) -> torch.Tensor:
+def padded(
+    sequences: list[list[int]], prefix: tuple[int, ...] = (), suffix: tuple[int, ...] = (), device="cpu"
+) -> torch.Tensor:
     rows = [[*prefix, *s, *suffix] for s in sequences]
-    out = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.int64)
+    out = np.full((len(rows), max(map(len, rows))), PAD, dtype=np.int64)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-    return out
+        out[i, : len(row)] = row
+    return torch.from_numpy(out).to(device)
 
 
-def as_batch(pairs: Pairs, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source (ends in EOS), decoder input (BOS first) and decoder target (EOS last) of ``rows``."""
-    source = padded([pairs.source[i] for i in rows], suffix=(EOS,))
+def as_batch(pairs: Pairs, rows, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source (ends in EOS), decoder input (BOS first) and decoder target (EOS last) of ``rows``, on ``device``."""
+    source = padded([pairs.source[i] for i in rows], suffix=(EOS,), device=device)
     target = [pairs.target[i] for i in rows]
-    return source, padded(target, prefix=(BOS,)), padded(target, suffix=(EOS,))
+    return source, padded(target, prefix=(BOS,), device=device), padded(target, suffix=(EOS,), device=device)
 
 
 def rare_word_pairs(pairs: Pairs, train_counts: Counter, most: int) -> dict[str, np.ndarray]:
@@ -311,11 +316,15 @@ class Translator(nn.Module):
         # neighbours' softmax weights on its value (as kNN-LM, Khandelwal et al. 2020, not the paper's wiring).
         self.recall_mix = recall_mix
 
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
     def encode(self, source: torch.Tensor):
         """Attention keys and values [B, S, H], the padding mask [B, S] and the decoder's initial state."""
         lengths = (source != PAD).sum(dim=1)
-        packed = nn.utils.rnn.pack_padded_sequence(
-            self.dropout(self.source_embed(source)), lengths, batch_first=True, enforce_sorted=False
+        packed = nn.utils.rnn.pack_padded_sequence(  # the lengths on the host, as packing requires
+            self.dropout(self.source_embed(source)), lengths.cpu(), batch_first=True, enforce_sorted=False
         )
         encoded, _ = self.encoder(packed)
         encoded, _ = nn.utils.rnn.pad_packed_sequence(encoded, batch_first=True, total_length=source.shape[1])
@@ -394,7 +403,8 @@ def validation_loss(model, pairs: Pairs, batch_size: int = 50) -> float:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(pairs), batch_size):
-        source, decoder_inputs, targets = as_batch(pairs, range(start, min(start + batch_size, len(pairs))))
+        rows = range(start, min(start + batch_size, len(pairs)))
+        source, decoder_inputs, targets = as_batch(pairs, rows, model.device)
         encoded, state = model.encode(source)
         logits, _, _ = model.decode(encoded, decoder_inputs, state)
         total += nn.functional.cross_entropy(
@@ -415,16 +425,16 @@ def beam_search(model, source: torch.Tensor, beam: int, length_penalty: float) -
     Hypotheses that ended stay in the beam with their score frozen; the search stops when every beam has
     ended or after 2 * source length + 10 steps."""
     model.eval()
-    batch = source.shape[0]
+    batch, device = source.shape[0], source.device
     (keys, values, padding), state = model.encode(source)
-    expand = torch.arange(batch).repeat_interleave(beam)
+    expand = torch.arange(batch, device=device).repeat_interleave(beam)
     encoded = (keys[expand], values[expand], padding[expand])
     state = select(state, expand)
-    scores = torch.full((batch, beam), -math.inf)
+    scores = torch.full((batch, beam), -math.inf, device=device)
     scores[:, 0] = 0.0
-    tokens = torch.full((batch * beam, 1), BOS, dtype=torch.int64)
-    ended = torch.zeros(batch * beam, dtype=torch.bool)
-    lengths = torch.zeros(batch * beam)
+    tokens = torch.full((batch * beam, 1), BOS, dtype=torch.int64, device=device)
+    ended = torch.zeros(batch * beam, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch * beam, device=device)
     for _ in range(2 * source.shape[1] + 10):
         logits, state, _ = model.decode(encoded, tokens[:, -1:], state)
         log_probs = torch.log_softmax(logits[:, -1], dim=-1)
@@ -434,7 +444,7 @@ def beam_search(model, source: torch.Tensor, beam: int, length_penalty: float) -
         vocab = log_probs.shape[-1]
         total = (scores.reshape(-1, 1) + log_probs).reshape(batch, beam * vocab)
         scores, choice = total.topk(beam, dim=1)
-        origin = (torch.arange(batch)[:, None] * beam + choice // vocab).reshape(-1)
+        origin = (torch.arange(batch, device=device)[:, None] * beam + choice // vocab).reshape(-1)
         token = (choice % vocab).reshape(-1)
         tokens = torch.cat([tokens[origin], token[:, None]], dim=1)
         state = select(state, origin)
@@ -443,7 +453,7 @@ def beam_search(model, source: torch.Tensor, beam: int, length_penalty: float) -
         if ended.all():
             break
     ranked = (scores.reshape(-1) / lengths.clamp(min=1) ** length_penalty).reshape(batch, beam)
-    best = torch.arange(batch) * beam + ranked.argmax(dim=1)
+    best = torch.arange(batch, device=device) * beam + ranked.argmax(dim=1)
     hypotheses = []
     for row in tokens[best, 1:].tolist():
         hypotheses.append([t for t in row if t not in (PAD, EOS)] if EOS not in row else row[: row.index(EOS)])
@@ -456,7 +466,7 @@ def translate(model, pairs: Pairs, beam: int, length_penalty: float, target_voca
     out = [""] * len(pairs)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        source = padded([pairs.source[i] for i in rows], suffix=(EOS,))
+        source = padded([pairs.source[i] for i in rows], suffix=(EOS,), device=model.device)
         for row, hypothesis in zip(rows, beam_search(model, source, beam, length_penalty), strict=True):
             out[row] = target_vocab.decode(hypothesis)
     return out
@@ -532,7 +542,8 @@ def memorise(model, pairs: Pairs, batch_size: int = 8) -> None:
     A batch is one memory update of one row per target subword: 8 sentences stay under a server's --max-batch."""
     model.eval()
     for start in range(0, len(pairs), batch_size):
-        source, decoder_inputs, targets = as_batch(pairs, range(start, min(start + batch_size, len(pairs))))
+        rows = range(start, min(start + batch_size, len(pairs)))
+        source, decoder_inputs, targets = as_batch(pairs, rows, model.device)
         encoded, state = model.encode(source)
         model.decode(encoded, decoder_inputs, state, targets)
 
@@ -545,7 +556,8 @@ def teacher_forced_recall(model, pairs: Pairs, batch_size: int = 8) -> dict:
     model.eval()
     model_right = memory_right = only_memory = n = 0
     for start in range(0, len(pairs), batch_size):
-        source, decoder_inputs, targets = as_batch(pairs, range(start, min(start + batch_size, len(pairs))))
+        rows = range(start, min(start + batch_size, len(pairs)))
+        source, decoder_inputs, targets = as_batch(pairs, rows, model.device)
         encoded, state = model.encode(source)
         logits, _, recall = model.decode(encoded, decoder_inputs, state)
         reference = targets[targets != PAD]
@@ -638,6 +650,8 @@ def save_checkpoint(path, model, optimizer, store, config, step, metrics, vocabu
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),  # dropout's draws go on where they stopped
+        # Dropout on a GPU draws from each device's own generator, which the CPU state does not cover.
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "step": step,
         "metrics": metrics,
         "config": config,
@@ -669,7 +683,7 @@ def train(config, model, optimizer, store, task: Task, first_step, metrics, chec
         if config["context_training"]:
             rng = np.random.default_rng([config["seed"], 2, step])  # a function of the step: resumes draw the same
             memorise(model, task.train.subset(context_pairs(task.train, batches[index], holders, rng)), batch_size=32)
-        loss, memory_loss = train_step(model, optimizer, *as_batch(task.train, batches[index]), config)
+        loss, memory_loss = train_step(model, optimizer, *as_batch(task.train, batches[index], model.device), config)
         losses.append(loss)
         memory_losses.append(memory_loss)
 
@@ -770,6 +784,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--recall-mix must be in [0, 1] and needs --model memory, got {config['recall_mix']}")
     if config["context_training"] and config["model"] != "memory":
         raise SystemExit("--context-training needs --model memory")
+    if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {config['device']}: this torch sees no CUDA device")
     torch.manual_seed(config["seed"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
@@ -778,7 +794,7 @@ def main(argv: list[str] | None = None) -> None:
 
     checkpoint_path = out / "checkpoint.pt"
     source = config["evaluate"] or (checkpoint_path if config["resume"] and checkpoint_path.exists() else None)
-    state = torch.load(source, weights_only=False) if source else None
+    state = torch.load(source, weights_only=False, map_location="cpu") if source else None
     if state:
         check_same_experiment(config, state["config"], source)
     task, vocabulary_models = make_task(config, state["vocabularies"] if state else None)
@@ -795,7 +811,8 @@ def main(argv: list[str] | None = None) -> None:
         if config["memory_name"] in {info.name for info in store.list_memories()}:
             store.delete_memory(config["memory_name"])  # this trainer owns its memory: fresh, or the checkpoint's
         if state:
-            store.import_memory(config["memory_name"], pathlib.Path(source).parent / state["memory_file"])
+            memory_file = pathlib.Path(source).parent / state["memory_file"]
+            store.import_memory(config["memory_name"], memory_file, device=config["memory_device"])
         module = MemoryModule(
             store,
             config["key_dim"],
@@ -808,6 +825,7 @@ def main(argv: list[str] | None = None) -> None:
             age_noise=config["age_noise"],
             seed=config["seed"],
             search_dtype=config["search_dtype"],
+            device=config["memory_device"],
         )
     vocab = [v.get_piece_size() for v in task.vocabularies]
     model = Translator(
@@ -819,13 +837,16 @@ def main(argv: list[str] | None = None) -> None:
         config["recall_gate"],
         config["tied_recall"],
         config["recall_mix"],
-    )
+    ).to(config["device"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     first_step, metrics = 1, []
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available():  # as many GPUs as both the saving and this machine have
+            for index, cuda_state in enumerate(state.get("cuda_rng", [])[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, index)
         first_step, metrics = state["step"] + 1, state["metrics"]
         print(f"{'evaluating' if config['evaluate'] else 'resumed from'} {source} after step {state['step']}")
 
