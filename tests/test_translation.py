@@ -4,9 +4,11 @@ the rare-word measure and beam search."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -366,3 +368,22 @@ def test_a_cuda_device_the_host_lacks_is_refused_before_training(tmp_path):
     with pytest.raises(InvalidArgument, match="config.device: cuda:0 requested but CUDA is not available"):
         translation.main([*TINY, "--out-dir", str(tmp_path), "--memory-device", "cuda", "--memory-name", "no-gpu"])
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@needs_data
+def test_translation_gpu_sh_trains_the_listed_runs_after_a_smoke_run_that_resumes(tmp_path):
+    """The GPU sweep script, on the CPU (DEVICE=cpu): the smoke run, one listed run, the archive."""
+    runs = tmp_path / "runs.txt"
+    flags = [*TINY, "--steps", "10", "--test-sets", "test_2016_flickr"]
+    runs.write_text("# a comment\n\ntiny " + " ".join(flags) + "\n")
+    env = {**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, "DATA": str(DATA), "OUT_DIR": str(tmp_path / "out"),
+           "ARCHIVE": str(tmp_path / "runs.tar.gz")}  # fmt: skip
+    script = pathlib.Path(__file__).resolve().parents[1] / "trainers" / "translation_gpu.sh"
+    printed = subprocess.run([str(script), str(runs)], env=env, check=True, capture_output=True, text=True, timeout=600)
+    assert "smoke: trained and evaluated; resumed run identical to the straight one" in printed.stdout
+    assert "tiny: exit status 0" in printed.stdout and "tiny: done" in printed.stdout
+    with tarfile.open(tmp_path / "runs.tar.gz") as archive:
+        names = sorted(archive.getnames())
+    assert names == ["./smoke.log", "./tiny.log", "./tiny/evaluation.json", "./tiny/metrics.jsonl"]
+    evaluation = json.loads((tmp_path / "out" / "tiny" / "evaluation.json").read_text())
+    assert evaluation["tests"]["test_2016_flickr"]["lines"] == 40

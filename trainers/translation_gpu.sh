@@ -43,7 +43,11 @@ launched=$(date +%s)
 while read -r name flags; do
     [[ -z $name || $name == \#* ]] && continue
     limit=()
-    [[ -n ${DEADLINE:-} ]] && limit=(timeout $((DEADLINE - (SECONDS - started))))
+    if [[ -n ${DEADLINE:-} ]]; then
+        left=$((DEADLINE - (SECONDS - started)))
+        ((left > 0)) || { echo "$name: not started, the deadline has passed"; continue; }
+        limit=(timeout "$left")
+    fi
     (
         # shellcheck disable=SC2086  # the flags are words
         "${limit[@]}" "${train[@]}" $flags --out-dir "$OUT_DIR/$name" >"$OUT_DIR/$name.log" 2>&1
