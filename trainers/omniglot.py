@@ -29,6 +29,7 @@ from torch import nn
 
 from lifelong_memory.client import MemoryModule, connect
 from lifelong_memory.trainers import flags, omniglot_data
+from lifelong_memory.trainers.random_states import restore_torch_random_states, torch_random_states
 
 # -------------------------------------------------------------------- config
 data = os.environ.get("OMNIGLOT_DIR", "data/omniglot")  # folder with images_*.zip and all_runs.zip
@@ -411,9 +412,7 @@ def train(config, store, encoder, module, optimizer, eval_memory, split_data, rn
                 "memory_module": module.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "numpy_rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                # Dropout on a GPU draws from each device's own generator, which the CPU state does not cover.
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                **torch_random_states(),
                 "episode_batch": episode_batch,
                 "memory_file": memory_file,
                 "metrics": metrics,
@@ -509,10 +508,7 @@ def main() -> None:
         module.load_state_dict(state["memory_module"])
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if torch.cuda.is_available():  # as many GPUs as both the saving and this machine have
-            for index, cuda_state in enumerate(state.get("cuda_rng", [])[: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(cuda_state.cpu(), index)
+        restore_torch_random_states(state)
         first = state["episode_batch"] + 1
         if not config["evaluate"] and "memory_file" in state:
             store.delete_memory(config["memory_name"])

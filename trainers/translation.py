@@ -61,6 +61,7 @@ from torch import nn
 
 from lifelong_memory.client import MemoryModule, connect
 from lifelong_memory.trainers import flags
+from lifelong_memory.trainers.random_states import restore_torch_random_states, torch_random_states
 from lifelong_memory.trainers.statistics import record_validation, wilson_interval
 
 # -------------------------------------------------------------------- config
@@ -649,9 +650,7 @@ def save_checkpoint(path, model, optimizer, store, config, step, metrics, vocabu
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),  # dropout's draws go on where they stopped
-        # Dropout on a GPU draws from each device's own generator, which the CPU state does not cover.
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **torch_random_states(),  # dropout's draws go on where they stopped
         "step": step,
         "metrics": metrics,
         "config": config,
@@ -843,10 +842,7 @@ def main(argv: list[str] | None = None) -> None:
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if torch.cuda.is_available():  # as many GPUs as both the saving and this machine have
-            for index, cuda_state in enumerate(state.get("cuda_rng", [])[: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(cuda_state, index)
+        restore_torch_random_states(state)
         first_step, metrics = state["step"] + 1, state["metrics"]
         print(f"{'evaluating' if config['evaluate'] else 'resumed from'} {source} after step {state['step']}")
 
