@@ -68,6 +68,9 @@ def test_the_pipeline_runs_end_to_end(straight_run):
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert (out / "bleu.png").stat().st_size > 0
     assert evaluation["recall_mix"] == 0.0, "an evaluation says whether the memory's distribution was mixed in"
+    vocabularies = torch.load(out / "checkpoint.pt", weights_only=False)["vocabularies"]
+    assert [(out / f"vocabulary.{language}.model").read_bytes() for language in ("en", "de")] == list(vocabularies)
+    assert evaluation["vocabulary"] == translation.vocabulary_fingerprint(map(translation.processor, vocabularies))
     for name in ("test_2016_flickr", "test_2017_flickr"):
         test = evaluation["tests"][name]
         assert test["lines"] == 40 and 0 <= test["bleu"] <= 100 and 0 <= test["chrf"] <= 100
@@ -351,6 +354,24 @@ def test_context_pairs_are_other_pairs_holding_a_rare_word_of_the_batch():
 
 
 @needs_data
+@needs_data
+def test_a_run_trains_on_the_vocabulary_of_another_run_given_by_vocabulary_dir(straight_run, tmp_path):
+    out, _, evaluation = straight_run
+    config = translation.configure([*TINY, "--train-pairs", "200", "--out-dir", str(tmp_path)])
+    own, _ = translation.make_task(config, None)
+    assert translation.vocabulary_fingerprint(own.vocabularies) != evaluation["vocabulary"], "200 pairs train another"
+    given = translation.given_vocabularies({**config, "vocabulary_dir": str(out)}, None, None)
+    task, models = translation.make_task(config, given)
+    assert translation.vocabulary_fingerprint(task.vocabularies) == evaluation["vocabulary"] and len(task.train) < 200
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert translation.given_vocabularies({**config, "vocabulary_dir": str(out)}, saved, "ckpt") == models
+    with pytest.raises(SystemExit, match="ckpt was trained on another vocabulary than --vocabulary-dir"):
+        translation.given_vocabularies({**config, "vocabulary_dir": str(out)}, {"vocabularies": (b"", b"")}, "ckpt")
+    missing = r"--vocabulary-dir: .*vocabulary\.en\.model, .*vocabulary\.de\.model not found"
+    with pytest.raises(SystemExit, match=missing):
+        translation.given_vocabularies({**config, "vocabulary_dir": str(tmp_path / "none")}, None, None)
+
+
 def test_context_training_memorises_before_each_step_and_resumes_exactly(straight_run, tmp_path):
     _, plain, _ = straight_run
     straight, _ = run_trainer(tmp_path / "straight", "--steps", "20", "--context-training")
@@ -371,13 +392,15 @@ def test_a_cuda_device_the_host_lacks_is_refused_before_training(tmp_path):
 
 
 @needs_data
-def test_translation_gpu_sh_trains_the_listed_runs_after_a_smoke_run_that_resumes(tmp_path):
-    """The GPU sweep script, on the CPU (DEVICE=cpu): the smoke run, one listed run, the archive."""
+def test_translation_gpu_sh_trains_the_listed_runs_after_a_smoke_run_that_resumes(straight_run, tmp_path):
+    """The GPU sweep script, on the CPU (DEVICE=cpu): the smoke run, one listed run on a given vocabulary (its own
+    slice of 200 pairs would train another), the archive."""
     runs = tmp_path / "runs.txt"
-    flags = [*TINY, "--steps", "10", "--test-sets", "test_2016_flickr"]
+    flags = [*TINY, "--steps", "10", "--test-sets", "test_2016_flickr", "--train-pairs", "200"]
     runs.write_text("# a comment\n\ntiny " + " ".join(flags) + "\n")
+    vocabulary_run, _, vocabulary_run_evaluation = straight_run
     env = {**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, "DATA": str(DATA), "OUT_DIR": str(tmp_path / "out"),
-           "ARCHIVE": str(tmp_path / "runs.tar.gz")}  # fmt: skip
+           "ARCHIVE": str(tmp_path / "runs.tar.gz"), "VOCABULARY": str(vocabulary_run)}  # fmt: skip
     script = pathlib.Path(__file__).resolve().parents[1] / "trainers" / "translation_gpu.sh"
     printed = subprocess.run([str(script), str(runs)], env=env, check=True, capture_output=True, text=True, timeout=600)
     assert "smoke: trained and evaluated; resumed run identical to the straight one" in printed.stdout
@@ -387,3 +410,4 @@ def test_translation_gpu_sh_trains_the_listed_runs_after_a_smoke_run_that_resume
     assert names == ["./smoke.log", "./tiny.log", "./tiny/evaluation.json", "./tiny/metrics.jsonl"]
     evaluation = json.loads((tmp_path / "out" / "tiny" / "evaluation.json").read_text())
     assert evaluation["tests"]["test_2016_flickr"]["lines"] == 40
+    assert evaluation["vocabulary"] == vocabulary_run_evaluation["vocabulary"]

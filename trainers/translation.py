@@ -4,7 +4,8 @@ The paper puts the memory into GNMT; this trainer does the same to a small atten
 CPU core trains in half an hour, on Multi30k (29,000 English-German image descriptions).
 
   vocabulary: one sentencepiece unigram model per language, trained on the training split only (kept in the
-              checkpoint, so an evaluation reads the vocabulary its weights were trained with).
+              checkpoint, so an evaluation reads the vocabulary its weights were trained with), or another run's
+              with --vocabulary-dir: sentencepiece versions train different vocabularies from the same lines.
   baseline:   a 1-layer bidirectional LSTM encoder, a 1-layer LSTM decoder started from the encoder's mean,
               Luong's general attention; the attention vector (tanh of the decoder output and the context)
               goes to the output softmax. Beam search with length-normalised scores.
@@ -38,12 +39,14 @@ then BLEU on the odd lines, before and after); and accuracy on reference words s
 
 Every option below is a plain value with its default; each has a --flag.
 Outputs in out_dir: checkpoint.pt (with memory-STEP.lmem, the memory at that step), metrics.jsonl,
-bleu.png, evaluation.json, translations-SET.txt (one line per test sentence).
+bleu.png, evaluation.json, translations-SET.txt (one line per test sentence), vocabulary.LANG.model (the two
+sentencepiece models, for --vocabulary-dir: another run, on another machine, on the same subwords).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -73,6 +76,7 @@ train_pairs = 0  # use the first N training pairs; 0: all 29,000
 test_pairs = 0  # use the first N lines of each test set; 0: all
 validation_pairs = 200  # greedy BLEU on the first N validation lines at each validation
 vocab_size = 5000  # subwords per language
+vocabulary_dir = ""  # use the vocabulary.LANG.model files there (every run writes its own) instead of training them
 max_train_length = 60  # training pairs with more subwords on either side are left out
 embedding_dim = 128
 hidden = 256
@@ -151,6 +155,34 @@ def train_vocabulary(lines: list[str], vocab_size: int, seed: int) -> bytes:
         minloglevel=2,
     )
     return model.getvalue()
+
+
+def vocabulary_files(directory, config: dict) -> tuple[pathlib.Path, pathlib.Path]:
+    sides = ("source_language", "target_language")
+    return tuple(pathlib.Path(directory) / f"vocabulary.{config[side]}.model" for side in sides)
+
+
+def given_vocabularies(config: dict, saved: dict | None, source) -> tuple[bytes, bytes] | None:
+    """The vocabularies a run uses rather than training its own: the checkpoint's when it resumes or evaluates, or
+    --vocabulary-dir's (sentencepiece's training differs between its versions, so runs on two machines compare
+    like with like only on one vocabulary); given both, they must be the same."""
+    if not config["vocabulary_dir"]:
+        return saved["vocabularies"] if saved else None
+    files = vocabulary_files(config["vocabulary_dir"], config)
+    if missing := [str(f) for f in files if not f.exists()]:
+        raise SystemExit(f"--vocabulary-dir: {', '.join(missing)} not found")
+    given = tuple(f.read_bytes() for f in files)
+    if saved and given != tuple(saved["vocabularies"]):
+        raise SystemExit(f"{source} was trained on another vocabulary than --vocabulary-dir {config['vocabulary_dir']}")
+    return given
+
+
+def vocabulary_fingerprint(vocabularies) -> str:
+    """The first 16 hex digits of the SHA-256 of both sentencepiece models: equal fingerprints, same subwords."""
+    digest = hashlib.sha256()
+    for vocabulary in vocabularies:
+        digest.update(vocabulary.serialized_model_proto())
+    return digest.hexdigest()[:16]
 
 
 def processor(model_bytes: bytes):
@@ -710,6 +742,7 @@ def final_evaluation(model, store, task: Task, config: dict, out: pathlib.Path) 
         "model": config["model"],
         "memory": config["memory"],
         "recall_mix": config["recall_mix"],
+        "vocabulary": vocabulary_fingerprint(task.vocabularies),
         "train_pairs": len(task.train),
         "tests": {},
     }
@@ -796,11 +829,14 @@ def main(argv: list[str] | None = None) -> None:
     state = torch.load(source, weights_only=False, map_location="cpu") if source else None
     if state:
         check_same_experiment(config, state["config"], source)
-    task, vocabulary_models = make_task(config, state["vocabularies"] if state else None)
+    task, vocabulary_models = make_task(config, given_vocabularies(config, state, source))
+    for path, vocabulary_model in zip(vocabulary_files(out, config), vocabulary_models, strict=True):
+        path.write_bytes(vocabulary_model)
     print(
         f"{len(task.train)} training pairs, vocabularies {task.vocabularies[0].get_piece_size()} "
         f"{config['source_language']} / {task.vocabularies[1].get_piece_size()} {config['target_language']} "
-        f"subwords; test sets: " + ", ".join(f"{name} {len(p)}" for name, p in task.tests.items()),
+        f"subwords (fingerprint {vocabulary_fingerprint(task.vocabularies)}); test sets: "
+        + ", ".join(f"{name} {len(p)}" for name, p in task.tests.items()),
         flush=True,
     )
 

@@ -5,8 +5,11 @@
 #
 #   DATA=DIR OUT_DIR=DIR [DEADLINE=SECONDS] [WHEELS=DIR] trainers/translation_gpu.sh RUNS_FILE
 #
-# DATA: the Multi30k files (as --data-dir). DEVICE: cuda (default), or cpu to try the script without a GPU. DEADLINE: runs still going that many seconds after the start are
-# stopped (for a lent machine; default: none). WHEELS: as in benchmarks/gpu_env.sh. Each run writes
+# DATA: the Multi30k files (as --data-dir). DEVICE: cuda (default), or cpu to try the script without a GPU.
+# VOCABULARY: a directory with vocabulary.en.model and vocabulary.de.model (as a CPU run writes them), passed to the
+# listed runs as --vocabulary-dir: the GPU machine's sentencepiece trains another vocabulary from the same lines, and
+# runs compare like with like across machines only on one. DEADLINE: runs still going that many seconds after the
+# start are stopped (for a lent machine; default: none). WHEELS: as in benchmarks/gpu_env.sh. Each run writes
 # OUT_DIR/NAME/ (checkpoint.pt, metrics.jsonl, evaluation.json, ...) and OUT_DIR/NAME.log; with ARCHIVE=FILE,
 # every run's metrics.jsonl, evaluation.json and log are also packed into FILE (a .tar.gz).
 set -uo pipefail
@@ -50,7 +53,7 @@ while read -r name flags; do
     fi
     (
         # shellcheck disable=SC2086  # the flags are words
-        "${limit[@]}" "${train[@]}" $flags --out-dir "$OUT_DIR/$name" >"$OUT_DIR/$name.log" 2>&1
+        "${limit[@]}" "${train[@]}" ${VOCABULARY:+--vocabulary-dir "$VOCABULARY"} $flags --out-dir "$OUT_DIR/$name" >"$OUT_DIR/$name.log" 2>&1
         echo "$name: exit status $? after $(($(date +%s) - launched)) s"
     ) &
     pids+=($!)
