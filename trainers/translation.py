@@ -743,6 +743,7 @@ def final_evaluation(model, store, task: Task, config: dict, out: pathlib.Path) 
         "memory": config["memory"],
         "recall_mix": config["recall_mix"],
         "vocabulary": vocabulary_fingerprint(task.vocabularies),
+        "versions": package_versions(),
         "train_pairs": len(task.train),
         "tests": {},
     }
@@ -758,6 +759,15 @@ def final_evaluation(model, store, task: Task, config: dict, out: pathlib.Path) 
             "cpu_s": time.process_time() - started,
         }
     return results
+
+
+def package_versions() -> dict[str, str]:
+    """What the numbers depend on besides the code: the scorer's and the model's libraries, and the tokenizer's
+    (which trained the vocabulary, unless it came from a checkpoint or --vocabulary-dir)."""
+    import sacrebleu
+    import sentencepiece
+
+    return {"torch": torch.__version__, "sentencepiece": sentencepiece.__version__, "sacrebleu": sacrebleu.__version__}
 
 
 def print_evaluation(results: dict) -> None:
