@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import faulthandler
 import functools
 import ipaddress
 import logging
@@ -479,6 +480,8 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # A server that does not stop, or stalls, can be asked where each of its threads is: `kill -USR1 PID`.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     stopped.wait()
     server.stop(grace=10)
     not_snapshotted = registry.close()

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -80,6 +81,27 @@ def test_sigterm_stops_cleanly(served):
     process, _ = served
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+def test_sigusr1_prints_every_thread_s_stack_and_the_server_serves_on(tmp_path):
+    port, stderr = free_port(), tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        process = subprocess.Popen([*LMEM, "serve", "--port", str(port), "--log-level", "WARNING"],
+                                   stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
+    try:
+        assert "serving on" in process.stdout.readline()
+        process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while "most recent call first" not in stderr.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dump = stderr.read_text()
+        assert "Current thread" in dump and "in serve" in dump, dump  # the main thread, waiting for a signal
+        assert lmem("ls", "--url", f"grpc://127.0.0.1:{port}").returncode == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_durable_server_snapshot_export_import_and_restart(tmp_path):

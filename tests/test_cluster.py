@@ -254,9 +254,22 @@ def start_front_end(address: str, port: int, tmp_path) -> subprocess.Popen:
     # Long enough for a shard on a loaded 2-core machine; the stopped shard below costs one such wait.
     serve += ["--placement", "node", "--shards", "2", "--shard-timeout", "10"]
     serve += ["--data-dir", str(tmp_path / "front-end"), "--shard-data-dir", str(tmp_path / "shards")]
-    process = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
+    with open(tmp_path / "front-end.stderr", "a") as stderr:
+        process = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=stderr, text=True)
     assert "serving on 127.0.0.1:" in process.stdout.readline()
     return process
+
+
+def stops_cleanly(process: subprocess.Popen, tmp_path, timeout: float = 120) -> bool:
+    """SIGTERM, then whether the front end exited 0 within ``timeout``; if it is still running, it fails the test
+    with every thread's stack (the server prints them on SIGUSR1), since where it waits is the finding."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout) == 0
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        pytest.fail(f"no exit {timeout} s after SIGTERM; its threads:\n{(tmp_path / 'front-end.stderr').read_text()}")
 
 
 def test_lmem_serve_cluster_shows_shards_and_restarts_without_loss(ray_cluster, tmp_path):
@@ -306,8 +319,7 @@ def test_lmem_serve_cluster_shows_shards_and_restarts_without_loss(ray_cluster, 
             got, want = memory.query(probe, fields={"neighbors"}), replay.query(probe, fields={"neighbors"})
             assert torch.equal(got.neighbor_slots, want.neighbor_slots)
             assert torch.equal(got.neighbor_similarities, want.neighbor_similarities)
-        process.send_signal(signal.SIGTERM)  # a clean stop: snapshots, then leaves the cluster
-        assert process.wait(timeout=120) == 0
+        assert stops_cleanly(process, tmp_path)  # snapshots, then leaves the cluster
     finally:
         process.kill()
         process.wait()
