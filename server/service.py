@@ -464,14 +464,8 @@ def serve(
             raise
         if not _is_loopback(metrics_host):
             log.warning("metrics on %s: anyone who can reach it may read every memory's name and stats", metrics_host)
-    server.start()
-    shown = address if unix else f"{host}:{port}"
-    log.info("lifelong memory server listening on %s", shown)
-    print(f"lmem: serving on {shown}", flush=True)
-    if metrics_port:
-        metrics_url = f"http://{format_address(metrics_host, metrics_port)}/metrics"
-        log.info("metrics on %s", metrics_url)
-        print(f"lmem: metrics on {metrics_url}", flush=True)
+    # Before the server says it serves: a signal sent as soon as it does must find these handlers, not the
+    # default action (which ends the process without a snapshot).
     stopped = threading.Event()
 
     def stop(signum, frame):
@@ -482,6 +476,14 @@ def serve(
     signal.signal(signal.SIGINT, stop)
     # A server that does not stop, or stalls, can be asked where each of its threads is: `kill -USR1 PID`.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    server.start()
+    shown = address if unix else f"{host}:{port}"
+    log.info("lifelong memory server listening on %s", shown)
+    print(f"lmem: serving on {shown}", flush=True)
+    if metrics_port:
+        metrics_url = f"http://{format_address(metrics_host, metrics_port)}/metrics"
+        log.info("metrics on %s", metrics_url)
+        print(f"lmem: metrics on {metrics_url}", flush=True)
     stopped.wait()
     server.stop(grace=10)
     not_snapshotted = registry.close()

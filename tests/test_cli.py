@@ -95,6 +95,7 @@ def test_sigusr1_prints_every_thread_s_stack_and_the_server_serves_on(tmp_path):
         # Until the dump, written a thread at a time, reaches the main thread, waiting for a signal in serve().
         deadline = time.monotonic() + 30
         while not {"Current thread", "in serve"} <= set(re.findall(r"Current thread|in serve", stderr.read_text())):
+            assert process.poll() is None, f"the signal ended the server (exit status {process.returncode})"
             assert time.monotonic() < deadline, stderr.read_text()
             time.sleep(0.1)
         assert lmem("ls", "--url", f"grpc://127.0.0.1:{port}").returncode == 0
