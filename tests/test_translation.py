@@ -355,7 +355,6 @@ def test_context_pairs_are_other_pairs_holding_a_rare_word_of_the_batch():
 
 
 @needs_data
-@needs_data
 def test_a_run_trains_on_the_vocabulary_of_another_run_given_by_vocabulary_dir(straight_run, tmp_path):
     out, _, evaluation = straight_run
     config = translation.configure([*TINY, "--train-pairs", "200", "--out-dir", str(tmp_path)])
@@ -373,6 +372,7 @@ def test_a_run_trains_on_the_vocabulary_of_another_run_given_by_vocabulary_dir(s
         translation.given_vocabularies({**config, "vocabulary_dir": str(tmp_path / "none")}, None, None)
 
 
+@needs_data
 def test_context_training_memorises_before_each_step_and_resumes_exactly(straight_run, tmp_path):
     _, plain, _ = straight_run
     straight, _ = run_trainer(tmp_path / "straight", "--steps", "20", "--context-training")
