@@ -1,0 +1,109 @@
+"""The like-for-like comparison of translation runs: its arithmetic on made-up evaluations, and its refusals."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from lifelong_memory.trainers import translation_compare
+from lifelong_memory.trainers.statistics import mean_interval, wilson_interval
+
+
+def rare(correct: int, n: int) -> dict:
+    return {"correct": correct, "n": n}
+
+
+def evaluated_set(bleu: float, chrf: float, gain: float, rare_all: tuple, in_context: tuple) -> dict:
+    """One test set's entry of an evaluation.json, as far as the comparison reads it."""
+    return {
+        "lines": 2,
+        "bleu": bleu,
+        "chrf": chrf,
+        "rare_words": {"at most once": rare(*rare_all)},
+        "context": {
+            "gain_bleu": gain,
+            "without": {"rare_words": {"in context": rare(in_context[0], in_context[2])}},
+            "with": {"rare_words": {"in context": rare(in_context[1], in_context[2])}},
+        },
+    }
+
+
+def write_run(directory, model: str, sets: dict, vocabulary="v1", translations: dict | None = None):
+    directory.mkdir()
+    (directory / "evaluation.json").write_text(json.dumps({"model": model, "vocabulary": vocabulary, "tests": sets}))
+    for name, lines in (translations or {}).items():
+        (directory / f"translations-{name}.txt").write_text("".join(line + "\n" for line in lines))
+    return str(directory)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """Two seeds of each model on two sets, the first seed's translations beside its evaluation."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b"):
+        with gzip.open(data / f"{name}.de.gz", "wt", encoding="utf-8") as f:
+            f.write("ein Hund läuft\nzwei Katzen schlafen hier\n")  # 7 words
+    long = {"a": ["ein Hund läuft schnell", "zwei Katzen schlafen hier jetzt"], "b": ["ein Hund", "zwei Katzen"]}
+    baselines = [
+        write_run(tmp_path / "b0", "baseline", {"a": evaluated_set(30, 50, 0, (2, 10), (0, 0, 4)),
+                                                 "b": evaluated_set(20, 40, 0, (1, 10), (0, 0, 4))}, translations=long),
+        write_run(tmp_path / "b1", "baseline", {"a": evaluated_set(31, 51, 0, (3, 10), (1, 1, 4)),
+                                                 "b": evaluated_set(22, 42, 0, (0, 10), (0, 0, 4))}),
+    ]  # fmt: skip
+    memories = [
+        write_run(tmp_path / "m0", "memory", {"a": evaluated_set(29, 49, 0.5, (1, 10), (0, 1, 4)),
+                                               "b": evaluated_set(20.5, 40, 1.0, (2, 10), (0, 2, 4))}),
+        write_run(tmp_path / "m1", "memory", {"a": evaluated_set(31.2, 52, -0.2, (3, 10), (0, 0, 4)),
+                                               "b": evaluated_set(21, 41, 0.3, (1, 10), (1, 1, 4))}),
+    ]  # fmt: skip
+    return baselines, memories, data
+
+
+def test_the_comparison_pairs_runs_in_order_and_sums_what_the_targets_need(runs):
+    baselines, memories, data = runs
+    results = translation_compare.compare(baselines, memories, data)
+    differences = [-1.0, 0.5, 0.2, -1.0]
+    assert [row["bleu_difference"] for row in results["rows"]] == pytest.approx(differences)
+    assert results["bleu_difference"]["over_sets"]["ci95"] == pytest.approx(mean_interval(differences)[2])
+    assert results["bleu_difference"]["over_pairs"]["mean"] == pytest.approx(-0.325)
+    assert results["bleu_difference"]["over_pairs"]["ci95"] == pytest.approx(mean_interval([-0.25, -0.4])[2])
+    assert results["bleu_difference"]["rows_within"] == 2, "-1.0 twice is outside -0.3"
+    assert results["memory_context_gain"]["rows_positive"] == 3
+    assert results["memory_context_gain"]["over_sets"]["mean"] == pytest.approx(0.4)
+    assert results["chrf_difference"] == pytest.approx(-0.25)
+    memory_rare = results["rare_words"]["memory"]
+    assert (memory_rare["all_lines"]["correct"], memory_rare["all_lines"]["n"]) == (7, 40)
+    assert memory_rare["all_lines"]["ci95"] == pytest.approx(wilson_interval(7, 40))
+    assert (memory_rare["in_context_with"]["correct"], memory_rare["in_context_without"]["correct"]) == (4, 1)
+    # b0's translations are 9 and 4 words against 7 reference words; the other runs have none beside them
+    first, second = results["rows"][0], results["rows"][1]
+    assert (first["baseline_length_ratio"], second["baseline_length_ratio"]) == pytest.approx((9 / 7, 4 / 7))
+    assert first["memory_length_ratio"] is None
+
+
+def test_the_printed_comparison_names_the_targets_figures(runs, capsys, tmp_path):
+    baselines, memories, data = runs
+    out = tmp_path / "comparison.json"
+    translation_compare.main(["--baseline", *baselines, "--memory", *memories, "--data-dir", str(data),
+                              "--json", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| m0 | a | 30.00 | 29.00 | -1.00 | -1.00 | +0.50, +0.00 | 1.286, n/a |" in printed
+    assert "within -0.3 in 2 of 4" in printed
+    assert json.loads(out.read_text())["pairs"] == 2
+
+
+def test_runs_on_other_vocabularies_or_swapped_models_are_refused(runs, tmp_path):
+    baselines, memories, data = runs
+    other = write_run(tmp_path / "m-other", "memory", json.loads((tmp_path / "m0" / "evaluation.json").read_text())
+                      ["tests"], vocabulary="v2")  # fmt: skip
+    with pytest.raises(SystemExit, match="other vocabularies"):
+        translation_compare.compare(baselines, [other, memories[1]], data)
+    with pytest.raises(SystemExit, match="--baseline takes baseline runs"):
+        translation_compare.compare(memories, baselines, data)
+    with pytest.raises(SystemExit, match="as many --baseline as --memory"):
+        translation_compare.compare(baselines, memories[:1], data)
+    with pytest.raises(SystemExit, match="no evaluation.json"):
+        translation_compare.compare([str(tmp_path / "missing"), baselines[1]], memories, data)
