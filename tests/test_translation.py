@@ -72,6 +72,7 @@ def test_the_pipeline_runs_end_to_end(straight_run):
     assert [(out / f"vocabulary.{language}.model").read_bytes() for language in ("en", "de")] == list(vocabularies)
     assert evaluation["vocabulary"] == translation.vocabulary_fingerprint(map(translation.processor, vocabularies))
     assert set(evaluation["versions"]) == {"torch", "sentencepiece", "sacrebleu"}
+    assert (evaluation["seed"], evaluation["trained_steps"]) == (0, 20), "what a comparison pairs runs by"
     for name in ("test_2016_flickr", "test_2017_flickr"):
         test = evaluation["tests"][name]
         assert test["lines"] == 40 and 0 <= test["bleu"] <= 100 and 0 <= test["chrf"] <= 100

@@ -30,9 +30,10 @@ def evaluated_set(bleu: float, chrf: float, gain: float, rare_all: tuple, in_con
     }
 
 
-def write_run(directory, model: str, sets: dict, vocabulary="v1", translations: dict | None = None):
+def write_run(directory, model: str, sets: dict, vocabulary="v1", translations: dict | None = None, **recorded):
     directory.mkdir()
-    (directory / "evaluation.json").write_text(json.dumps({"model": model, "vocabulary": vocabulary, "tests": sets}))
+    evaluation = {"model": model, "vocabulary": vocabulary, "tests": sets, **recorded}
+    (directory / "evaluation.json").write_text(json.dumps(evaluation))
     for name, lines in (translations or {}).items():
         (directory / f"translations-{name}.txt").write_text("".join(line + "\n" for line in lines))
     return str(directory)
@@ -95,12 +96,22 @@ def test_the_printed_comparison_names_the_targets_figures(runs, capsys, tmp_path
     assert json.loads(out.read_text())["pairs"] == 2
 
 
-def test_runs_on_other_vocabularies_or_swapped_models_are_refused(runs, tmp_path):
+def test_runs_of_other_vocabularies_seeds_or_lengths_or_swapped_models_are_refused(runs, tmp_path):
     baselines, memories, data = runs
-    other = write_run(tmp_path / "m-other", "memory", json.loads((tmp_path / "m0" / "evaluation.json").read_text())
-                      ["tests"], vocabulary="v2")  # fmt: skip
+    sets = json.loads((tmp_path / "m0" / "evaluation.json").read_text())["tests"]
+    other = write_run(tmp_path / "m-other", "memory", sets, vocabulary="v2")
     with pytest.raises(SystemExit, match="other vocabularies"):
         translation_compare.compare(baselines, [other, memories[1]], data)
+    seeded = [write_run(tmp_path / f"{model}-seed", model, sets, seed=seed, trained_steps=7200)
+              for model, seed in (("baseline", 0), ("memory", 1))]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"other seeds \(0 and 1\)"):
+        translation_compare.compare([seeded[0], baselines[1]], [seeded[1], memories[1]], data)
+    longer = write_run(tmp_path / "memory-longer", "memory", sets, seed=0, trained_steps=3600)
+    with pytest.raises(SystemExit, match="other training lengths"):
+        translation_compare.compare([seeded[0], baselines[1]], [longer, memories[1]], data)
+    assert translation_compare.compare([seeded[0], baselines[1]], [memories[0], memories[1]], data)["pairs"] == 2, (
+        "an evaluation that records no seed pairs with one that does"
+    )
     with pytest.raises(SystemExit, match="--baseline takes baseline runs"):
         translation_compare.compare(memories, baselines, data)
     with pytest.raises(SystemExit, match="as many --baseline as --memory"):

@@ -736,10 +736,12 @@ def train(config, model, optimizer, store, task: Task, first_step, metrics, chec
             save_checkpoint(checkpoint_path, model, optimizer, store, config, step, metrics, vocabulary_models)
 
 
-def final_evaluation(model, store, task: Task, config: dict, out: pathlib.Path) -> dict:
+def final_evaluation(model, store, task: Task, config: dict, out: pathlib.Path, trained_steps: int) -> dict:
     target_vocab = task.vocabularies[1]
     results = {
         "model": config["model"],
+        "seed": config["seed"],
+        "trained_steps": trained_steps,
         "memory": config["memory"],
         "recall_mix": config["recall_mix"],
         "vocabulary": vocabulary_fingerprint(task.vocabularies),
@@ -895,7 +897,8 @@ def main(argv: list[str] | None = None) -> None:
     if not config["evaluate"]:
         train(config, model, optimizer, store, task, first_step, metrics, checkpoint_path, vocabulary_models)
 
-    results = final_evaluation(model, store, task, config, out)
+    trained_steps = state["step"] if config["evaluate"] else config["steps"]
+    results = final_evaluation(model, store, task, config, out, trained_steps)
     (out / "evaluation.json").write_text(json.dumps(results, indent=2))
     print_evaluation(results)
     if not config["evaluate"]:

@@ -1,7 +1,8 @@
 """The memory model against the baseline, like for like: paired translation runs' evaluations side by side.
 
 Each --memory run is paired with the --baseline run in the same position (the same seed, trained as long, on the
-same vocabulary: a pair whose evaluations record different vocabulary fingerprints or other test sets is refused).
+same vocabulary: a pair whose evaluations record other seeds, training lengths, vocabulary fingerprints or test
+sets is refused; evaluations before 2026-12-05 record no seed or length, and older ones no vocabulary).
 A run is its out_dir (evaluation.json; translations-SET.txt beside it give the output length against the
 references) or an evaluation.json file. Printed as markdown, and with --json as one JSON file:
 
@@ -60,6 +61,9 @@ def check_pair(baseline: dict, memory: dict, names: tuple[str, str]) -> None:
     if baseline.get("model") != "baseline" or memory.get("model") != "memory":
         raise SystemExit(f"{names}: --baseline takes baseline runs, --memory memory runs "
                          f"(got {baseline.get('model')!r}, {memory.get('model')!r})")  # fmt: skip
+    for field, what in (("seed", "seeds"), ("trained_steps", "training lengths")):
+        if field in baseline and field in memory and baseline[field] != memory[field]:
+            raise SystemExit(f"{names}: other {what} ({baseline[field]} and {memory[field]}); pair runs in order")
     prints = baseline.get("vocabulary"), memory.get("vocabulary")
     if None not in prints and prints[0] != prints[1]:
         raise SystemExit(f"{names}: trained on other vocabularies ({prints[0]} and {prints[1]}); their BLEU is "
