@@ -56,7 +56,8 @@ def runs(tmp_path):
     ]  # fmt: skip
     memories = [
         write_run(tmp_path / "m0", "memory", {"a": evaluated_set(29, 49, 0.5, (1, 10), (0, 1, 4)),
-                                               "b": evaluated_set(20.5, 40, 1.0, (2, 10), (0, 2, 4))}),
+                                               "b": evaluated_set(20.5, 40, 1.0, (2, 10), (0, 2, 4))},
+                  translations={"b": ["ein Hund läuft", "zwei Katzen"]}),
         write_run(tmp_path / "m1", "memory", {"a": evaluated_set(31.2, 52, -0.2, (3, 10), (0, 0, 4)),
                                                "b": evaluated_set(21, 41, 0.3, (1, 10), (1, 1, 4))}),
     ]  # fmt: skip
@@ -79,10 +80,21 @@ def test_the_comparison_pairs_runs_in_order_and_sums_what_the_targets_need(runs)
     assert (memory_rare["all_lines"]["correct"], memory_rare["all_lines"]["n"]) == (7, 40)
     assert memory_rare["all_lines"]["ci95"] == pytest.approx(wilson_interval(7, 40))
     assert (memory_rare["in_context_with"]["correct"], memory_rare["in_context_without"]["correct"]) == (4, 1)
-    # b0's translations are 9 and 4 words against 7 reference words; the other runs have none beside them
+    # b0's translations are 9 and 4 words against 7 reference words; m0 translated set b as b0 did, set a not at all
     first, second = results["rows"][0], results["rows"][1]
     assert (first["baseline_length_ratio"], second["baseline_length_ratio"]) == pytest.approx((9 / 7, 4 / 7))
-    assert first["memory_length_ratio"] is None
+    assert (first["memory_length_ratio"], second["memory_length_ratio"]) == (None, pytest.approx(5 / 7))
+    assert first["paired_bootstrap_p"] is None, "no test without both models' translations"
+    assert 0 < second["paired_bootstrap_p"] <= 1
+    assert results["rows"][2]["paired_bootstrap_p"] is None
+
+
+def test_the_paired_bootstrap_tells_a_real_difference_from_the_draw_of_lines():
+    references = [f"ein Hund Nummer {i} läuft über die grüne Wiese" for i in range(40)]
+    unrelated = [f"eine Katze {i} schläft" for i in range(40)]
+    one_line_off = ["ein Hund läuft", *references[1:]]
+    assert translation_compare.paired_figures(unrelated, references, references)["paired_bootstrap_p"] < 0.01
+    assert translation_compare.paired_figures(one_line_off, references, references)["paired_bootstrap_p"] > 0.05
 
 
 def test_the_printed_comparison_names_the_targets_figures(runs, capsys, tmp_path):
@@ -91,7 +103,7 @@ def test_the_printed_comparison_names_the_targets_figures(runs, capsys, tmp_path
     translation_compare.main(["--baseline", *baselines, "--memory", *memories, "--data-dir", str(data),
                               "--json", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
-    assert "| m0 | a | 30.00 | 29.00 | -1.00 | -1.00 | +0.50, +0.00 | 1.286, n/a |" in printed
+    assert "| m0 | a | 30.00 | 29.00 | -1.00 | n/a | -1.00 | +0.50, +0.00 | 1.286, n/a |" in printed
     assert "within -0.3 in 2 of 4" in printed
     assert json.loads(out.read_text())["pairs"] == 2
 

@@ -6,8 +6,9 @@ sets is refused; evaluations before 2026-12-05 record no seed or length, and old
 A run is its out_dir (evaluation.json; translations-SET.txt beside it give the output length against the
 references) or an evaluation.json file. Printed as markdown, and with --json as one JSON file:
 
-  per pair and test set: BLEU, chrF, their differences, the context test's gain for each model, output length
-  against the references (where the translations are there);
+  per pair and test set: BLEU, chrF, their differences, the context test's gain for each model; where the
+  translations lie beside both evaluations, each model's output length against the references and the paired
+  bootstrap's p-value for the BLEU difference (the test lines' draw only: it says nothing of other seeds);
   over every (pair, set): the mean BLEU difference with a 95% t interval, taken over the (pair, set) differences
   and over the pairs' mean differences (pairs are seeds: the sets of one seed share its model, so the second is
   the honest one when seeds differ), how many are within -0.3; the memory model's context gain likewise;
@@ -39,22 +40,43 @@ def evaluation_file(run: str) -> pathlib.Path:
     return path
 
 
-def length_ratio(path: pathlib.Path, test_set: str, data_dir: pathlib.Path, target_language: str) -> float | None:
-    """Output words against reference words as BLEU counts them (sacrebleu's 13a tokens), when the run's
-    translations and the references are there."""
-    translations = path.parent / f"translations-{test_set}.txt"
-    references = data_dir / f"{test_set}.{target_language}.gz"
-    if not (translations.is_file() and references.is_file()):
+def translations(path: pathlib.Path, test_set: str, lines: int) -> list[str] | None:
+    """The run's translations of ``test_set`` beside its evaluation, when they are there and cover every line."""
+    file = path.parent / f"translations-{test_set}.txt"
+    if not file.is_file():
         return None
-    import sacrebleu
+    outputs = file.read_text(encoding="utf-8").splitlines()
+    return outputs if len(outputs) == lines else None
 
-    with gzip.open(references, "rt", encoding="utf-8") as f:
-        reference_lines = [line.rstrip("\n") for line in f]
-    hypotheses = translations.read_text(encoding="utf-8").splitlines()
-    if len(hypotheses) != len(reference_lines):
-        return None  # a run on the first N lines only
-    bleu = sacrebleu.corpus_bleu(hypotheses, [reference_lines])
-    return bleu.sys_len / bleu.ref_len
+
+def paired_figures(baseline: list[str] | None, memory: list[str] | None, references: list[str] | None) -> dict:
+    """Each model's output length against the references' as BLEU counts them (sacrebleu's 13a tokens), and the
+    paired bootstrap's p-value (Koehn 2004: sacrebleu's, 1,000 resamples of the test lines, its fixed seed) that
+    the memory model's BLEU differs from the baseline's only by the draw of test lines."""
+    import sacrebleu
+    from sacrebleu.significance import PairedTest
+
+    figures = {"baseline_length_ratio": None, "memory_length_ratio": None, "paired_bootstrap_p": None}
+    if references is None:
+        return figures
+    for model, outputs in (("baseline", baseline), ("memory", memory)):
+        if outputs is not None:
+            bleu = sacrebleu.corpus_bleu(outputs, [references])
+            figures[f"{model}_length_ratio"] = bleu.sys_len / bleu.ref_len
+    if baseline is not None and memory is not None:
+        test = PairedTest([("baseline", baseline), ("memory", memory)], {"BLEU": sacrebleu.BLEU()}, [references],
+                          test_type="bs", n_samples=1000)  # fmt: skip
+        figures["paired_bootstrap_p"] = float(test()[1]["BLEU"][1].p_value)
+    return figures
+
+
+def reference_lines(data_dir: pathlib.Path, test_set: str, target_language: str, lines: int) -> list[str] | None:
+    path = data_dir / f"{test_set}.{target_language}.gz"
+    if not path.is_file():
+        return None
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        references = [line.rstrip("\n") for line in f]
+    return references if len(references) == lines else None  # a run on the first N lines only
 
 
 def check_pair(baseline: dict, memory: dict, names: tuple[str, str]) -> None:
@@ -111,8 +133,9 @@ def compare(baseline_runs: list[str], memory_runs: list[str], data_dir: pathlib.
                 "chrf_difference": mem["chrf"] - base["chrf"],
                 "memory_context_gain": mem["context"]["gain_bleu"],
                 "baseline_context_gain": base["context"]["gain_bleu"],
-                "baseline_length_ratio": length_ratio(baseline_path, test_set, data_dir, target_language),
-                "memory_length_ratio": length_ratio(memory_path, test_set, data_dir, target_language),
+                **paired_figures(translations(baseline_path, test_set, base["lines"]),
+                                 translations(memory_path, test_set, mem["lines"]),
+                                 reference_lines(data_dir, test_set, target_language, base["lines"])),
             })  # fmt: skip
             differences.append(rows[-1]["bleu_difference"])
             gains.append(rows[-1]["memory_context_gain"])
@@ -152,6 +175,9 @@ def markdown(results: dict) -> str:
     def ratio(x):
         return "n/a" if x is None else f"{x:.3f}"
 
+    def probability(p):
+        return "n/a" if p is None else f"{p:.3f}"
+
     def interval(s):
         return f"{s['mean']:+.2f} (sd {s['sd']:.2f}, 95% [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}], n = {s['n']})"
 
@@ -161,14 +187,15 @@ def markdown(results: dict) -> str:
         return f"{r['correct']} of {r['n']} = {accuracy} [{100 * low:.2f}, {100 * high:.2f}]"
 
     lines = [
-        "| memory run | test set | baseline BLEU | memory BLEU | difference | chrF difference | context gain: memory, "
-        "baseline | length / reference: baseline, memory |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| memory run | test set | baseline BLEU | memory BLEU | difference | paired bootstrap p | chrF difference | "
+        "context gain: memory, baseline | length / reference: baseline, memory |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in results["rows"]:
         lines.append(
             f"| {pathlib.Path(row['memory_run']).name} | {row['test_set']} | {row['baseline_bleu']:.2f} | "
-            f"{row['memory_bleu']:.2f} | {row['bleu_difference']:+.2f} | {row['chrf_difference']:+.2f} | "
+            f"{row['memory_bleu']:.2f} | {row['bleu_difference']:+.2f} | {probability(row['paired_bootstrap_p'])} | "
+            f"{row['chrf_difference']:+.2f} | "
             f"{row['memory_context_gain']:+.2f}, {row['baseline_context_gain']:+.2f} | "
             f"{ratio(row['baseline_length_ratio'])}, {ratio(row['memory_length_ratio'])} |"
         )
