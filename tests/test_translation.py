@@ -73,6 +73,7 @@ def test_the_pipeline_runs_end_to_end(straight_run):
     assert evaluation["vocabulary"] == translation.vocabulary_fingerprint(map(translation.processor, vocabularies))
     assert set(evaluation["versions"]) == {"torch", "sentencepiece", "sacrebleu"}
     assert (evaluation["seed"], evaluation["trained_steps"]) == (0, 20), "what a comparison pairs runs by"
+    assert evaluation["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     for name in ("test_2016_flickr", "test_2017_flickr"):
         test = evaluation["tests"][name]
         assert test["lines"] == 40 and 0 <= test["bleu"] <= 100 and 0 <= test["chrf"] <= 100

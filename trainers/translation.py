@@ -746,6 +746,8 @@ def final_evaluation(model, store, task: Task, config: dict, out: pathlib.Path, 
         "recall_mix": config["recall_mix"],
         "vocabulary": vocabulary_fingerprint(task.vocabularies),
         "versions": package_versions(),
+        # Same code, seed and vocabulary train other weights on AVX-512 kernels than on AVX2 ones (README).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "train_pairs": len(task.train),
         "tests": {},
     }
@@ -847,7 +849,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{len(task.train)} training pairs, vocabularies {task.vocabularies[0].get_piece_size()} "
         f"{config['source_language']} / {task.vocabularies[1].get_piece_size()} {config['target_language']} "
-        f"subwords (fingerprint {vocabulary_fingerprint(task.vocabularies)}); test sets: "
+        f"subwords (fingerprint {vocabulary_fingerprint(task.vocabularies)}); CPU kernels "
+        f"{torch.backends.cpu.get_cpu_capability()}; test sets: "
         + ", ".join(f"{name} {len(p)}" for name, p in task.tests.items()),
         flush=True,
     )
