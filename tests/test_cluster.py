@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -85,12 +86,19 @@ def descendants() -> set[int]:
 
 
 def process_states(pids) -> str:
-    """Each process's command line and the kernel function it sleeps in: a python child of this process that never
-    reached its exec shows this test's own command line."""
+    """Each process's command line and the kernel function it sleeps in (a python child of this process that never
+    reached its exec shows this test's own command line), or, for one that ended unreaped (two CI runs: the GCS
+    server, before it wrote a log), its exit: the signal that ended it or its status."""
     states = []
     for pid in sorted(pids):
         with contextlib.suppress(OSError):
             proc = pathlib.Path(f"/proc/{pid}")
+            stat = proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+            if stat[0] == "Z":  # fields from the state on, so the exit code (proc(5)'s 52nd) is the 50th
+                wait_status = int(stat[49])
+                ended = f"signal {wait_status & 0x7F}" if wait_status & 0x7F else f"status {wait_status >> 8}"
+                states.append(f"{pid} ended unreaped ({proc.joinpath('comm').read_text().strip()}, {ended})")
+                continue
             command = proc.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
             states.append(f"{pid} [{proc.joinpath('wchan').read_text()}] {command}")
     return "; ".join(states) or "nothing"
@@ -99,25 +107,32 @@ def process_states(pids) -> str:
 def test_a_node_start_that_times_out_is_retried_after_ending_what_it_started():
     started = []
 
-    def start():
-        started.append(subprocess.Popen(["sleep", "600"]))
+    def until(condition):
         deadline = time.monotonic() + 10
-        while pathlib.Path(f"/proc/{started[-1].pid}/cmdline").read_bytes()[:5] != b"sleep":  # till it has exec'd
+        while not condition():
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        if len(started) < 3:
-            raise Exception(START_TIMEOUTS[len(started) - 1] + ": Ray's words, as it raises them")
-        return "node"
 
-    with pytest.warns(UserWarning, match=r"start [12] timed out .* left \d+ \[\w+\] sleep 600") as reports:
-        assert started_node(start) == "node" and len(started) == 3
+    def start():  # the first start leaves a process asleep, the second one that crashed unreaped, the third works
+        if len(started) == 0:
+            started.append(subprocess.Popen(["sleep", "600"]))
+            until(lambda: pathlib.Path(f"/proc/{started[-1].pid}/cmdline").read_bytes()[:5] == b"sleep")  # exec'd
+        elif len(started) == 1:
+            started.append(subprocess.Popen(["sh", "-c", "kill -SEGV $$"]))
+            until(lambda: pathlib.Path(f"/proc/{started[-1].pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+        else:
+            return "node"
+        raise Exception(START_TIMEOUTS[len(started) - 1] + ": Ray's words, as it raises them")
+
+    with pytest.warns(UserWarning, match=r"start [12] timed out") as reports:
+        assert started_node(start) == "node"
     assert [str(report.message).split(" timed out")[0] for report in reports] == [
         "Ray node start 1",
         "Ray node start 2",
     ]
-    assert [p.wait(timeout=10) for p in started[:2]] == [-signal.SIGKILL] * 2 and started[2].poll() is None
-    started[2].kill()
-    started[2].wait()
+    assert re.search(r"left \d+ \[\w+\] sleep 600", str(reports[0].message))
+    assert re.search(r"left \d+ ended unreaped \(sh, signal 11\)", str(reports[1].message))
+    assert [p.wait(timeout=10) for p in started] == [-signal.SIGKILL, -signal.SIGSEGV]
 
     def fails_otherwise():
         raise ValueError("another failure")
