@@ -53,10 +53,11 @@ START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 
 
 def started_node(start, attempts: int = 3):
-    """``start()`` (a Ray node's start), again if it times out. Both of Ray's waits have run out on 2 cores busy with
-    other work, and once a GCS server wrote not even its log files within 120 s (a child stuck between fork and exec
-    looks so), and every test here errored. What a failed start left running (this process's new descendants) is
-    reported, as what each was running and where it waited, and ended."""
+    """``start()`` (a Ray node's start), again if it times out. Ray's raylet wait has run out on 2 cores busy with
+    other work; in two CI runs the head's GCS server ended before it wrote even its log (left unreaped: Ray waits
+    for its port file regardless), and the first time every test here errored; the second start worked. What a
+    failed start left (this process's new descendants) is reported, as what each was running and where it waited
+    or how it ended, and ended."""
     for attempt in range(attempts):
         before = descendants()
         try:
