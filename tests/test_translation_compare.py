@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import pathlib
 
 import pytest
 
@@ -87,6 +88,23 @@ def test_the_comparison_pairs_runs_in_order_and_sums_what_the_targets_need(runs)
     assert first["paired_bootstrap_p"] is None, "no test without both models' translations"
     assert 0 < second["paired_bootstrap_p"] <= 1
     assert results["rows"][2]["paired_bootstrap_p"] is None
+
+
+def test_translations_are_found_beside_an_evaluation_kept_as_docs_results_keeps_them(runs, tmp_path):
+    baselines, memories, data = runs
+    kept = tmp_path / "results"
+    kept.mkdir()
+    for run, name in ((baselines[0], "translation-baseline-seed0"), (memories[0], "translation-memory-seed0")):
+        for file in pathlib.Path(run).iterdir():
+            (kept / f"{name}-{file.name}").write_bytes(file.read_bytes())
+    as_kept = [str(kept / f"translation-{model}-seed0-evaluation.json") for model in ("baseline", "memory")]
+
+    def figures(rows):
+        return [{k: v for k, v in row.items() if not k.endswith("_run")} for row in rows]
+
+    rows = translation_compare.compare([as_kept[0], baselines[1]], [as_kept[1], memories[1]], data)["rows"]
+    assert figures(rows) == figures(translation_compare.compare(baselines, memories, data)["rows"])
+    assert rows[0]["baseline_length_ratio"] is not None and rows[1]["paired_bootstrap_p"] is not None
 
 
 def test_the_paired_bootstrap_tells_a_real_difference_from_the_draw_of_lines():

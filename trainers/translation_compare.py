@@ -4,7 +4,8 @@ Each --memory run is paired with the --baseline run in the same position (the sa
 same vocabulary: a pair whose evaluations record other seeds, training lengths, vocabulary fingerprints or test
 sets is refused; evaluations before 2026-12-05 record no seed or length, and older ones no vocabulary).
 A run is its out_dir (evaluation.json; translations-SET.txt beside it give the output length against the
-references) or an evaluation.json file. Printed as markdown, and with --json as one JSON file:
+references) or an evaluation file (NAME-evaluation.json, with NAME-translations-SET.txt beside it). Printed as
+markdown, and with --json as one JSON file:
 
   per pair and test set: BLEU, chrF, their differences, the context test's gain for each model; where the
   translations lie beside both evaluations, each model's output length against the references and the paired
@@ -41,8 +42,10 @@ def evaluation_file(run: str) -> pathlib.Path:
 
 
 def translations(path: pathlib.Path, test_set: str, lines: int) -> list[str] | None:
-    """The run's translations of ``test_set`` beside its evaluation, when they are there and cover every line."""
-    file = path.parent / f"translations-{test_set}.txt"
+    """The run's translations of ``test_set`` beside its evaluation, when they are there and cover every line: named
+    as the evaluation, translations-SET.txt for evaluation.json (a run's out_dir), and as docs/results keeps a run's
+    files, NAME-translations-SET.txt for NAME-evaluation.json."""
+    file = path.with_name(path.name.removesuffix("evaluation.json") + f"translations-{test_set}.txt")
     if not file.is_file():
         return None
     outputs = file.read_text(encoding="utf-8").splitlines()
