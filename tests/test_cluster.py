@@ -146,7 +146,8 @@ def test_a_node_start_that_times_out_is_retried_after_ending_what_it_started():
 def ray_cluster():
     from ray.cluster_utils import Cluster
 
-    # Ray waits 30 s for its GCS server to bind; on 2 busy cores it took longer and every test here errored.
+    # Ray waits 30 s for its GCS server's port; twice that for 2 busy cores. In two CI runs the server had ended
+    # (started_node), where no wait helps and a second start did.
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "60")
 
     head = {"num_cpus": NODE_CPUS, "include_dashboard": False}
