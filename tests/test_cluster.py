@@ -68,9 +68,14 @@ def started_node(start, attempts: int = 3):
             left = descendants() - before
             report = f"Ray node start {attempt + 1} timed out ({exc}); it left {process_states(left)}"
             warnings.warn(report, stacklevel=2)
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def stat_fields(pid) -> list[str]:
+    """/proc/PID/stat's fields from the state on (proc(5)'s third): the command name before them may hold spaces."""
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def descendants() -> set[int]:
@@ -78,7 +83,7 @@ def descendants() -> set[int]:
     parents = {}
     for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):  # a process that ended meanwhile
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            parents[int(stat.parent.name)] = int(stat_fields(stat.parent.name)[1])
     found, frontier = set(), {os.getpid()}
     while frontier:
         frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
@@ -94,8 +99,8 @@ def process_states(pids) -> str:
     for pid in sorted(pids):
         with contextlib.suppress(OSError):
             proc = pathlib.Path(f"/proc/{pid}")
-            stat = proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()
-            if stat[0] == "Z":  # fields from the state on, so the exit code (proc(5)'s 52nd) is the 50th
+            stat = stat_fields(pid)
+            if stat[0] == "Z":  # the exit code is proc(5)'s 52nd field
                 wait_status = int(stat[49])
                 ended = f"signal {wait_status & 0x7F}" if wait_status & 0x7F else f"status {wait_status >> 8}"
                 states.append(f"{pid} ended unreaped ({proc.joinpath('comm').read_text().strip()}, {ended})")
@@ -120,7 +125,7 @@ def test_a_node_start_that_times_out_is_retried_after_ending_what_it_started():
             until(lambda: pathlib.Path(f"/proc/{started[-1].pid}/cmdline").read_bytes()[:5] == b"sleep")  # exec'd
         elif len(started) == 1:
             started.append(subprocess.Popen(["sh", "-c", "kill -SEGV $$"]))
-            until(lambda: pathlib.Path(f"/proc/{started[-1].pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+            until(lambda: stat_fields(started[-1].pid)[0] == "Z")
         else:
             return "node"
         raise Exception(START_TIMEOUTS[len(started) - 1] + ": Ray's words, as it raises them")
