@@ -314,6 +314,33 @@ def test_recall_mix_mixes_the_memory_s_distribution_into_the_output_at_evaluatio
         translation.main(["--model", "baseline", "--recall-mix", "0.2"])
 
 
+def test_the_learning_rate_is_constant_then_falls_linearly_over_the_decay_steps():
+    constant = translation.configure(["--steps", "10", "--learning-rate", "0.01"])
+    assert [translation.learning_rate_at(step, constant) for step in (1, 10)] == [0.01, 0.01]
+    cooled = translation.configure(["--steps", "10", "--decay-steps", "4", "--learning-rate", "0.01"])
+    rates = [translation.learning_rate_at(step, cooled) for step in range(1, 11)]
+    assert rates == pytest.approx([0.01] * 6 + [0.01, 0.0075, 0.005, 0.0025])
+
+
+@needs_data
+def test_a_cooldown_branched_from_a_constant_run_is_the_run_trained_with_that_schedule(tmp_path):
+    straight, straight_evaluation = run_trainer(tmp_path / "straight", "--steps", "20", "--decay-steps", "10")
+    run_trainer(tmp_path / "branched", "--steps", "10")
+    branched, branched_evaluation = run_trainer(tmp_path / "branched", "--steps", "20", "--decay-steps", "10",
+                                                "--resume")  # fmt: skip
+    assert [without_timing(m) for m in branched] == [without_timing(m) for m in straight]
+    assert without_timing(branched_evaluation) == without_timing(straight_evaluation)
+    assert [m["learning_rate"] for m in straight] == pytest.approx([2e-3, 2e-4])
+    assert (straight_evaluation["decay_steps"], straight_evaluation["learning_rate"]) == (10, 2e-3)
+    unscheduled, _ = run_trainer(tmp_path / "unscheduled", "--steps", "20")
+    assert unscheduled[-1]["validation"] != straight[-1]["validation"], "the decay changed no weight"
+    # A checkpoint inside its decay goes on only under the same schedule.
+    with pytest.raises(SystemExit, match=r"trained step 12 at learning rate 0.0018, .* give it 0.002; resume with "
+                                         r"--steps 20 --decay-steps 10"):  # fmt: skip
+        translation.main([*TINY, "--out-dir", str(tmp_path / "straight"), "--resume", "--steps", "40", "--decay-steps",
+                          "20"])  # fmt: skip
+
+
 def test_a_checkpoint_from_before_a_setting_counts_as_trained_with_its_default():
     later = ("recall_gate", "tied_recall")
     saved = {key: translation.configure([])[key] for key in translation.EXPERIMENT_SETTINGS if key not in later}

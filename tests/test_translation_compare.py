@@ -139,6 +139,9 @@ def test_runs_of_other_vocabularies_seeds_or_lengths_or_swapped_models_are_refus
     longer = write_run(tmp_path / "memory-longer", "memory", sets, seed=0, trained_steps=3600)
     with pytest.raises(SystemExit, match="other training lengths"):
         translation_compare.compare([seeded[0], baselines[1]], [longer, memories[1]], data)
+    cooled = write_run(tmp_path / "memory-cooled", "memory", sets, seed=0, trained_steps=7200, decay_steps=1200)
+    with pytest.raises(SystemExit, match=r"other learning-rate schedules .*\(0.002, 0\) and \(0.002, 1200\)"):
+        translation_compare.compare([seeded[0], baselines[1]], [cooled, memories[1]], data)
     assert translation_compare.compare([seeded[0], baselines[1]], [memories[0], memories[1]], data)["pairs"] == 2, (
         "an evaluation that records no seed pairs with one that does"
     )

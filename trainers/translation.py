@@ -33,6 +33,8 @@ then BLEU on the odd lines, before and after); and accuracy on reference words s
     python -m lifelong_memory.trainers.translation --model baseline --out-dir runs/translation-baseline
     python -m lifelong_memory.trainers.translation --model memory --out-dir runs/translation-memory
     python -m lifelong_memory.trainers.translation --resume --out-dir runs/translation-memory   # continue
+    python -m lifelong_memory.trainers.translation --resume --steps 8400 --decay-steps 1200 \
+        --out-dir runs/translation-memory   # a cooldown branched from the constant-rate step-7200 checkpoint
     python -m lifelong_memory.trainers.translation --evaluate runs/translation-memory/checkpoint.pt \\
         --memory grpc://127.0.0.1:50051 --out-dir runs/translation-memory-grpc   # the memory served remotely
     python -m lifelong_memory.trainers.translation --device cuda --memory-device cuda   # model and memory on a GPU
@@ -99,6 +101,7 @@ batch_size = 64
 learning_rate = 2e-3
 clip_norm = 5.0
 steps = 3600  # 8 epochs of 29,000 pairs
+decay_steps = 0  # a cooldown: the learning rate falls linearly to zero over the last N steps; 0: constant throughout
 validate_every = 600
 checkpoint_every = 600
 beam = 4
@@ -410,6 +413,16 @@ class Translator(nn.Module):
         return self.value_embedding(values)
 
 
+def learning_rate_at(step: int, config: dict) -> float:
+    """The learning rate of training step ``step`` (from 1): constant, then with ``decay_steps`` falling linearly
+    over the last ones to 1/decay_steps of it at the last step. The constant phase does not depend on where the
+    decay starts, so a cooldown can branch from any of its checkpoints (--resume with more --steps)."""
+    rate = config["learning_rate"]
+    if not config["decay_steps"]:
+        return rate
+    return rate * min(1.0, (config["steps"] - step + 1) / config["decay_steps"])
+
+
 def train_step(model, optimizer, source, decoder_inputs, targets, config) -> tuple[float, float]:
     """One gradient step: label-smoothed cross-entropy of every target subword, plus the memory loss."""
     model.train()
@@ -714,6 +727,8 @@ def train(config, model, optimizer, store, task: Task, first_step, metrics, chec
         if config["context_training"]:
             rng = np.random.default_rng([config["seed"], 2, step])  # a function of the step: resumes draw the same
             memorise(model, task.train.subset(context_pairs(task.train, batches[index], holders, rng)), batch_size=32)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, config)
         loss, memory_loss = train_step(model, optimizer, *as_batch(task.train, batches[index], model.device), config)
         losses.append(loss)
         memory_losses.append(memory_loss)
@@ -722,7 +737,8 @@ def train(config, model, optimizer, store, task: Task, first_step, metrics, chec
             trained_until = time.process_time()
             validation = validate(model, task, config)
             m = record_validation(metrics, out / "metrics.jsonl", config, step, steps_per_epoch, losses, memory_losses,
-                                  cpu_started, trained_until, validation=validation)  # fmt: skip
+                                  cpu_started, trained_until, learning_rate=learning_rate_at(step, config),
+                                  validation=validation)  # fmt: skip
             losses, memory_losses, cpu_started = [], [], time.process_time()
             print(
                 f"step {step:6d}  epoch {m['epoch']:5.2f}  loss {m['train_loss']:.4f}  memory loss "
@@ -736,12 +752,17 @@ def train(config, model, optimizer, store, task: Task, first_step, metrics, chec
             save_checkpoint(checkpoint_path, model, optimizer, store, config, step, metrics, vocabulary_models)
 
 
-def final_evaluation(model, store, task: Task, config: dict, out: pathlib.Path, trained_steps: int) -> dict:
+def final_evaluation(
+    model, store, task: Task, config: dict, out: pathlib.Path, trained_steps: int, trained_config: dict
+) -> dict:
+    """The test sets' evaluation; ``trained_config`` is the configuration the weights were trained under."""
     target_vocab = task.vocabularies[1]
     results = {
         "model": config["model"],
         "seed": config["seed"],
         "trained_steps": trained_steps,
+        "learning_rate": trained_config["learning_rate"],
+        "decay_steps": trained_config["decay_steps"],
         "memory": config["memory"],
         "recall_mix": config["recall_mix"],
         "vocabulary": vocabulary_fingerprint(task.vocabularies),
@@ -822,6 +843,21 @@ def check_same_experiment(config: dict, saved: dict, source) -> None:
         raise SystemExit(f"{source} was trained with " + ", ".join(differ) + "; pass the same settings")
 
 
+def check_same_schedule(config: dict, saved: dict, trained_steps: int, source) -> None:
+    """A resumed run goes on only if its schedule gives the steps already trained the rates they were trained at: a
+    cooldown branches from a checkpoint of the constant phase, not from one inside another decay."""
+    saved = {"decay_steps": 0} | saved  # checkpoints from before the setting were trained at a constant rate
+    for step in range(1, trained_steps + 1):
+        trained, given = learning_rate_at(step, saved), learning_rate_at(step, config)
+        if trained != given:
+            raise SystemExit(
+                f"{source} trained step {step} at learning rate {trained:.6g}, but --steps {config['steps']} "
+                f"--decay-steps {config['decay_steps']} --learning-rate {config['learning_rate']} give it {given:.6g}; "
+                f"resume with --steps {saved['steps']} --decay-steps {saved['decay_steps']} --learning-rate "
+                f"{saved['learning_rate']}"
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
     config = configure(argv)
     if config["model"] not in ("memory", "baseline"):
@@ -843,6 +879,8 @@ def main(argv: list[str] | None = None) -> None:
     state = torch.load(source, weights_only=False, map_location="cpu") if source else None
     if state:
         check_same_experiment(config, state["config"], source)
+        if not config["evaluate"]:
+            check_same_schedule(config, state["config"], state["step"], source)
     task, vocabulary_models = make_task(config, given_vocabularies(config, state, source))
     for path, vocabulary_model in zip(vocabulary_files(out, config), vocabulary_models, strict=True):
         path.write_bytes(vocabulary_model)
@@ -901,7 +939,8 @@ def main(argv: list[str] | None = None) -> None:
         train(config, model, optimizer, store, task, first_step, metrics, checkpoint_path, vocabulary_models)
 
     trained_steps = state["step"] if config["evaluate"] else config["steps"]
-    results = final_evaluation(model, store, task, config, out, trained_steps)
+    trained_config = {"decay_steps": 0} | state["config"] if config["evaluate"] else config
+    results = final_evaluation(model, store, task, config, out, trained_steps, trained_config)
     (out / "evaluation.json").write_text(json.dumps(results, indent=2))
     print_evaluation(results)
     if not config["evaluate"]:

@@ -1,8 +1,9 @@
 """The memory model against the baseline, like for like: paired translation runs' evaluations side by side.
 
 Each --memory run is paired with the --baseline run in the same position (the same seed, trained as long, on the
-same vocabulary: a pair whose evaluations record other seeds, training lengths, vocabulary fingerprints or test
-sets is refused; evaluations before 2026-12-05 record no seed or length, and older ones no vocabulary).
+same vocabulary and learning-rate schedule: a pair whose evaluations record other seeds, training lengths,
+schedules, vocabulary fingerprints or test sets is refused; evaluations before 2026-12-05 record no seed or
+length, older ones no vocabulary, and those before 2026-12-06 no schedule: theirs was 2e-3, constant).
 A run is its out_dir (evaluation.json; translations-SET.txt beside it give the output length against the
 references) or an evaluation file (NAME-evaluation.json, with NAME-translations-SET.txt beside it). Printed as
 markdown, and with --json as one JSON file:
@@ -89,6 +90,10 @@ def check_pair(baseline: dict, memory: dict, names: tuple[str, str]) -> None:
     for field, what in (("seed", "seeds"), ("trained_steps", "training lengths")):
         if field in baseline and field in memory and baseline[field] != memory[field]:
             raise SystemExit(f"{names}: other {what} ({baseline[field]} and {memory[field]}); pair runs in order")
+    schedules = [(run.get("learning_rate", 2e-3), run.get("decay_steps", 0)) for run in (baseline, memory)]
+    if schedules[0] != schedules[1]:  # evaluations before 2026-12-06 record none: 2e-3, constant
+        raise SystemExit(f"{names}: other learning-rate schedules (learning rate, decay steps: {schedules[0]} and "
+                         f"{schedules[1]})")  # fmt: skip
     prints = baseline.get("vocabulary"), memory.get("vocabulary")
     if None not in prints and prints[0] != prints[1]:
         raise SystemExit(f"{names}: trained on other vocabularies ({prints[0]} and {prints[1]}); their BLEU is "
