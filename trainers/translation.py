@@ -832,8 +832,13 @@ EXPERIMENT_SETTINGS = ("model", "source_language", "target_language", "train_pai
                        "tied_recall", "context_training", "context_word_max", "seed")  # fmt: skip
 
 
+def with_defaults(saved: dict) -> dict:
+    """A checkpoint's configuration, each setting added since it was written at its default: what it trained with."""
+    return configure([]) | saved
+
+
 def check_same_experiment(config: dict, saved: dict, source) -> None:
-    saved = {key: globals()[key] for key in EXPERIMENT_SETTINGS} | saved  # older checkpoints: later settings' defaults
+    saved = with_defaults(saved)
     differ = [
         f"--{key.replace('_', '-')} {saved[key]} (given {config[key]})"
         for key in EXPERIMENT_SETTINGS
@@ -846,7 +851,7 @@ def check_same_experiment(config: dict, saved: dict, source) -> None:
 def check_same_schedule(config: dict, saved: dict, trained_steps: int, source) -> None:
     """A resumed run goes on only if its schedule gives the steps already trained the rates they were trained at: a
     cooldown branches from a checkpoint of the constant phase, not from one inside another decay."""
-    saved = {"decay_steps": 0} | saved  # checkpoints from before the setting were trained at a constant rate
+    saved = with_defaults(saved)
     for step in range(1, trained_steps + 1):
         trained, given = learning_rate_at(step, saved), learning_rate_at(step, config)
         if trained != given:
@@ -939,7 +944,7 @@ def main(argv: list[str] | None = None) -> None:
         train(config, model, optimizer, store, task, first_step, metrics, checkpoint_path, vocabulary_models)
 
     trained_steps = state["step"] if config["evaluate"] else config["steps"]
-    trained_config = {"decay_steps": 0} | state["config"] if config["evaluate"] else config
+    trained_config = with_defaults(state["config"]) if config["evaluate"] else config
     results = final_evaluation(model, store, task, config, out, trained_steps, trained_config)
     (out / "evaluation.json").write_text(json.dumps(results, indent=2))
     print_evaluation(results)
