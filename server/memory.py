@@ -45,7 +45,13 @@ from lifelong_memory.server.ann import (
     lsh_bytes,
 )
 from lifelong_memory.server.devices import canonical_device, check_usable, is_out_of_memory
-from lifelong_memory.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from lifelong_memory.server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from lifelong_memory.server.index import SEARCH_DTYPES, build_index, score_rows, shard_bounds
 
 log = logging.getLogger("lifelong_memory.server.memory")
@@ -643,7 +649,7 @@ class _GraphCache:
 
 def _out_of_memory_is_resource_exhausted(method):
     """An allocation that fails inside a call is RESOURCE_EXHAUSTED, and the memory is as it was: every
-    call allocates what it needs before it changes anything (see _apply, _commit)."""
+    call allocates what it needs before it changes anything, or logs it (see _journaled)."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -852,9 +858,7 @@ class Memory:
     def clear(self) -> None:
         """Forget everything (the commit sequence goes on, and with it the age noise)."""
         with self._locked():
-            if self.journal is not None:
-                self.journal.append(self.commit_sequence + 1, None)
-            self._clear()
+            self._journaled(None, self._prepare_clear())
             sequence = self.commit_sequence
         self._wait_durable(sequence)
 
@@ -873,11 +877,11 @@ class Memory:
             if sequence != self.commit_sequence + 1:
                 raise ValueError(f"write {sequence} does not follow commit {self.commit_sequence}")
             if delta is None:
-                self._clear()
+                self._prepare_clear()()
             elif isinstance(delta, Retrain):
                 self._retrain(delta, build_index(self.keys, self.config, self.max_batch, delta.index_state))
             else:
-                self._commit(delta)
+                self._prepare_commit(delta)()
 
     @_out_of_memory_is_resource_exhausted
     def retrain_index(self) -> RetrainResult:
@@ -908,9 +912,7 @@ class Memory:
                 if len(changed):
                     index.update(changed, self.keys[changed.to(self.device)])
                 record = Retrain(state)
-                if self.journal is not None:
-                    self.journal.append(self.commit_sequence + 1, record)
-                self._retrain(record, index)
+                self._journaled(record, lambda: self._retrain(record, index))
                 sequence = self.commit_sequence
         self._wait_durable(sequence)
         return RetrainResult(sequence, len(changed), time.perf_counter() - started)
@@ -1302,21 +1304,41 @@ class Memory:
             int(host_incorrect.sum()),
             writer,
         )
-        if self.journal is not None:
-            self.journal.append(self.commit_sequence + 1, delta)
-        self._commit(delta)
+        self._journaled(delta, self._prepare_commit(delta))
         return device_slots
 
-    def _commit(self, delta: Delta) -> None:
-        """Make one write part of the memory: the only place slots change, live or replayed."""
+    def _journaled(self, record: Delta | Retrain | None, apply: Callable[[], None]) -> None:
+        """Log a write, then ``apply`` it. Whatever could fail for want of memory was done before it was
+        logged (_prepare_commit, _prepare_clear); should applying fail all the same, the log holds a write the
+        memory lacks, so the log is failed: the memory answers nothing until a restart recovers what the log
+        holds, and the caller is told that the write may yet count."""
+        if self.journal is None:
+            apply()
+            return
+        self.journal.append(self.commit_sequence + 1, record)
+        try:
+            apply()
+        except Exception as exc:
+            self.journal.fail(exc)
+            raise Unavailable(
+                f"this write is in the write-ahead log but could not be applied ({exc}); the memory answers no "
+                "calls until the server restarts and recovers it from the log, with this write"
+            ) from None
+
+    def _prepare_commit(self, delta: Delta) -> Callable[[], None]:
+        """What a write needs that can fail (its arrays on the device, the streamed readers' copies of the
+        slots it overwrites), done now without changing the memory; returns what commits it: the only place
+        slots change, live or replayed."""
         targets = _to_device(delta.targets, self.device)
         keys, values = _to_device(delta.keys, self.device), _to_device(delta.values, self.device)
         recent = list(zip(delta.labels.tolist(), delta.slots.tolist(), strict=True))
         host_targets = delta.targets.numpy()
         if self._streamed_keys:  # cheaper to ask than to iterate a WeakSet
             for reader in list(self._streamed_keys):
-                reader.before_write(host_targets)
-        # Nothing above changed the memory: an allocation failing there leaves it as it was.
+                reader.before_write(host_targets)  # a copy of what is there now: still true if nothing follows
+        return functools.partial(self._commit, delta, targets, keys, values, recent, host_targets)
+
+    def _commit(self, delta: Delta, targets, keys, values, recent, host_targets: np.ndarray) -> None:
         self.empty_slots -= int((~self._filled[host_targets]).sum())
         self._filled[host_targets] = True
         self.keys.index_copy_(0, targets, keys)
@@ -1348,9 +1370,13 @@ class Memory:
         self.index = index
         self.commit_sequence += 1
 
-    def _clear(self) -> None:
+    def _prepare_clear(self) -> Callable[[], None]:
+        """The streamed readers' copies of what a clear overwrites (can fail); returns what clears."""
         for reader in list(self._streamed_keys):
             reader.before_write(None)
+        return self._clear
+
+    def _clear(self) -> None:
         self.keys.zero_()
         self.values.fill_(EMPTY)
         self.writers.zero_()

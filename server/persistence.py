@@ -638,6 +638,16 @@ class WriteAheadLog:
         try:
             fd = create_segment(self.directory, first_sequence)
         except OSError as exc:
+            # Recovery reads a segment's name as its first record: a half-made segment left behind would hide
+            # the records that now go on into the current one. Removed, the rotation is only put off.
+            try:
+                remove_durably(segment_path(self.directory, first_sequence))
+            except OSError as cleanup:
+                self._fail(cleanup)
+                raise storage_error(
+                    cleanup,
+                    "a log segment that could not be made could not be removed either; this write was not applied",
+                ) from None
             log.warning("write-ahead log in %s: no new segment (%s); the current one goes on", self.directory, exc)
             return
         os.close(self._fd)
@@ -652,6 +662,11 @@ class WriteAheadLog:
             self._fail(exc)
             return
         log.error("write-ahead log in %s refused a write: %s", self.directory, error)
+
+    def fail(self, error: Exception) -> None:
+        """Take no more writes: the log no longer matches the memory (or its folder may not last)."""
+        with self._cond:
+            self._fail(error)
 
     def _fail(self, error: Exception) -> None:
         self.failure = error
@@ -703,6 +718,12 @@ def create_segment(directory: Path, first_sequence: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def remove_durably(path: Path) -> None:
+    """Remove a file if it is there, and sync its folder so that it stays removed after a crash."""
+    path.unlink(missing_ok=True)
+    fsync_directory(path.parent)
 
 
 def storage_error(error: OSError, what: str) -> MemoryServiceError:
@@ -801,6 +822,14 @@ class DataDirectory:
             fsync_directory(self.memories_dir)
         except OSError as exc:
             os.rename(trash, folder)
+            try:
+                fsync_directory(self.memories_dir)  # or a crash could leave the folder where a start removes it
+            except OSError as undo:
+                if memory is not None and isinstance(memory.journal, WriteAheadLog):
+                    memory.journal.fail(undo)  # nothing more is acknowledged that a start might remove
+                raise storage_error(
+                    undo, f"memory {name!r} could not be deleted, and undoing that could not be made durable"
+                ) from None
             raise storage_error(exc, f"memory {name!r} could not be deleted; it is unchanged") from None
         if memory is not None and isinstance(memory.journal, WriteAheadLog):
             memory.journal.abandon()
@@ -857,16 +886,21 @@ class DataDirectory:
         builder = index_builder(folder.name, config) if index_builder is not None else None
         memory = Memory(config, state, max_batch=max_batch, index_builder=builder)
         result = Recovered(folder.name, memory, snapshot_sequence=memory.commit_sequence, damaged=damaged)
-        found = segments(folder)
+        # A segment too short for a record holds none, so its name says nothing of what its predecessor holds
+        # (left by a failed rotation, which earlier versions did not remove): set aside after replay.
+        found, record_less = [], []
+        for first, path in segments(folder):
+            (record_less if path.stat().st_size <= len(WAL_MAGIC) else found).append((first, path))
         # Only the log after the state counts: a segment whose successor starts at or before the next write
         # holds nothing the state lacks, whatever its condition.
         needed = [
             (first, path)
-            for (first, path), successor in zip(found, [*found[1:], None], strict=True)
-            if successor is None or successor[0] > memory.commit_sequence + 1
+            for i, (first, path) in enumerate(found)
+            if i + 1 == len(found) or found[i + 1][0] > memory.commit_sequence + 1
         ]
-        start = needed[0][0] if needed else None
-        if (start is not None and start > memory.commit_sequence + 1) or (damaged and not found):
+        # Where the log starts; with no record after the state, the newest segment's name says where it would.
+        start = needed[0][0] if needed else (record_less[-1][0] if record_less else None)
+        if (start is not None and start > memory.commit_sequence + 1) or (damaged and start is None):
             raise RecoveryError(
                 f"no usable snapshot reaches the log, which starts at write {start}; the newest usable state is "
                 f"at {memory.commit_sequence}: writes in between are lost"
@@ -904,6 +938,9 @@ class DataDirectory:
                     )
                 log.error("memory %r: damaged write-ahead log: %s", folder.name, "; ".join(damaged[found_before:]))
             break
+        for first, path in record_less:
+            if first != memory.commit_sequence + 1 and path.exists():  # the next write's segment is made anew
+                damaged.append(f"{path.name} holds no record; kept in {self._keep_aside(folder, path)}")
         memory.journal = WriteAheadLog(folder, memory.commit_sequence + 1, self.durability)
         memory.recovery_report = "; ".join(filter(None, [result.truncated, *damaged]))
         self._snapshot_times[folder.name] = time.monotonic()
@@ -947,6 +984,8 @@ class DataDirectory:
         target = aside / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         if copy:
             shutil.copyfile(path, target)
+            with open(target, "rb") as kept:  # whole on disk before recovery cuts the original
+                os.fsync(kept.fileno())
         else:
             os.rename(path, target)
         fsync_directory(aside)

@@ -53,7 +53,7 @@ def test_the_choice_is_the_rule_s_over_a_random_history(half_width, seed):
         targets = torch.from_numpy(np.unique(generator.integers(0, size, count)))
         keys = torch.nn.functional.normalize(torch.randn(len(targets), 4), dim=1)
         delta = memory_module.Delta(targets, keys, targets, targets, targets, len(targets))
-        memory._commit(delta)
+        memory._prepare_commit(delta)()
         count = int(generator.integers(1, size + 1))
         excluded = np.unique(generator.integers(0, size, int(generator.integers(0, 8))))
         assert memory._oldest(count, excluded).tolist() == rule(memory, count, excluded)

@@ -14,9 +14,16 @@ import threading
 import pytest
 import torch
 
-from lifelong_memory.client import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, connect
+from lifelong_memory.client import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    connect,
+)
 from lifelong_memory.server import persistence
-from lifelong_memory.server.memory import Memory, MemoryConfig
+from lifelong_memory.server.memory import KeysAtCommit, Memory, MemoryConfig
 from lifelong_memory.server.persistence import scan_segment, segments, snapshot_chunks
 from lifelong_memory.server.registry import MemoryRegistry
 from lifelong_memory.server.service import ServerLimits, build_server
@@ -401,6 +408,158 @@ def test_a_really_full_disk_refuses_writes_and_creates_without_a_trace(small_dis
     assert_same(reopen(registry).get("m"), live)
 
 
+# ------------------------------------------ a rotation that fails, a write that fails after it is logged
+
+
+def failing_directory_syncs(times: int | None):
+    """fsync_directory failing with EIO its next ``times`` calls (None: every call)."""
+    real, left = persistence.fsync_directory, [times]
+
+    def sync(path):
+        if left[0] is None or left[0] > 0:
+            left[0] = None if left[0] is None else left[0] - 1
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    return sync
+
+
+def no_room_for_a_new_segment(fd, data):
+    """A full disk whose last free bytes are in the current segment's last block: records fit, a new file's
+    first block (its magic) does not."""
+    if data == persistence.WAL_MAGIC:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    os.write(fd, data)
+
+
+def assert_named_by_first_record(folder) -> None:
+    """Recovery reads a segment's name as its first record."""
+    for first, path in segments(folder):
+        records = scan_segment(path).records
+        assert not records or records[0][0] == first, path.name
+
+
+@pytest.mark.parametrize(
+    "patch, attribute, fails",
+    [
+        (no_room_for_a_new_segment, "_write_all", False),
+        (failing_directory_syncs(1), "fsync_directory", False),  # the new segment's folder entry, once
+        (failing_directory_syncs(None), "fsync_directory", True),  # the folder cannot be synced at all
+    ],
+    ids=["disk-full", "folder-sync-once", "folder-sync-always"],
+)
+def test_a_rotation_that_cannot_make_its_segment_loses_no_acknowledged_write(tmp_path, monkeypatch, patch, attribute,
+                                                                             fails):  # fmt: skip
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", **CONFIG)
+    live = MemoryRegistry().create("twin", **CONFIG)
+    write(memory, range(5))
+    write(live, range(5))
+    registry.snapshot("m")  # the log starts a new segment at the next write
+    folder = tmp_path / "memories" / "m"
+    monkeypatch.setattr(persistence, attribute, patch)
+    if fails:  # no new segment, and the half-made one cannot be removed for good: no write is taken
+        with pytest.raises(Unavailable, match="could not be removed either"):
+            memory.query(*batch(5), update=True)
+        with pytest.raises(FailedPrecondition, match="write-ahead log failed"):
+            memory.query(batch(5)[0])
+    else:  # the rotation is put off: the writes go on in the current segment, acknowledged
+        write(memory, range(5, 10))
+        write(live, range(5, 10))
+        assert_same(memory, live)
+    monkeypatch.undo()
+    assert_named_by_first_record(folder)
+    registry = reopen(registry)
+    recovered = registry.get("m")
+    assert_same(recovered, live)
+    assert recovered.recovery_report == ""
+    write(recovered, range(10, 13))
+    write(live, range(10, 13))
+    assert_same(reopen(registry).get("m"), live)
+
+
+@pytest.mark.parametrize("stray", ["empty", "magic-only"])
+def test_segments_without_a_record_left_by_earlier_versions_hide_nothing(tmp_path, monkeypatch, stray):
+    """Before a failed rotation removed its half-made segment, every write after it left one behind while the
+    records went on in the old segment; recovery took the strays' names for first records and lost them."""
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", **CONFIG)
+    live = MemoryRegistry().create("twin", **CONFIG)
+    write(memory, range(5))
+    write(live, range(5))
+    registry.snapshot("m")
+    folder = tmp_path / "memories" / "m"
+    monkeypatch.setattr(persistence, "remove_durably", lambda path: None)  # the earlier versions
+    monkeypatch.setattr(
+        persistence, *(("_write_all", no_room_for_a_new_segment) if stray == "empty" else
+                       ("fsync_directory", failing_directory_syncs(1)))
+    )  # fmt: skip
+    write(memory, range(5, 10))
+    write(live, range(5, 10))
+    monkeypatch.undo()
+    left = [path.name for _, path in segments(folder) if path.stat().st_size <= len(persistence.WAL_MAGIC)]
+    assert left  # what the earlier versions left behind
+    registry = reopen(registry)
+    recovered = registry.get("m")
+    assert_same(recovered, live)
+    for name in left:
+        assert f"{name} holds no record" in recovered.recovery_report
+    assert_named_by_first_record(folder)
+    write(recovered, range(10, 13))
+    write(live, range(10, 13))
+    registry = reopen(registry)
+    assert_same(registry.get("m"), live)
+    registry.snapshot("m")  # the snapshot drops what it covers, and only that
+    write(registry.get("m"), range(13, 15))
+    write(live, range(13, 15))
+    assert_same(reopen(registry).get("m"), live)
+
+
+def test_a_write_that_fails_after_it_is_logged_fails_the_log_and_is_recovered(tmp_path, monkeypatch):
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", **CONFIG)
+    live = MemoryRegistry().create("twin", **CONFIG)
+    write(memory, range(5))
+    write(live, range(5))
+
+    def out_of_memory(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(Memory, "_commit", out_of_memory)
+    with pytest.raises(Unavailable, match="in the write-ahead log but could not be applied"):
+        memory.query(*batch(5), update=True)
+    monkeypatch.undo()
+    with pytest.raises(FailedPrecondition, match="write-ahead log failed"):  # the log holds what the memory lacks
+        memory.query(*batch(6), update=True)
+    write(live, range(5, 6))  # the logged write counts, and nothing after it was taken
+    assert_same(reopen(registry).get("m"), live)
+
+
+@pytest.mark.parametrize("call", ["clear", "write"])
+def test_a_write_that_cannot_copy_for_a_streamed_snapshot_is_refused_and_not_logged(tmp_path, monkeypatch, call):
+    """A clear during an export copies every key the export has yet to read: the allocation that fails is
+    refused before the log records anything, so the next write takes the same place in the log."""
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", **CONFIG)
+    live = MemoryRegistry().create("twin", **CONFIG)
+    write(memory, range(5))
+    write(live, range(5))
+    exporting, at_capture = memory.capture(streamed=True), memory.capture().keys
+
+    def out_of_memory(self, targets):
+        raise MemoryError("cannot allocate memory")
+
+    monkeypatch.setattr(KeysAtCommit, "before_write", out_of_memory)
+    with pytest.raises(ResourceExhausted, match="the memory is unchanged"):
+        memory.clear() if call == "clear" else memory.query(*batch(5), update=True)
+    monkeypatch.undo()
+    assert_same(memory, live)
+    write(memory, range(5, 10))
+    write(live, range(5, 10))
+    assert torch.equal(torch.cat(list(exporting.keys.chunks(16))), at_capture)  # the export reads on, unharmed
+    assert_same(reopen(registry).get("m"), live)
+
+
 def test_create_on_a_full_disk_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
     registry = MemoryRegistry(data_dir=tmp_path)
     registry.create("kept", **CONFIG)
@@ -456,6 +615,49 @@ def test_delete_that_cannot_remove_the_folder_changes_nothing(tmp_path, monkeypa
     assert registry.get("m") is memory
     write(memory, range(3, 5))  # still live, still durable
     assert reopen(registry).get("m").commit_sequence == 5
+
+
+@pytest.mark.parametrize("fails", ["once", "always"])
+def test_delete_whose_rename_cannot_be_synced_is_undone_durably_or_takes_no_more_writes(tmp_path, monkeypatch, fails):
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory = registry.create("m", **CONFIG)
+    write(memory, range(3))
+    monkeypatch.setattr(persistence, "fsync_directory", failing_directory_syncs(1 if fails == "once" else None))
+    if fails == "once":  # the rename back is synced: the memory is as it was, and goes on
+        with pytest.raises(Unavailable, match="could not be deleted; it is unchanged"):
+            registry.delete("m")
+        monkeypatch.undo()
+        write(memory, range(3, 5))
+        assert reopen(registry).get("m").commit_sequence == 5
+        return
+    with pytest.raises(Unavailable, match="undoing that could not be made durable"):
+        registry.delete("m")
+    with pytest.raises(FailedPrecondition, match="write-ahead log failed"):  # nothing a start could remove
+        write(memory, range(3, 4))
+    monkeypatch.undo()
+    assert reopen(registry).get("m").commit_sequence == 3
+
+
+def test_recovery_syncs_its_copy_of_a_damaged_segment_before_cutting_the_original(tmp_path, monkeypatch):
+    registry, _, folder = three_snapshot_history(tmp_path)
+    (_, segment_21) = segments(folder)[-1]
+    damage_middle_record(segment_21, 4)
+    events, real_fsync, real_truncate = [], persistence.os.fsync, persistence._truncate
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def truncate(path, size):
+        events.append(("truncate", str(path)))
+        real_truncate(path, size)
+
+    monkeypatch.setattr(persistence.os, "fsync", fsync)
+    monkeypatch.setattr(persistence, "_truncate", truncate)
+    reopen(registry)
+    (copy,) = (folder / "damaged").iterdir()
+    cut = events.index(("truncate", str(segment_21)))
+    assert ("fsync", str(copy)) in events[:cut]
 
 
 # -------------------------------------------------------------------- bounded queries
