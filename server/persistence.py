@@ -50,6 +50,7 @@ from lifelong_memory.server.errors import (
 )
 from lifelong_memory.server.memory import (
     DEFAULT_MAX_BATCH,
+    MAX_AGE,
     Delta,
     KeysAtCommit,
     Memory,
@@ -71,6 +72,9 @@ SNAPSHOT_END = b"LMEMEND!"
 SNAPSHOT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 # Index state arrays: shard<i>.<name>, float32.
+# The counters a snapshot keeps, and how far its commit sequence may go (int64 age stamps count from it).
+COUNTERS = ("queries", "writes", "merges")
+MAX_COMMIT_SEQUENCE = 2**62
 INDEX_ARRAY_NAME = re.compile(r"shard\d+\.(centroids|ranges)")
 WAL_MAGIC = b"LMEMWAL1"
 # Record header: crc32 of everything after it, payload length, commit sequence, kind.
@@ -257,9 +261,17 @@ def read_snapshot(f: BinaryIO, check_config: Callable[[MemoryConfig], object] | 
     padded_keys = None
     specs = [*header["arrays"], *index_specs]
     for spec, (name, dtype) in zip(specs, [*expected.items(), *expected_index.items()], strict=True):
-        shape = spec["shape"]
-        if spec["dtype"] != DTYPE_NAMES[dtype] or not all(isinstance(d, int) and d >= 0 for d in shape):
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if (
+            not isinstance(spec, dict)
+            or spec.get("dtype") != DTYPE_NAMES[dtype]
+            or not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)
+        ):
             raise SnapshotError(f"array {name}: bad dtype or shape {spec}")
+        needed = _fixed_shape(config, name)
+        if needed is not None and shape != needed:  # before anything is allocated for it
+            raise SnapshotError(f"array {name} has shape {shape}, the config needs {needed}")
         size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         # Allocate only what the file holds: a header may announce any shape.
         left = _bytes_left(f)
@@ -305,7 +317,13 @@ def read_snapshot(f: BinaryIO, check_config: Callable[[MemoryConfig], object] | 
             arrays["writers"] = torch.zeros(config.memory_size, dtype=torch.int32)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SnapshotError(f"bad header: {exc}") from None
-    _check_state(config, arrays, writer_names)
+    if not 0 <= sequence <= MAX_COMMIT_SEQUENCE:
+        raise SnapshotError(f"commit_sequence {sequence} is not in [0, {MAX_COMMIT_SEQUENCE}]")
+    if not set(counters) <= set(COUNTERS) or not all(0 <= v < 2**63 for v in counters.values()):
+        raise SnapshotError(f"counters {counters} must be among {list(COUNTERS)}, each in [0, 2^63)")
+    if not all(0 <= v < 2**63 for pair in writer_counters for v in pair):
+        raise SnapshotError("the writer table's counts must be in [0, 2^63)")
+    _check_state(config, arrays, writer_names, sequence)
     _check_index_state(config, index_state)
     return MemoryState(
         config=config,
@@ -331,21 +349,29 @@ def _check_index_state(config: MemoryConfig, index_state: dict[str, torch.Tensor
     [2 * key_dim], both finite, and only for a faiss-ivf memory."""
     if index_state and config.backend != "faiss-ivf":
         raise SnapshotError(f"index arrays {sorted(index_state)} for backend {config.backend}")
-    shapes = {"centroids": [config.ivf_lists, config.key_dim], "ranges": [2 * config.key_dim]}
     for name, array in index_state.items():
-        shard, part = name.split(".")
-        if int(shard[len("shard") :]) >= config.shards or list(array.shape) != shapes[part]:
+        if int(name.split(".")[0][len("shard") :]) >= config.shards or list(array.shape) != _fixed_shape(config, name):
             raise SnapshotError(f"index array {name} of shape {list(array.shape)} does not fit the config")
         if not bool(torch.isfinite(array).all()):
             raise SnapshotError(f"index array {name} must be finite")
 
 
-def _check_state(config: MemoryConfig, arrays: dict[str, torch.Tensor], writer_names: list[str]) -> None:
-    """The arrays fit the config and hold what a memory can hold."""
+def _fixed_shape(config: MemoryConfig, name: str) -> list[int] | None:
+    """The shape the config gives an array, where it gives one (the recent-label table's length varies)."""
     size, dim = config.memory_size, config.key_dim
     shapes = {"keys": [size, dim], "values": [size], "ages": [size], "generations": [size], "writers": [size]}
-    for name, shape in shapes.items():
-        if list(arrays[name].shape) != shape:
+    if "." in name:  # an IVF shard's trained state
+        return {"centroids": [config.ivf_lists, dim], "ranges": [2 * dim]}[name.split(".")[1]]
+    return shapes.get(name)
+
+
+def _check_state(
+    config: MemoryConfig, arrays: dict[str, torch.Tensor], writer_names: list[str], commit_sequence: int
+) -> None:
+    """The arrays fit the config and hold what a memory at ``commit_sequence`` can hold."""
+    size = config.memory_size
+    for name in ("keys", "values", "ages", "generations", "writers"):
+        if list(arrays[name].shape) != (shape := _fixed_shape(config, name)):
             raise SnapshotError(f"array {name} has shape {list(arrays[name].shape)}, the config needs {shape}")
     labels, slots = arrays["recent_labels"], arrays["recent_slots"]
     if labels.dim() != 1 or labels.shape != slots.shape:
@@ -356,6 +382,11 @@ def _check_state(config: MemoryConfig, arrays: dict[str, torch.Tensor], writer_n
         raise SnapshotError("values must be >= -1")
     if not _all_finite(arrays["keys"]) or not _all_finite(arrays["ages"]):
         raise SnapshotError("keys and ages must be finite")
+    ages, generations = arrays["ages"], arrays["generations"]
+    if len(ages) and (float(ages.min()) < 0 or float(ages.max()) > MAX_AGE or not bool((ages == ages.floor()).all())):
+        raise SnapshotError(f"ages must be whole numbers of commits in [0, {MAX_AGE}]")
+    if len(generations) and (int(generations.min()) < 0 or int(generations.max()) > commit_sequence):
+        raise SnapshotError(f"generations must be in [0, commit_sequence = {commit_sequence}]")
     if not writer_names or writer_names[0] != "" or len(set(writer_names)) != len(writer_names):
         raise SnapshotError("the writer table must start with the untagged writer and hold distinct tags")
     writers = arrays["writers"]

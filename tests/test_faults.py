@@ -762,6 +762,72 @@ def test_an_import_header_announcing_a_huge_array_is_invalid_argument(store, tmp
     assert "crafted" not in {info.name for info in store.list_memories()}
 
 
+def with_header(data: bytes, change) -> bytes:
+    """A snapshot's bytes with ``change`` applied to its JSON header (the checksum is not redone)."""
+    prefix = len(persistence.SNAPSHOT_MAGIC) + 12  # magic, format version, header length
+    (header_length,) = struct.unpack_from("<Q", data, prefix - 8)
+    header = json.loads(data[prefix : prefix + header_length])
+    change(header)
+    new_header = json.dumps(header).encode()
+    return data[: prefix - 8] + struct.pack("<Q", len(new_header)) + new_header + data[prefix + header_length :]
+
+
+def set_array_spec(index: int, spec):
+    def change(header):
+        header["arrays"][index] = spec
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (set_array_spec(0, {"name": "keys", "dtype": "float32", "shape": [0, 2**40]}), "array keys has shape"),
+        (set_array_spec(2, {"name": "ages", "dtype": "float32", "shape": [2**40]}), "array ages has shape"),
+        (set_array_spec(0, {"name": "keys", "dtype": "float32", "shape": 32}), "array keys: bad dtype or shape"),
+        (set_array_spec(0, {"name": "keys", "shape": [48, 8]}), "array keys: bad dtype or shape"),
+        (set_array_spec(0, [48, 8]), "bad header"),
+    ],
+    ids=["no-rows-wide-keys", "huge-ages", "shape-not-a-list", "no-dtype", "spec-not-an-object"],
+)
+def test_an_import_whose_arrays_do_not_fit_its_config_is_refused_before_allocating(store, tmp_path, change, error):
+    source = MemoryRegistry().create("src", **CONFIG)
+    write(source, range(3))
+    path = tmp_path / "crafted.lmem"
+    path.write_bytes(with_header(b"".join(snapshot_chunks(source.capture())), change))
+    with pytest.raises(InvalidArgument, match=f"data: .*{error}"):
+        store.import_memory("crafted", path)
+    assert "crafted" not in {info.name for info in store.list_memories()}
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (lambda state: state.counters.update(bogus=1), "counters .* must be among"),
+        (lambda state: state.counters.update(writes=-7), "counters .* must be among"),
+        (lambda state: setattr(state, "commit_sequence", 2**63 - 1), "commit_sequence .* is not in"),
+        (lambda state: state.ages.__setitem__(0, -5.0), "ages must be whole numbers"),
+        (lambda state: state.ages.__setitem__(0, 0.5), "ages must be whole numbers"),
+        (lambda state: state.ages.__setitem__(0, 1e30), "ages must be whole numbers"),
+        (lambda state: state.generations.__setitem__(0, 10**6), "generations must be in"),
+        (lambda state: state.writer_counters.__setitem__(0, (-1, 0)), "writer table's counts"),
+    ],
+    ids=["unknown-counter", "negative-counter", "commit-overflow", "negative-age", "half-age", "huge-age",
+         "future-generation", "negative-writer-count"],
+)  # fmt: skip
+def test_an_import_whose_state_no_memory_can_hold_is_invalid_argument(store, tmp_path, change, error):
+    source = MemoryRegistry().create("src", **CONFIG)
+    write(source, range(3))
+    state = source.capture()
+    change(state)
+    path = tmp_path / "crafted.lmem"
+    path.write_bytes(b"".join(snapshot_chunks(state)))
+    with pytest.raises(InvalidArgument, match=f"data: .*{error}"):
+        store.import_memory("crafted", path)
+    assert "crafted" not in {info.name for info in store.list_memories()}
+    store.list_memories()  # and every memory is still listed
+
+
 def test_an_import_beyond_the_budget_is_refused_from_its_header_before_any_array_is_read(tmp_path):
     data = b"".join(snapshot_chunks(Memory(MemoryConfig(**CONFIG)).capture()))
     header_only = tmp_path / "header-only.lmem"  # the arrays cut off: reading any would fail as truncated
