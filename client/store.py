@@ -164,7 +164,7 @@ class MemoryClient:
             k or 0,
             use_recent,
             update,
-            frozenset(fields),
+            _as_fields(fields),
             self.writer,
         )
 
@@ -185,7 +185,7 @@ class MemoryClient:
 
     def read_slots(self, slots) -> SlotsRead:
         """Keys, values, ages, generations and writer tags of the given slot ids, read in one state."""
-        return self._transport.read_slots(self.name, torch.as_tensor(list(slots), dtype=torch.int64))
+        return self._transport.read_slots(self.name, _as_slots(slots))
 
     def inspect(self, *, age_bins: int = 10, top_labels: int = 10) -> MemoryReport:
         """Fill ratio, age histogram, label counts, key-norm sanity and write/merge counters."""
@@ -264,16 +264,50 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
+def _as_tensor(value, field: str) -> torch.Tensor:
+    """A tensor of what the caller passed (a tensor, an array, nested lists), or InvalidArgument naming it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise InvalidArgument(field, f"must be an array of numbers: {exc}") from None
+
+
+def _as_fields(fields) -> frozenset[str]:
+    try:
+        return frozenset(fields)
+    except TypeError:
+        raise InvalidArgument("fields", f"must be a set of result field names, got {fields!r}") from None
+
+
 def _as_queries(queries) -> torch.Tensor:
-    q = torch.as_tensor(queries) if not isinstance(queries, torch.Tensor) else queries.detach()
+    q = _as_tensor(queries, "queries")
     return q.float() if q.is_floating_point() and q.dtype != torch.float32 else q
 
 
 def _as_labels(labels) -> torch.Tensor | None:
     if labels is None:
         return None
-    y = torch.as_tensor(labels) if not isinstance(labels, torch.Tensor) else labels.detach()
+    y = _as_tensor(labels, "labels")
+    if y.dtype == torch.bool:  # not a label: a mask passed by mistake
+        raise InvalidArgument("labels", "must be integers, got bool")
     return y.long() if not y.is_floating_point() and y.dtype != torch.int64 else y
+
+
+def _as_slots(slots) -> torch.Tensor:
+    """Slot ids as int64, refusing what would be rounded or wrapped into another slot (0.7, True, 2^64)."""
+    if not isinstance(slots, torch.Tensor):
+        try:
+            slots = list(slots)  # a range, a generator
+        except TypeError:
+            raise InvalidArgument("slots", f"must be a sequence of slot ids, got {slots!r}") from None
+    ids = _as_tensor(slots, "slots")
+    if ids.numel() == 0:
+        return ids.long()
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise InvalidArgument("slots", f"must be integer slot ids, got {ids.dtype}")
+    return ids.long()
 
 
 def _info(name: str, memory) -> MemoryInfo:
@@ -361,7 +395,7 @@ class _LocalStream:
             k or 0,
             use_recent,
             update,
-            frozenset(fields),
+            _as_fields(fields),
             self._writer,
         )
 
@@ -641,7 +675,7 @@ class _GrpcStream:
             k or 0,
             use_recent,
             update,
-            frozenset(fields),
+            _as_fields(fields),
             self._writer,
         )
         if self._responses.done():

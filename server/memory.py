@@ -98,6 +98,7 @@ QUERY_BYTES_PER_NEIGHBOR = 80
 # the tags it has seen, so a slot costs 4 bytes for it, and the table is bounded.
 WRITER_PATTERN = re.compile(r"[A-Za-z0-9_.:@/+-]{0,128}")
 MAX_WRITERS = 1024
+MIN_ALPHA = 1e-30  # below, ln(0.2 k) / alpha overflows float32 and every weight is NaN
 # CUDA graphs of labelled reads a GPU memory keeps, one per (batch, k, recent) shape, least recently used dropped.
 MAX_GRAPHED_READS = 4
 # A capture costs a few eager reads, so a shape is captured on its GRAPH_AFTER_READS-th read among the last
@@ -147,7 +148,12 @@ class MemoryConfig:
         check(1 <= self.key_dim <= 65536, "key_dim", f"must be in [1, 65536], got {self.key_dim}")
         check(1 <= self.memory_size <= 2**31, "memory_size", f"must be in [1, 2^31], got {self.memory_size}")
         check(self.choose_k >= 1, "choose_k", f"must be >= 1, got {self.choose_k}")
-        check(math.isfinite(self.alpha) and self.alpha > 0, "alpha", f"must be finite and > 0, got {self.alpha}")
+        check(
+            math.isfinite(self.alpha) and self.alpha >= MIN_ALPHA,
+            "alpha",
+            f"must be finite and >= {MIN_ALPHA} (the softmax temperature ln(0.2 k) / alpha must fit a float32), "
+            f"got {self.alpha}",
+        )
         check(
             math.isfinite(self.age_noise) and self.age_noise >= 0,
             "age_noise",
@@ -1012,8 +1018,8 @@ class Memory:
     @_out_of_memory_is_resource_exhausted
     def find_label(self, label: int) -> LabelSlots:
         """The slots holding ``label``, with their ages, and the label's recent slot."""
-        if not isinstance(label, numbers.Integral) or isinstance(label, bool) or label < 0:
-            raise InvalidArgument("label", f"must be an integer >= 0, got {label!r}")
+        if not isinstance(label, numbers.Integral) or isinstance(label, bool) or not 0 <= label < 2**63:
+            raise InvalidArgument("label", f"must be an integer in [0, 2^63), got {label!r}")
         with self._locked():
             slots = torch.nonzero(self.values == label).flatten()
             return LabelSlots(

@@ -188,7 +188,14 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         if len(slots) * per_slot > self.limits.max_message_bytes - 1024:
             most = (self.limits.max_message_bytes - 1024) // per_slot
             raise InvalidArgument(selection, f"{len(slots)} slots exceed one message ({most} at most); read in pages")
-        return wire.slots_to_proto(slots, memory.read_slots(slots))
+        reply = wire.slots_to_proto(slots, memory.read_slots(slots))
+        if reply.ByteSize() > self.limits.max_message_bytes:  # the slots' writer tags, up to 1024 of 128 characters
+            raise InvalidArgument(
+                selection,
+                f"{len(slots)} slots and their {len(reply.writer_names)} writer tags take {reply.ByteSize()} bytes, "
+                f"more than one message ({self.limits.max_message_bytes}); read in smaller pages",
+            )
+        return reply
 
     @_rpc
     def InspectMemory(self, request, context):

@@ -150,11 +150,16 @@ BAD_QUERIES = [
     pytest.param(Q, Y[:, None], {}, "labels", id="labels-2-d"),
     pytest.param(Q, np.array([0, -1, 2]), {}, "labels", id="labels-negative"),
     pytest.param(Q, Y.astype(np.float32), {}, "labels", id="labels-float"),
+    pytest.param(Q, np.array([True, False, True]), {}, "labels", id="labels-bool"),
     pytest.param(Q, Y, {"k": -1}, "k", id="k-negative"),
     pytest.param(Q, Y, {"k": M + 1}, "k", id="k-above-memory-size"),
     pytest.param(Q, Y, {"k": 2.5}, "k", id="k-not-an-integer"),
     pytest.param(Q, Y, {"fields": {"neighbors", "nope"}}, "fields", id="unknown-result-field"),
     pytest.param(Q, Y, {"fields": "neighbors"}, "fields", id="fields-as-one-string"),
+    pytest.param(Q, Y, {"fields": None}, "fields", id="fields-none"),
+    pytest.param("abc", Y, {}, "queries", id="queries-a-string"),
+    pytest.param([[1.0], [0.0, 1.0], [1.0]], Y, {}, "queries", id="queries-ragged"),
+    pytest.param(Q, [0, [1], 2], {}, "labels", id="labels-ragged"),
 ]
 
 
@@ -208,6 +213,7 @@ BAD_CONFIGS = [
     pytest.param({"alpha": -0.1}, "config.alpha", id="alpha-negative"),
     pytest.param({"alpha": math.nan}, "config.alpha", id="alpha-nan"),
     pytest.param({"alpha": math.inf}, "config.alpha", id="alpha-inf"),
+    pytest.param({"alpha": 1e-40}, "config.alpha", id="alpha-overflows-the-temperature"),
     pytest.param({"alpha": "0.1"}, "config.alpha", id="alpha-string"),
     pytest.param({"age_noise": -1.0}, "config.age_noise", id="age_noise-negative"),
     pytest.param({"age_noise": math.nan}, "config.age_noise", id="age_noise-nan"),
@@ -360,6 +366,10 @@ def test_update_of_a_deleted_memory_is_not_found(store):
         pytest.param([0, M + 100], id="slot-beyond"),
         pytest.param([-1], id="slot-negative"),
         pytest.param([[0, 1]], id="2-d"),
+        pytest.param([0.7], id="fraction"),  # would read slot 0
+        pytest.param([True], id="bool"),  # would read slot 1
+        pytest.param([2**64], id="beyond-int64"),
+        pytest.param(["a"], id="not-a-number"),
     ],
 )
 def test_slots_out_of_range_are_rejected(mem, slots):
@@ -861,6 +871,27 @@ def test_read_slots_selection_too_large_for_one_message_is_invalid_argument():
                 assert "read in pages" in error.details()
             with raises_invalid("slots"):
                 mem.slots(range(size))
+
+
+def test_read_slots_whose_writer_tags_overflow_one_message_is_invalid_argument():
+    """The slots' arrays fit the limit, but each slot carries another 128-character writer tag."""
+    limits = ServerLimits(max_message_bytes=SMALL_MESSAGES)
+    size = 600  # 600 slots of 8 float32 and 4 more numbers each: about 40 KiB; their tags about 78 KiB more
+    with own_server(MemoryRegistry(), limits) as url, connect(url) as store, raw_stub(url) as stub:
+        mem = store.create_memory("tagged", **{**CONFIG, "memory_size": size})
+        rng = np.random.default_rng(0)
+        keys = rng.standard_normal((size, D)).astype(np.float32)
+        keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+        for i in range(size):
+            tagged = store.memory("tagged", writer=f"w{i:04d}-" + "x" * 122)
+            tagged.query(keys[i : i + 1], np.array([i]), update=True)
+        with unchanged(mem):
+            error = wire_error(
+                lambda: stub.ReadSlots(pb.ReadSlotsRequest(memory=mem.name, range=pb.SlotRange(start=0, stop=size)))
+            )
+            assert_status(error, grpc.StatusCode.INVALID_ARGUMENT, "range")
+            assert "writer tags" in error.details()
+            assert len(mem.read_slots(range(100)).writers) == 100  # a smaller page fits
 
 
 # =============================================================================================================

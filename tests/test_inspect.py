@@ -82,8 +82,19 @@ def test_find_label(store):
         (lambda m: m.inspect(top_labels=2.5), "top_labels"),
         (lambda m: m.find_label(-1), "label"),
         (lambda m: m.find_label("3"), "label"),
+        (lambda m: m.find_label(2**63), "label"),
+        (lambda m: m.find_label(2**70), "label"),
     ],
-    ids=["no-bins", "too-many-bins", "negative-top", "float-top", "negative-label", "string-label"],
+    ids=[
+        "no-bins",
+        "too-many-bins",
+        "negative-top",
+        "float-top",
+        "negative-label",
+        "string-label",
+        "label-2^63",
+        "label-2^70",
+    ],  # fmt: skip
 )
 def test_bad_inspection_arguments_name_the_field(store, call, field):
     memory = known_memory(store, "checked")
