@@ -28,6 +28,12 @@ HASH_ROWS = 1 << 18
 # MIN_MOVED): each write inserts into the moved array (a memmove of its size) and each merge is linear.
 MOVED_SHARE = 32
 MIN_MOVED = 4096
+# Working memory of one chunk of an LSH search's rows. Per query, table and bucket ranked, probe_codes holds
+# about this many bytes (costs, flips, their order, the result); per candidate entry, the search about this many
+# (offsets, entries, rows, currency, the padded matrix, re-rank keys), before the gather of candidate keys.
+SEARCH_CHUNK_BYTES = 64 << 20
+PROBE_BYTES_PER_CODE = 48
+CANDIDATE_BYTES = 64
 
 
 def descending_then_lower_index_key(
@@ -204,32 +210,55 @@ class LshIndex:
         return self.bits - min(self.bits, round(math.log2(len(self.keys) / filled)))
 
     def search(self, queries: torch.Tensor, k: int, empty_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows are independent: they are searched in chunks whose probe arrays and candidates fit
+        SEARCH_CHUNK_BYTES (a row alone may exceed it), so many probes or crowded buckets cost time, not memory."""
         queries = queries.cpu()
         active = self.active_bits()
-        shift = self.bits - active
-        margins = (queries @ self.planes.T).view(len(queries), self.tables, self.bits).numpy()[:, :, :active]
         probes = min(self.probes, 1 << active)
-        probed = probe_codes(margins, probes)  # [B, tables, probes], codes of the active bits
-        query_rows = np.repeat(np.arange(len(queries)), probes)
-        found_rows, found_local = [], []
+        probe_bytes = self.tables * probe_width(active, probes) * PROBE_BYTES_PER_CODE
+        rows = max(1, SEARCH_CHUNK_BYTES // probe_bytes)
+        parts = []
+        for at in range(0, len(queries), rows):
+            chunk = queries[at : at + rows]
+            margins = (chunk @ self.planes.T).view(len(chunk), self.tables, self.bits).numpy()[:, :, :active]
+            parts += self._search_probed(chunk, probe_codes(margins, probes), k, self.bits - active)
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _search_probed(self, queries, probed: np.ndarray, k: int, shift: int) -> list[tuple[torch.Tensor, ...]]:
+        """``probed`` [B, tables, probes]: codes of the active bits. Each bucket's entries are located first
+        and counted; rows whose candidates would exceed SEARCH_CHUNK_BYTES are split off before any is gathered."""
+        batch, probes = len(queries), probed.shape[2]
+        spans = []  # (table, entries, first entry, entry count) per probed bucket, flattened over (row, probe)
+        per_row = np.zeros(batch, dtype=np.int64)
         for t in range(self.tables):
             codes = probed[:, t, :].ravel().astype(np.int64)
             for entries in (self.base[t], self.moved[t]):
                 lo = np.searchsorted(entries, (codes << shift) << 32)
-                hi = np.searchsorted(entries, ((codes + 1) << shift) << 32)
-                lengths = hi - lo
-                total = int(lengths.sum())
-                if not total:
-                    continue
-                offsets = np.repeat(lo - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
-                hit = entries[offsets]
-                local = hit & LOW_HALF
-                current = self.codes[t][local] == (hit >> 32)
-                found_rows.append(np.repeat(query_rows, lengths)[current])
-                found_local.append(local[current])
+                lengths = np.searchsorted(entries, ((codes + 1) << shift) << 32) - lo
+                spans.append((t, entries, lo, lengths))
+                per_row += lengths.reshape(batch, probes).sum(axis=1)
+        if batch > 1 and int(per_row.sum()) * CANDIDATE_BYTES > SEARCH_CHUNK_BYTES:
+            half = batch // 2
+            return self._search_probed(queries[:half], probed[:half], k, shift) + self._search_probed(
+                queries[half:], probed[half:], k, shift
+            )
+        query_rows = np.repeat(np.arange(batch), probes)
+        found_rows, found_local = [], []
+        for t, entries, lo, lengths in spans:
+            total = int(lengths.sum())
+            if not total:
+                continue
+            offsets = np.repeat(lo - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+            hit = entries[offsets]
+            local = hit & LOW_HALF
+            current = self.codes[t][local] == (hit >> 32)
+            found_rows.append(np.repeat(query_rows, lengths)[current])
+            found_local.append(local[current])
         rows = np.concatenate(found_rows) if found_rows else np.empty(0, dtype=np.int64)
         local = np.concatenate(found_local) if found_local else np.empty(0, dtype=np.int64)
-        return rerank(self.keys, self.start, queries, _rows_as_matrix(len(queries), rows, local), k, self.zero)
+        return [rerank(self.keys, self.start, queries, _rows_as_matrix(batch, rows, local), k, self.zero)]
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}  # a function of the keys and the seed
@@ -262,6 +291,11 @@ class LshIndex:
         return entries[self.codes[t][entries & LOW_HALF] == (entries >> 32)]
 
 
+def probe_width(active_bits: int, probes: int) -> int:
+    """Buckets probe_codes ranks per query and table: every sign pattern of the bits it may flip."""
+    return 1 if probes == 1 else 1 << min(active_bits, math.ceil(math.log2(probes)))
+
+
 def probe_codes(margins: np.ndarray, probes: int) -> np.ndarray:
     """int32 [B, tables, probes]: per query and table, its bucket and the probes - 1 next, ordered by the
     summed |margin| of the bits flipped to reach them (query-directed multi-probe over the ceil(log2 probes)
@@ -271,7 +305,7 @@ def probe_codes(margins: np.ndarray, probes: int) -> np.ndarray:
     home = ((margins > 0) * weights).sum(axis=2)
     if probes == 1:
         return home[:, :, None].astype(np.int32)
-    flip_bits = min(bits, math.ceil(math.log2(probes)))
+    flip_bits = probe_width(bits, probes).bit_length() - 1
     certainty = np.abs(margins)
     least = np.argsort(certainty, axis=2, kind="stable")[:, :, :flip_bits]  # [B, tables, flip_bits]
     subsets = (np.arange(1 << flip_bits)[:, None] >> np.arange(flip_bits)) & 1  # [2^f, f]

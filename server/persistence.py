@@ -271,7 +271,8 @@ def read_snapshot(f: BinaryIO, check_config: Callable[[MemoryConfig], object] | 
             raise SnapshotError(f"array {name}: bad dtype or shape {spec}")
         needed = _fixed_shape(config, name)
         if needed is not None and shape != needed:  # before anything is allocated for it
-            raise SnapshotError(f"array {name} has shape {shape}, the config needs {needed}")
+            kind = "index array" if name in expected_index else "array"
+            raise SnapshotError(f"{kind} {name} has shape {shape}, the config needs {needed}")
         size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         # Allocate only what the file holds: a header may announce any shape.
         left = _bytes_left(f)

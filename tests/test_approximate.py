@@ -52,6 +52,48 @@ def write_stream(memory: Memory, steps: int, seed: int, clear_at: int | None = N
             memory.clear()
 
 
+def lsh_answers(index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    similarities, slots = index.search(queries, k)
+    return similarities.clone(), slots.clone()
+
+
+def test_an_lsh_search_in_chunks_answers_as_in_one(monkeypatch):
+    """Chunks of rows (by their probe arrays) and halves of a chunk (by its candidates) find the same slots.
+    (A similarity may differ in its last bit, as between two batches: the re-rank's bmm rounds by the width of
+    the candidate matrix, which the other rows of a batch set.)"""
+    keys, _ = clustered(2048, 64, 0.5, seed=1)
+    config = MemoryConfig(key_dim=D, memory_size=4096, choose_k=16, backend="lsh", lsh_tables=8, lsh_bits=8,
+                          lsh_probes=64, seed=5).validated()  # fmt: skip
+    padded = torch.cat([keys, torch.zeros(config.memory_size - len(keys), D)])
+    index = build_index(padded, config, 256)
+    queries, _ = clustered(100, 64, 0.5, seed=2)
+    whole = lsh_answers(index, queries, 16)
+    for chunk_bytes in (8 * 64 * ann.PROBE_BYTES_PER_CODE * 7, 1):  # 7 rows a chunk; then one row a chunk
+        monkeypatch.setattr(ann, "SEARCH_CHUNK_BYTES", chunk_bytes)
+        chunked = lsh_answers(index, queries, 16)
+        assert torch.equal(chunked[1], whole[1])
+        torch.testing.assert_close(chunked[0], whole[0], rtol=0, atol=1e-6)
+
+
+def test_an_lsh_search_with_every_bucket_probed_stays_within_its_chunk_memory():
+    """Legal settings (every bucket of 16 tables probed) would need about 0.4 GB at once for these 64 rows;
+    the chunks keep the search's own arrays near SEARCH_CHUNK_BYTES."""
+    import tracemalloc
+
+    keys, _ = clustered(4096, 64, 0.5, seed=1)
+    config = MemoryConfig(key_dim=D, memory_size=4096, choose_k=16, backend="lsh", lsh_tables=16, lsh_bits=10,
+                          lsh_probes=1024, seed=5).validated()  # fmt: skip
+    index = build_index(keys.clone(), config, 256)
+    queries, _ = clustered(64, 64, 0.5, seed=2)
+    tracemalloc.start()
+    try:
+        index.search(queries, 16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * ann.SEARCH_CHUNK_BYTES, peak
+
+
 @pytest.mark.parametrize("shards", [1, 2])
 def test_lsh_buckets_after_writes_equal_a_fresh_build(monkeypatch, shards):
     """Every written slot moves to its new bucket in every table (the moved entries merged into the sorted
