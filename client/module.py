@@ -96,7 +96,8 @@ class MemoryModule(nn.Module):
                 query.detach(), labels, update=update, use_recent=self.use_recent, fields=fields
             )
         except MemoryServiceError:
-            self._stream = None  # a failed call ends a gRPC stream; the next step opens a new one
+            self._stream.close()  # a failed call ends a gRPC stream; the next step opens a new one
+            self._stream = None
             raise
         device = query.device
         output = MemoryOutput(result.predictions.to(device), None, query, result)

@@ -653,7 +653,9 @@ class _GrpcStream:
     """Request/response pairs over one QueryStream call: one round trip per query, no per-call setup.
 
     A query finding the call ended (the server closed it as idle, or it failed) opens a new one first:
-    nothing was sent on the old call, so nothing is repeated."""
+    nothing was sent on the old call, so nothing is repeated. Replies are paired with requests by their
+    order, so a query interrupted between its request and its reply (KeyboardInterrupt, a timeout signal)
+    ends the call: its reply, should it come, is never taken for the next query's."""
 
     _CLOSE = object()
 
@@ -683,9 +685,14 @@ class _GrpcStream:
             self._open()
         self._requests.put(request)
         try:
-            return wire.result_from_proto(next(self._responses))
+            reply = next(self._responses)
         except grpc.RpcError as error:
+            self._requests.put(self._CLOSE)  # the call ended: so does the thread feeding it requests
             _raise_from(error)
+        except BaseException:
+            self.close()
+            raise
+        return wire.result_from_proto(reply)
 
     def close(self):
         self._requests.put(self._CLOSE)

@@ -752,6 +752,7 @@ class Memory:
         self._lock = threading.Lock()
         self._retraining = threading.Lock()  # one retrain at a time; it holds ``_lock`` only to start and to swap
         self._retired = False
+        self._broken: str | None = None  # why a memory without a log answers nothing (see _journaled)
         # What recovery at the last start cut from the log or set aside (persistence.py); "" if nothing.
         self.recovery_report = ""
         self.journal = journal
@@ -1039,6 +1040,8 @@ class Memory:
         with self._lock:
             if self._retired:
                 raise NotFound("the memory was deleted")
+            if self._broken is not None:
+                raise FailedPrecondition(f"{self._broken}; it answers no calls: delete it")
             if self.journal is not None and self.journal.failure is not None:
                 raise FailedPrecondition(
                     f"this memory's write-ahead log failed ({self.journal.failure}); it answers no calls until the "
@@ -1317,9 +1320,14 @@ class Memory:
         """Log a write, then ``apply`` it. Whatever could fail for want of memory was done before it was
         logged (_prepare_commit, _prepare_clear); should applying fail all the same, the log holds a write the
         memory lacks, so the log is failed: the memory answers nothing until a restart recovers what the log
-        holds, and the caller is told that the write may yet count."""
+        holds, and the caller is told that the write may yet count. Without a log nothing can recover it: the
+        memory, holding part of the write, answers nothing more."""
         if self.journal is None:
-            apply()
+            try:
+                apply()
+            except Exception as exc:
+                self._broken = f"a write failed midway ({exc}) and this memory has no log to recover from"
+                raise FailedPrecondition(f"{self._broken}; it answers no calls: delete it") from None
             return
         self.journal.append(self.commit_sequence + 1, record)
         try:

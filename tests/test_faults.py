@@ -535,6 +535,25 @@ def test_a_write_that_fails_after_it_is_logged_fails_the_log_and_is_recovered(tm
     assert_same(reopen(registry).get("m"), live)
 
 
+def test_a_memory_without_a_log_whose_write_fails_midway_answers_nothing_more():
+    """Half a write (values and commit changed, the index not) cannot be undone or recovered: the memory says
+    so instead of answering from an index that disagrees with its keys."""
+    registry = MemoryRegistry()
+    memory = registry.create("m", **CONFIG)
+    write(memory, range(3))
+
+    def out_of_memory(slots, keys):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    memory.index.update = out_of_memory
+    with pytest.raises(FailedPrecondition, match="a write failed midway .* no log to recover from"):
+        memory.query(*batch(3), update=True)
+    with pytest.raises(FailedPrecondition, match="delete it"):
+        memory.query(batch(4)[0])
+    registry.delete("m")
+    assert registry.list() == []
+
+
 @pytest.mark.parametrize("call", ["clear", "write"])
 def test_a_write_that_cannot_copy_for_a_streamed_snapshot_is_refused_and_not_logged(tmp_path, monkeypatch, call):
     """A clear during an export copies every key the export has yet to read: the allocation that fails is

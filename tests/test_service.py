@@ -101,3 +101,41 @@ def test_a_server_on_a_unix_socket_answers_as_over_tcp(tmp_path, server_url):
         server.stop(grace=None)
     with pytest.raises(ValueError, match="TLS options need a grpcs:// url"):
         connect(f"unix://{path}", ca_cert="ca.pem")
+
+
+class Interrupted(Exception):
+    """What a timeout signal or KeyboardInterrupt raises inside a training step."""
+
+
+class InterruptedOnce:
+    """A stream's replies whose first read is interrupted, with the reply still on its way."""
+
+    def __init__(self, responses):
+        self.responses, self.armed = responses, True
+
+    def __next__(self):
+        if self.armed:
+            self.armed = False
+            raise Interrupted
+        return next(self.responses)
+
+    def done(self):
+        return self.responses.done()
+
+    def cancel(self):
+        return self.responses.cancel()
+
+
+def test_a_stream_query_interrupted_before_its_reply_never_hands_that_reply_to_the_next(server_url):
+    with connect(server_url) as store:
+        memory = store.create_memory("interrupted", key_dim=8, memory_size=64, choose_k=4)
+        try:
+            with memory.stream() as stream:
+                stream._responses = InterruptedOnce(stream._responses)
+                with pytest.raises(Interrupted):
+                    stream.query(torch.eye(8)[:1], torch.tensor([5]), update=True)
+                for rows in (3, 2):
+                    result = stream.query(torch.eye(8)[:rows], torch.arange(rows), update=True)
+                    assert len(result.predictions) == rows  # its own reply, not the one before
+        finally:
+            store.delete_memory("interrupted")
