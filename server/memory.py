@@ -25,6 +25,7 @@ import logging
 import math
 import numbers
 import re
+import secrets
 import threading
 import time
 import weakref
@@ -319,6 +320,10 @@ def result_bytes(key_dim: int, batch: int, k: int, fields: frozenset[str], corre
     return batch * per_row
 
 
+def new_incarnation() -> int:
+    return secrets.randbits(63)
+
+
 def softmax_temperature(k: int, alpha: float) -> float:
     """t = max(1, ln(0.2 k) / alpha): 39.36 for k = 256, alpha = 0.1."""
     return max(1.0, math.log(0.2 * k) / alpha)
@@ -332,6 +337,9 @@ class QueryTicket:
     relied_generations: torch.Tensor  # int64 [B, correct_in_top + 1]
     k: int
     use_recent: bool
+    # The memory's incarnation the query read: a ticket from another (the memory deleted and made again under
+    # its name, or imported) has every row queried again, since the same slot and generation may hold another key.
+    incarnation: int = 0
 
 
 @dataclass
@@ -542,6 +550,8 @@ class MemoryState:
     # [M + 1, D], ``keys`` followed by a zero row (persistence.read_snapshot reads keys into this): the layout
     # a memory keeps, so a restore on the CPU adopts it rather than holding the keys twice.
     padded_keys: torch.Tensor | None = None
+    # Which history of writes this is (Memory.incarnation); None: start a new one (an import, an older file).
+    incarnation: int | None = None
 
     def take_padded_keys(self) -> torch.Tensor | None:
         """The padded key buffer, handed over once: the keys are then the new memory's own, and this state
@@ -733,6 +743,9 @@ class Memory:
             # label -> slot of its last write or merge, least recently written first; at most memory_size labels.
             self.recent: OrderedDict[int, int] = OrderedDict()
             self.commit_sequence = 0
+            # A random id of this history of writes, drawn at create and import and kept by snapshots and
+            # recovery: the same slot and generation name the same key only within one incarnation.
+            self.incarnation = new_incarnation()
             self.empty_slots = size
             self.counters = {"queries": 0, "writes": 0, "merges": 0}
             if state is not None:
@@ -824,6 +837,8 @@ class Memory:
         self._check_query_bytes(len(q), k, frozenset())
         with self._locked():
             stale = (self._padded_generations[relied] != generations).any(dim=1)
+            if ticket.incarnation != self.incarnation:
+                stale = torch.ones_like(stale)
             labels = _to_device(y, self.device)
             # NO_SLOT reads EMPTY, which matches no label.
             incorrect = ~(self._padded_values[relied[:, :c]] == labels[:, None]).any(dim=1)
@@ -950,6 +965,7 @@ class Memory:
                 writer_names=list(self.writer_names),
                 writer_counters=[tuple(c) for c in self.writer_counters],
                 index_state=self.index.state(),
+                incarnation=self.incarnation,
             )
 
     def footprint(self) -> dict[str, int]:
@@ -1216,7 +1232,7 @@ class Memory:
         )
         if ticket and read.incorrect is not None:  # a fused update's result has nothing left to update
             relied = torch.cat([read.slots[:, : self.config.correct_in_top], read.positive_slots[:, None]], dim=1)
-            result.ticket = QueryTicket(relied, self._padded_generations[relied], k, use_recent)
+            result.ticket = QueryTicket(relied, self._padded_generations[relied], k, use_recent, self.incarnation)
         if "neighbors" in fields:
             result.neighbor_slots = read.slots
             result.neighbor_similarities = read.similarities
@@ -1424,6 +1440,8 @@ class Memory:
         recent = zip(state.recent_labels[-bound:].tolist(), state.recent_slots[-bound:].tolist(), strict=True)
         self.recent = OrderedDict(recent)
         self.commit_sequence = state.commit_sequence
+        if state.incarnation is not None:
+            self.incarnation = state.incarnation
         # Ages saturate at MAX_AGE, so a stamp this far back stands for every earlier one.
         self._touched = state.commit_sequence - state.ages.numpy().astype(np.int64)
         self._filled = (state.values != EMPTY).numpy()

@@ -57,6 +57,7 @@ from lifelong_memory.server.memory import (
     MemoryConfig,
     MemoryState,
     Retrain,
+    new_incarnation,
 )
 
 log = logging.getLogger("lifelong_memory.server.persistence")
@@ -193,6 +194,8 @@ def snapshot_chunks(state: MemoryState) -> Iterator[bytes]:
         "arrays": specs(arrays),
         "index_arrays": specs(index_arrays),
     }
+    if state.incarnation is not None:
+        header["incarnation"] = state.incarnation
     header_bytes = json.dumps(header, sort_keys=True).encode()
     crc = 0
     for chunk in _array_chunks(header_bytes, [*arrays.values(), *index_arrays.values()]):
@@ -324,6 +327,9 @@ def read_snapshot(f: BinaryIO, check_config: Callable[[MemoryConfig], object] | 
         raise SnapshotError(f"counters {counters} must be among {list(COUNTERS)}, each in [0, 2^63)")
     if not all(0 <= v < 2**63 for pair in writer_counters for v in pair):
         raise SnapshotError("the writer table's counts must be in [0, 2^63)")
+    incarnation = header.get("incarnation")  # absent before incarnations: the memory starts a new one
+    if incarnation is not None and not (type(incarnation) is int and 0 <= incarnation < 2**63):
+        raise SnapshotError(f"incarnation {incarnation!r} is not an integer in [0, 2^63)")
     _check_state(config, arrays, writer_names, sequence)
     _check_index_state(config, index_state)
     return MemoryState(
@@ -334,6 +340,7 @@ def read_snapshot(f: BinaryIO, check_config: Callable[[MemoryConfig], object] | 
         writer_counters=writer_counters,
         index_state=index_state,
         padded_keys=padded_keys,
+        incarnation=incarnation,
         **arrays,
     )
 
@@ -973,6 +980,8 @@ class DataDirectory:
         for first, path in record_less:
             if first != memory.commit_sequence + 1 and path.exists():  # the next write's segment is made anew
                 damaged.append(f"{path.name} holds no record; kept in {self._keep_aside(folder, path)}")
+        if damaged:  # acknowledged writes after the damage are gone: the writes from here on are another history
+            memory.incarnation = new_incarnation()
         memory.journal = WriteAheadLog(folder, memory.commit_sequence + 1, self.durability)
         memory.recovery_report = "; ".join(filter(None, [result.truncated, *damaged]))
         self._snapshot_times[folder.name] = time.monotonic()

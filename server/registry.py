@@ -109,6 +109,7 @@ class MemoryRegistry:
 
     def import_state(self, name: str, state: MemoryState, **overrides) -> Memory:
         """A new memory holding ``state`` (an export or snapshot), optionally searched differently."""
+        state.incarnation = None  # a new history from here: the exported memory may go on writing its own
         return self._add(name, self.import_config(name, state.config, overrides), state)
 
     def import_config(self, name: str, config: MemoryConfig, overrides: dict) -> MemoryConfig:

@@ -152,6 +152,7 @@ def ticket_to_proto(ticket: QueryTicket) -> pb.QueryTicket:
         relied_generations=encode_array(ticket.relied_generations),
         k=ticket.k,
         use_recent=ticket.use_recent,
+        memory_incarnation=ticket.incarnation,
     )
 
 
@@ -161,6 +162,7 @@ def ticket_from_proto(message: pb.QueryTicket) -> QueryTicket:
         relied_generations=decode_array(message.relied_generations, "ticket.relied_generations", pb.INT64, 2),
         k=int(message.k),
         use_recent=bool(message.use_recent),
+        incarnation=int(message.memory_incarnation),
     )
 
 

@@ -67,3 +67,38 @@ def test_a_fused_result_cannot_be_updated_again(store):
     with pytest.raises(InvalidArgument) as error:
         memory.update(queries, labels, fused)
     assert error.value.field == "result"
+
+
+def test_a_ticket_from_a_memory_made_again_under_its_name_has_every_row_queried_again(store):
+    """Delete and create again: the same slot is written at the same commit, so slot and generation alone
+    would call the old ticket fresh and merge this row into the new memory's stranger."""
+    config = dict(key_dim=8, memory_size=4, choose_k=4, age_noise=0.0)
+    ours, stranger, label = unit(torch.ones(1, 8)), unit(-torch.ones(1, 8)), torch.tensor([7])
+    memory = store.create_memory("again", **config)
+    memory.query(ours, label, update=True)  # commit 1: slot 0
+    result = memory.query(ours, label)  # relies on slot 0 at generation 1
+    store.delete_memory("again")
+    memory = store.create_memory("again", **config)
+    memory.query(stranger, label, update=True)  # commit 1 again: slot 0, another key
+    assert memory.read_slots([0]).generations.tolist() == [1]
+    update = memory.update(ours, label, result)
+    assert update.revalidated_rows == 1
+    assert update.incorrect.tolist() == [True] and update.written_slots.tolist() != [0]  # a write, not a merge
+    keys, _, _ = memory.slots([0])
+    assert torch.equal(keys, stranger)  # the stranger's key is untouched
+
+
+def test_a_ticket_outlives_a_restart_but_not_an_import(tmp_path):
+    from lifelong_memory.client import connect
+
+    config = dict(key_dim=8, memory_size=32, choose_k=4, age_noise=0.0)
+    queries, labels = unit(torch.randn(4, 8, generator=torch.Generator().manual_seed(0))), torch.arange(4)
+    with connect("local", data_dir=tmp_path / "data") as store:
+        memory = store.create_memory("kept", **config)
+        memory.query(queries, labels, update=True)
+        result = memory.query(queries, labels)
+        store.export_memory("kept", tmp_path / "kept.lmem")
+    with connect("local", data_dir=tmp_path / "data") as store:  # restarted: snapshot and log, one history
+        assert store.memory("kept").update(queries, labels, result).revalidated_rows == 0
+        imported = store.import_memory("copy", tmp_path / "kept.lmem")
+        assert store.memory(imported.name).update(queries, labels, result).revalidated_rows == 4

@@ -229,16 +229,18 @@ class QueryRequest(_message.Message):
     def __init__(self, memory: _Optional[str] = ..., queries: _Optional[_Union[Array, _Mapping]] = ..., labels: _Optional[_Union[Array, _Mapping]] = ..., k: _Optional[int] = ..., use_recent: _Optional[bool] = ..., update: _Optional[bool] = ..., fields: _Optional[_Iterable[_Union[ResultField, str]]] = ..., writer: _Optional[str] = ...) -> None: ...
 
 class QueryTicket(_message.Message):
-    __slots__ = ("relied_slots", "relied_generations", "k", "use_recent")
+    __slots__ = ("relied_slots", "relied_generations", "k", "use_recent", "memory_incarnation")
     RELIED_SLOTS_FIELD_NUMBER: _ClassVar[int]
     RELIED_GENERATIONS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     USE_RECENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     relied_slots: Array
     relied_generations: Array
     k: int
     use_recent: bool
-    def __init__(self, relied_slots: _Optional[_Union[Array, _Mapping]] = ..., relied_generations: _Optional[_Union[Array, _Mapping]] = ..., k: _Optional[int] = ..., use_recent: _Optional[bool] = ...) -> None: ...
+    memory_incarnation: int
+    def __init__(self, relied_slots: _Optional[_Union[Array, _Mapping]] = ..., relied_generations: _Optional[_Union[Array, _Mapping]] = ..., k: _Optional[int] = ..., use_recent: _Optional[bool] = ..., memory_incarnation: _Optional[int] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
     __slots__ = ("commit_sequence", "predictions", "incorrect", "written_slots", "ticket", "neighbor_slots", "neighbor_similarities", "neighbor_values", "neighbor_keys", "weights", "positive_slots", "positive_similarities", "negative_slots", "negative_similarities", "positive_keys", "negative_keys")
