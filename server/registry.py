@@ -220,11 +220,13 @@ class MemoryRegistry:
                 self.storage.delete(name, memory)
             elif memory is not None:
                 memory.retire(lambda: None)
-            with self._lock:
-                self._memories.pop(name, None)
-                self._unrecovered.pop(name, None)
-            if self.cluster is not None and memory is not None and memory.config.placement != "local":
-                self.cluster.drop(name)
+            try:  # the shards go while the name is still taken: a create of it places shards under the same name
+                if self.cluster is not None and memory is not None and memory.config.placement != "local":
+                    self.cluster.drop(name)
+            finally:
+                with self._lock:
+                    self._memories.pop(name, None)
+                    self._unrecovered.pop(name, None)
         finally:
             with self._lock:
                 self._deleting.discard(name)

@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -31,7 +32,7 @@ from test_bad_input import BAD_QUERIES, Q, Y, fill, raises_invalid, unchanged
 from test_bad_input import CONFIG as BAD_INPUT_CONFIG
 from test_equivalence import ClientDriver, config, reference_for, run_fill_in_order, run_stream, run_unlabelled
 
-from lifelong_memory.client import Unavailable, connect
+from lifelong_memory.client import AlreadyExists, Unavailable, connect
 from lifelong_memory.server.auth import TokenAuth
 from lifelong_memory.server.cluster import NAMESPACE, RayCluster
 from lifelong_memory.server.errors import FailedPrecondition, PermissionDenied, ResourceExhausted, Unauthenticated
@@ -241,6 +242,39 @@ def test_shards_are_actors_on_different_nodes(store):
 
 def test_a_local_memory_beside_has_no_shard_actors(store):
     assert store.create_memory("local-beside", **config("torch", 2, 1)).info().shards == []
+
+
+def test_a_memory_being_deleted_keeps_its_name_until_its_shards_are_gone(registry, monkeypatch):
+    """The shards are dropped by the memory's name: a create of that name before they are gone would have its
+    new shards dropped by the delete (they answered UNAVAILABLE until a restart)."""
+    cfg = on_cluster(config("torch", 2, 1))
+    registry.create("renamed", **cfg)
+    dropping, release = threading.Event(), threading.Event()
+    drop = registry.cluster.drop
+
+    def slow_drop(name):
+        dropping.set()
+        assert release.wait(60)
+        drop(name)
+
+    monkeypatch.setattr(registry.cluster, "drop", slow_drop)
+    deleter = threading.Thread(target=registry.delete, args=("renamed",))
+    deleter.start()
+    try:
+        assert dropping.wait(60)
+        with pytest.raises(AlreadyExists):  # the old shards are still being dropped
+            registry.create("renamed", **cfg)
+    finally:
+        release.set()
+        deleter.join(60)
+    monkeypatch.undo()
+    again = registry.create("renamed", **cfg)
+    try:
+        queries = torch.nn.functional.normalize(torch.randn(3, cfg["key_dim"]), dim=1)
+        assert again.query(queries, torch.arange(3), update=True).commit_sequence == 1
+        assert again.query(queries).commit_sequence == 1  # its shards answer
+    finally:
+        registry.delete("renamed")
 
 
 def test_cluster_placement_without_a_cluster_is_refused():
