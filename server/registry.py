@@ -84,6 +84,7 @@ class MemoryRegistry:
         self._memories: dict[str, Memory] = {}
         self._unrecovered: dict[str, str] = {}
         self._deleting: set[str] = set()
+        self._creating: dict[str, MemoryConfig] = {}  # names being built: taken, and their room counted
         self._lock = threading.Lock()
         self.storage = DataDirectory(data_dir, durability or Durability()) if data_dir is not None else None
         self._stopping = threading.Event()
@@ -140,7 +141,10 @@ class MemoryRegistry:
         config.check_usable()
         with self._lock:
             self._check_room(name, config)
-            # Built under the lock so two creates of one name cannot both succeed.
+            self._creating[name] = config  # so two creates of one name cannot both succeed
+        # Built and written outside the lock: a large import takes seconds, and every call on every memory
+        # looks its memory up under this lock.
+        try:
             memory = Memory(
                 config,
                 state,
@@ -150,18 +154,26 @@ class MemoryRegistry:
             )
             if self.storage is not None:
                 self.storage.create(name, memory)
+        except BaseException:
+            with self._lock:
+                del self._creating[name]
+            raise
+        with self._lock:
+            del self._creating[name]
             self._memories[name] = memory
-            return memory
+        return memory
 
     def _check_room(self, name: str, config: MemoryConfig) -> None:
         """Under the lock: a new memory ``name`` of ``config`` fits beside the others."""
-        if name in self._memories or name in self._unrecovered:
+        if name in self._memories or name in self._unrecovered or name in self._creating:
             raise AlreadyExists(f"memory {name!r} already exists")
-        if len(self._memories) >= self.max_memories:
+        if len(self._memories) + len(self._creating) >= self.max_memories:
             raise ResourceExhausted(f"this server holds at most {self.max_memories} memories")
+        footprints = [m.footprint() for m in self._memories.values()]
+        footprints += [c.footprint(self.max_batch) for c in self._creating.values()]
         for device, bytes_needed in sorted(config.footprint(self.max_batch).items()):
             budget = self._device_budget(device)
-            used = sum(m.footprint().get(device, 0) for m in self._memories.values())
+            used = sum(f.get(device, 0) for f in footprints)
             if used + bytes_needed > budget:
                 raise ResourceExhausted(
                     f"config.memory_size: {config.memory_size} slots of dimension {config.key_dim} need "

@@ -10,11 +10,15 @@ is on: the noise generator is consumed in commit order, so the replay matches.
 from __future__ import annotations
 
 import multiprocessing
+import threading
 
+import pytest
 import torch
 from crash_harness import client_batch
 
-from lifelong_memory.client import connect
+from lifelong_memory.client import AlreadyExists, ResourceExhausted, connect
+from lifelong_memory.server.memory import MemoryConfig
+from lifelong_memory.server.registry import MemoryRegistry
 
 CONFIG = dict(key_dim=16, memory_size=96, choose_k=8, age_noise=2.0, seed=7)
 CLIENTS, STEPS = 4, 40
@@ -74,3 +78,38 @@ def test_concurrent_trainers_commit_in_one_order(server_url):
     for slot, (sequence, label) in last_write.items():
         assert int(final_values[slot]) == label
         assert float(final_ages[slot]) == final_sequence - sequence
+
+
+def test_a_create_in_progress_holds_its_name_and_room_but_no_other_memory(tmp_path, monkeypatch):
+    """A large import takes seconds to build and write: calls on other memories go on meanwhile, while the
+    name it takes and the room it needs are already counted."""
+    config = dict(key_dim=8, memory_size=1024, choose_k=4)
+    footprint = MemoryConfig(**config).footprint(4096)["cpu"]
+    registry = MemoryRegistry(data_dir=tmp_path, memory_budget_bytes=int(2.5 * footprint))
+    other = registry.create("other", **config)
+    writing, release = threading.Event(), threading.Event()
+    create = registry.storage.create
+
+    def slow_create(name, memory):
+        if name == "slow":
+            writing.set()
+            assert release.wait(60)
+        create(name, memory)
+
+    monkeypatch.setattr(registry.storage, "create", slow_create)
+    creator = threading.Thread(target=registry.create, args=("slow",), kwargs=config)
+    creator.start()
+    try:
+        assert writing.wait(60)
+        queries = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
+        assert registry.get("other").query(queries, torch.arange(2), update=True).commit_sequence == 1
+        with pytest.raises(AlreadyExists):
+            registry.create("slow", **config)
+        with pytest.raises(ResourceExhausted, match="config.memory_size"):  # "slow"'s room is taken
+            registry.create("third", **config)
+        assert [name for name, _ in registry.list()] == ["other"]
+    finally:
+        release.set()
+        creator.join(60)
+    assert [name for name, _ in registry.list()] == ["other", "slow"]
+    assert other.commit_sequence == 1
