@@ -488,10 +488,11 @@ class KeysAtCommit:
         self._saved_order: list[int] = []  # the same slots, a heap
         self._frozen: torch.Tensor | None = None  # after a clear: every key from _frozen_from on, at the commit
         self._frozen_from = 0
+        self._finished = False  # read to the end or abandoned: nothing more to save
 
     def before_write(self, targets: np.ndarray | None) -> None:
         """Called under the memory's lock before the slots ``targets`` (None: every slot) change."""
-        if self._frozen is not None:
+        if self._frozen is not None or self._finished:
             return
         keys = self._memory.keys
         if targets is None:  # a clear: keep what is left to read, as it is now, in one block
@@ -512,20 +513,24 @@ class KeysAtCommit:
     def chunks(self, rows: int) -> Iterator[torch.Tensor]:
         """The keys at the commit, ``rows`` slots at a time, on the CPU."""
         memory, size = self._memory, self.shape[0]
-        for start in range(0, size, rows):
-            stop = min(size, start + rows)
-            with memory._locked():
-                if self._frozen is not None:
-                    block = self._frozen[start - self._frozen_from : stop - self._frozen_from]
-                else:
-                    block = memory.keys[start:stop].to("cpu", copy=True)
-                    while self._saved_order and self._saved_order[0] < stop:
-                        slot = heapq.heappop(self._saved_order)
-                        block[slot - start] = self._saved.pop(slot)
-                self._read_up_to = stop
-            yield block
-        with memory._lock:
-            memory._streamed_keys.discard(self)
+        try:
+            for start in range(0, size, rows):
+                stop = min(size, start + rows)
+                with memory._locked():
+                    if self._frozen is not None:
+                        block = self._frozen[start - self._frozen_from : stop - self._frozen_from]
+                    else:
+                        block = memory.keys[start:stop].to("cpu", copy=True)
+                        while self._saved_order and self._saved_order[0] < stop:
+                            slot = heapq.heappop(self._saved_order)
+                            block[slot - start] = self._saved.pop(slot)
+                    self._read_up_to = stop
+                yield block
+            with memory._lock:
+                memory._streamed_keys.discard(self)
+        finally:  # or abandoned (an export whose client stopped reading): writes copy nothing more for it
+            self._finished = True  # without the memory's lock: the collector may close this in any thread
+            self._saved.clear()
 
 
 @dataclass

@@ -33,7 +33,13 @@ from lifelong_memory.server import wire
 from lifelong_memory.server.admission import Admission
 from lifelong_memory.server.auth import TokenAuth
 from lifelong_memory.server.cluster import shard_health
-from lifelong_memory.server.errors import DeadlineExceeded, InvalidArgument, MemoryServiceError, ResourceExhausted
+from lifelong_memory.server.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MemoryServiceError,
+    ResourceExhausted,
+    Unavailable,
+)
 from lifelong_memory.server.memory import Memory, result_bytes
 from lifelong_memory.server.metrics import RpcObserver, serve_metrics
 from lifelong_memory.server.persistence import SnapshotError, read_snapshot, snapshot_chunks
@@ -235,8 +241,17 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         chunks = await self._in_worker(
             context, lambda: snapshot_chunks(self.registry.get(request.name).capture(streamed=True))
         )
-        while (chunk := await self._in_worker(context, next, chunks, None)) is not None:
-            await context.write(pb.FileChunk(data=chunk))
+        try:
+            while (chunk := await self._in_worker(context, next, chunks, None)) is not None:
+                try:  # a client that stops reading would keep the export, and its copy of every key overwritten
+                    await asyncio.wait_for(context.write(pb.FileChunk(data=chunk)), self.limits.idle_timeout)
+                except TimeoutError:
+                    raise Unavailable(
+                        f"the client read nothing for {self.limits.idle_timeout:g} s: the server ended this "
+                        "export; export again"
+                    ) from None
+        finally:  # the keys' reader stops copying what writes overwrite now, not when the collector finds it
+            await asyncio.get_running_loop().run_in_executor(self.workers, chunks.close)
 
     @_statuses
     async def ImportMemory(self, request_iterator, context):

@@ -365,3 +365,29 @@ def hpack_string(text: str) -> bytes:
     data = text.encode()
     assert len(data) < 127
     return bytes([len(data)]) + data
+
+
+def test_an_export_whose_client_stops_reading_is_ended_and_copies_nothing_more():
+    """Each write during an export saves the keys it overwrites for the export: an export whose client stopped
+    reading would hold them for good (a read-only token suffices to start one)."""
+    registry = MemoryRegistry()
+    server, port = build_server("127.0.0.1:0", registry, ServerLimits(idle_timeout=0.5), max_workers=WORKERS)
+    server.start()
+    try:
+        with connect(f"grpc://127.0.0.1:{port}") as store:
+            # 32 MiB of keys: more than the transport buffers for a client that reads nothing
+            store.create_memory("exported", key_dim=128, memory_size=65536, choose_k=4)
+        memory = registry.get("exported")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            export = pb_grpc.MemoryServiceStub(channel).ExportMemory(pb.ExportMemoryRequest(name="exported"))
+            next(export)  # and no more
+            waited = time.monotonic()
+            while memory._streamed_keys and time.monotonic() - waited < HOLD_DEADLINE:
+                time.sleep(0.1)
+            assert not memory._streamed_keys, "the export still copies what writes overwrite"
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in export:
+                    pass
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "read nothing" in ended.value.details()
+    finally:
+        server.stop(grace=None)
