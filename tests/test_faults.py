@@ -50,6 +50,15 @@ def assert_same(a: Memory, b: Memory) -> None:
         assert torch.equal(getattr(x, name), getattr(y, name)), name
 
 
+def durable_with_twin(tmp_path, steps: int) -> tuple[MemoryRegistry, Memory, Memory]:
+    """A memory "m" with a data directory and its twin without one, after the same ``steps`` writes."""
+    registry = MemoryRegistry(data_dir=tmp_path)
+    memory, live = registry.create("m", **CONFIG), MemoryRegistry().create("twin", **CONFIG)
+    write(memory, range(steps))
+    write(live, range(steps))
+    return registry, memory, live
+
+
 def reopen(registry: MemoryRegistry, **options) -> MemoryRegistry:
     """What a restarted server finds after a SIGKILL: the files as they are, the directory lock released."""
     registry.storage.close()
@@ -279,11 +288,7 @@ def test_describe_tells_what_recovery_set_aside(tmp_path, capsys):
 
 
 def test_a_snapshot_of_another_memory_in_the_folder_is_set_aside(tmp_path):
-    registry = MemoryRegistry(data_dir=tmp_path)
-    memory = registry.create("m", **CONFIG)
-    live = MemoryRegistry().create("twin", **CONFIG)
-    write(memory, range(5))
-    write(live, range(5))
+    registry, memory, live = durable_with_twin(tmp_path, 5)
     stranger = MemoryRegistry().create("other", **{**CONFIG, "key_dim": 16})
     write(stranger, range(3))
     foreign = tmp_path / "memories" / "m" / f"snapshot-{99:020d}.lmem"
@@ -344,11 +349,7 @@ def disk_full_after(budget: int):
 
 
 def test_a_write_refused_for_a_full_disk_leaves_no_trace(tmp_path, monkeypatch):
-    registry = MemoryRegistry(data_dir=tmp_path)
-    memory = registry.create("m", **CONFIG)
-    live = MemoryRegistry().create("twin", **CONFIG)
-    write(memory, range(10))
-    write(live, range(10))
+    registry, memory, live = durable_with_twin(tmp_path, 10)
     ((_, segment),) = segments(tmp_path / "memories" / "m")
     size, before = segment.stat().st_size, memory.capture()
     monkeypatch.setattr(persistence, "_write_all", disk_full_after(50))  # half a record fits
@@ -450,11 +451,7 @@ def assert_named_by_first_record(folder) -> None:
 )
 def test_a_rotation_that_cannot_make_its_segment_loses_no_acknowledged_write(tmp_path, monkeypatch, patch, attribute,
                                                                              fails):  # fmt: skip
-    registry = MemoryRegistry(data_dir=tmp_path)
-    memory = registry.create("m", **CONFIG)
-    live = MemoryRegistry().create("twin", **CONFIG)
-    write(memory, range(5))
-    write(live, range(5))
+    registry, memory, live = durable_with_twin(tmp_path, 5)
     registry.snapshot("m")  # the log starts a new segment at the next write
     folder = tmp_path / "memories" / "m"
     monkeypatch.setattr(persistence, attribute, patch)
@@ -482,11 +479,7 @@ def test_a_rotation_that_cannot_make_its_segment_loses_no_acknowledged_write(tmp
 def test_segments_without_a_record_left_by_earlier_versions_hide_nothing(tmp_path, monkeypatch, stray):
     """Before a failed rotation removed its half-made segment, every write after it left one behind while the
     records went on in the old segment; recovery took the strays' names for first records and lost them."""
-    registry = MemoryRegistry(data_dir=tmp_path)
-    memory = registry.create("m", **CONFIG)
-    live = MemoryRegistry().create("twin", **CONFIG)
-    write(memory, range(5))
-    write(live, range(5))
+    registry, memory, live = durable_with_twin(tmp_path, 5)
     registry.snapshot("m")
     folder = tmp_path / "memories" / "m"
     monkeypatch.setattr(persistence, "remove_durably", lambda path: None)  # the earlier versions
@@ -516,11 +509,7 @@ def test_segments_without_a_record_left_by_earlier_versions_hide_nothing(tmp_pat
 
 
 def test_a_write_that_fails_after_it_is_logged_fails_the_log_and_is_recovered(tmp_path, monkeypatch):
-    registry = MemoryRegistry(data_dir=tmp_path)
-    memory = registry.create("m", **CONFIG)
-    live = MemoryRegistry().create("twin", **CONFIG)
-    write(memory, range(5))
-    write(live, range(5))
+    registry, memory, live = durable_with_twin(tmp_path, 5)
 
     def out_of_memory(self, *args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
@@ -558,11 +547,7 @@ def test_a_memory_without_a_log_whose_write_fails_midway_answers_nothing_more():
 def test_a_write_that_cannot_copy_for_a_streamed_snapshot_is_refused_and_not_logged(tmp_path, monkeypatch, call):
     """A clear during an export copies every key the export has yet to read: the allocation that fails is
     refused before the log records anything, so the next write takes the same place in the log."""
-    registry = MemoryRegistry(data_dir=tmp_path)
-    memory = registry.create("m", **CONFIG)
-    live = MemoryRegistry().create("twin", **CONFIG)
-    write(memory, range(5))
-    write(live, range(5))
+    registry, memory, live = durable_with_twin(tmp_path, 5)
     exporting, at_capture = memory.capture(streamed=True), memory.capture().keys
 
     def out_of_memory(self, targets):
