@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import inspect
 
 import grpc
@@ -116,8 +117,11 @@ def _reading_requests(handler: grpc.RpcMethodHandler, call) -> grpc.RpcMethodHan
     factory = (
         grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
     )
+    deserialize = handler.request_deserializer
     return factory(
-        call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        call,
+        request_deserializer=None if deserialize is None else _decoded_or_malformed(deserialize),
+        response_serializer=handler.response_serializer,
     )
 
 
@@ -126,6 +130,26 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
         await context.abort(code, message)
 
     return _reading_requests(handler, refuse)
+
+
+@dataclasses.dataclass
+class Malformed:
+    """A message that does not decode (invalid UTF-8 in a string field, truncated bytes)."""
+
+    error: str
+
+
+def _decoded_or_malformed(deserialize):
+    """gRPC answers a deserializer's exception with UNKNOWN: the message is handed on as Malformed instead,
+    and refused as INVALID_ARGUMENT where it is read (_arriving_within)."""
+
+    def decode(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf's DecodeError
+            return Malformed(f"{type(exc).__name__}: {exc}")
+
+    return decode
 
 
 async def _arriving_within(requests, context, timeout: float):
@@ -162,6 +186,8 @@ async def _arriving_within(requests, context, timeout: float):
                     f"no message from the client for {timeout:g} s: the server closed this idle call; open a new one",
                 )
             waiting_since = None
+            if isinstance(message, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({message.error})")
             yield message
             waiting_since = loop.time()
     finally:

@@ -538,6 +538,21 @@ def assert_status(error: grpc.RpcError, code: grpc.StatusCode, field: str | None
         assert error.details().startswith(f"{field}: "), error.details()
 
 
+@pytest.mark.parametrize(
+    "method, raw",
+    [
+        pytest.param("GetMemory", b"\x0a\x02\xff\xfe", id="name-not-utf8"),
+        pytest.param("CreateMemory", b"\x0a\x03a\xffb", id="create-name-not-utf8"),
+        pytest.param("Query", b"\x0a\x01m\x42\x02\xc3\x28", id="writer-not-utf8"),
+        pytest.param("Query", b"\x0a\x05m", id="truncated"),
+    ],
+)
+def test_a_message_that_does_not_decode_is_invalid_argument(server_url, remote, method, raw):
+    with grpc.insecure_channel(server_url.removeprefix("grpc://")) as channel, unchanged(remote):
+        call = channel.unary_unary(f"/lifelong_memory.v1.MemoryService/{method}")  # bytes as they are
+        assert_status(wire_error(lambda: call(raw, timeout=10)), grpc.StatusCode.INVALID_ARGUMENT, "request")
+
+
 def edit(path: str, *, dtype=None, shape=None, data=None):
     """A change to the Array at ``path`` in a request: dtype, shape and/or data (a value or a function of it)."""
 
