@@ -230,24 +230,24 @@ class LshIndex:
         """``probed`` [B, tables, probes]: codes of the active bits. Each bucket's entries are located first
         and counted; rows whose candidates would exceed SEARCH_CHUNK_BYTES are split off before any is gathered."""
         batch, probes = len(queries), probed.shape[2]
-        spans = []  # (table, entries, first entry, entry count) per probed bucket, flattened over (row, probe)
-        per_row = np.zeros(batch, dtype=np.int64)
+        spans = []  # (table, entries, first entry, entry count, their sum) per probed bucket, over (row, probe)
+        candidates = 0
         for t in range(self.tables):
             codes = probed[:, t, :].ravel().astype(np.int64)
             for entries in (self.base[t], self.moved[t]):
                 lo = np.searchsorted(entries, (codes << shift) << 32)
                 lengths = np.searchsorted(entries, ((codes + 1) << shift) << 32) - lo
-                spans.append((t, entries, lo, lengths))
-                per_row += lengths.reshape(batch, probes).sum(axis=1)
-        if batch > 1 and int(per_row.sum()) * CANDIDATE_BYTES > SEARCH_CHUNK_BYTES:
+                total = int(lengths.sum())
+                spans.append((t, entries, lo, lengths, total))
+                candidates += total
+        if batch > 1 and candidates * CANDIDATE_BYTES > SEARCH_CHUNK_BYTES:
             half = batch // 2
             return self._search_probed(queries[:half], probed[:half], k, shift) + self._search_probed(
                 queries[half:], probed[half:], k, shift
             )
         query_rows = np.repeat(np.arange(batch), probes)
         found_rows, found_local = [], []
-        for t, entries, lo, lengths in spans:
-            total = int(lengths.sum())
+        for t, entries, lo, lengths, total in spans:
             if not total:
                 continue
             offsets = np.repeat(lo - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
