@@ -412,6 +412,43 @@ def test_context_training_memorises_before_each_step_and_resumes_exactly(straigh
     assert [without_timing(m) for m in resumed] == [without_timing(m) for m in straight]
 
 
+@needs_data
+def test_a_branch_goes_on_from_another_run_s_checkpoint_and_may_change_only_its_context_training(
+    straight_run, tmp_path
+):
+    _, straight, evaluation = straight_run
+    run_trainer(tmp_path / "parent", "--steps", "10")
+    parent = str(tmp_path / "parent" / "checkpoint.pt")
+    same, same_evaluation = run_trainer(tmp_path / "same", "--steps", "20", "--branch-from", parent)
+    assert [without_timing(m) for m in same] == [without_timing(m) for m in straight], "unchanged: the straight run"
+    branched_from = {"checkpoint": parent, "step": 10, "context_training": False, "context_word_max": 5}
+    assert same_evaluation["branched_from"] == branched_from and evaluation["branched_from"] is None
+    assert without_timing(same_evaluation) == without_timing(evaluation) | {"branched_from": branched_from}
+
+    # Context training from the branch on: the parent's history, then other steps; and the branch resumes exactly.
+    other = ["--branch-from", parent, "--context-training", "--context-word-max", "3"]
+    other += ["--validate-every", "5", "--checkpoint-every", "5"]
+    changed, changed_evaluation = run_trainer(tmp_path / "changed", "--steps", "20", *other)
+    assert [m["step"] for m in changed] == [10, 15, 20] and without_timing(changed[0]) == without_timing(straight[0])
+    assert changed[-1]["validation"] != straight[-1]["validation"]
+    assert changed_evaluation["branched_from"] == branched_from, "the parent's own settings, not the branch's"
+    run_trainer(tmp_path / "resumed", "--steps", "15", *other)
+    resumed, resumed_evaluation = run_trainer(tmp_path / "resumed", "--steps", "20", "--resume", *other)
+    assert [without_timing(m) for m in resumed] == [without_timing(m) for m in changed]
+    assert without_timing(resumed_evaluation) == without_timing(changed_evaluation)
+
+    def refused(out: pathlib.Path, *flags: str) -> None:
+        translation.main([*TINY, "--out-dir", str(out), "--branch-from", parent, "--steps", "20", *flags])
+
+    with pytest.raises(SystemExit, match=r"was trained with --hidden 32 \(given 48\)"):
+        refused(tmp_path / "wider", "--hidden", "48")
+    with pytest.raises(SystemExit, match="--branch-from starts a run of its own, but .* exists"):
+        refused(tmp_path / "same")
+    with pytest.raises(SystemExit, match="--branch-from trains from a checkpoint; --evaluate evaluates one"):
+        refused(tmp_path / "both", "--evaluate", parent)
+    assert not (tmp_path / "wider" / "checkpoint.pt").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a host without CUDA")
 def test_a_cuda_device_the_host_lacks_is_refused_before_training(tmp_path):
     with pytest.raises(SystemExit, match="--device cuda: this torch sees no CUDA device"):

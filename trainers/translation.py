@@ -35,6 +35,9 @@ then BLEU on the odd lines, before and after); and accuracy on reference words s
     python -m lifelong_memory.trainers.translation --resume --out-dir runs/translation-memory   # continue
     python -m lifelong_memory.trainers.translation --resume --steps 8400 --decay-steps 1200 \
         --out-dir runs/translation-memory   # a cooldown branched from the constant-rate step-7200 checkpoint
+    python -m lifelong_memory.trainers.translation --branch-from runs/translation-memory/checkpoint.pt \\
+        --context-training --context-word-max 20 --steps 8400 --decay-steps 1200 \\
+        --out-dir runs/translation-memory-branch   # the same, in a run of its own, with other context training
     python -m lifelong_memory.trainers.translation --evaluate runs/translation-memory/checkpoint.pt \\
         --memory grpc://127.0.0.1:50051 --out-dir runs/translation-memory-grpc   # the memory served remotely
     python -m lifelong_memory.trainers.translation --device cuda --memory-device cuda   # model and memory on a GPU
@@ -110,6 +113,7 @@ context_passes = 3  # the paper's one-shot test: passes of memory updates over t
 test_sets = "test_2016_flickr,test_2017_flickr"
 out_dir = "runs/translation"
 resume = False
+branch_from = ""  # another run's checkpoint: go on from its step in out_dir; only BRANCH_SETTINGS may differ from it
 evaluate = ""  # a checkpoint: skip training, run the final evaluation
 threads = 1  # torch intra-op threads; 0 = torch's default
 device = "cpu"  # where the model trains and translates: "cpu" or "cuda"
@@ -763,6 +767,7 @@ def final_evaluation(
         "trained_steps": trained_steps,
         "learning_rate": trained_config["learning_rate"],
         "decay_steps": trained_config["decay_steps"],
+        "branched_from": trained_config.get("branched_from"),
         "memory": config["memory"],
         "recall_mix": config["recall_mix"],
         "vocabulary": vocabulary_fingerprint(task.vocabularies),
@@ -832,17 +837,21 @@ EXPERIMENT_SETTINGS = ("model", "source_language", "target_language", "train_pai
                        "tied_recall", "context_training", "context_word_max", "seed")  # fmt: skip
 
 
+# What a branch (--branch-from) may change: how the steps after the branch train, not what the weights are.
+BRANCH_SETTINGS = ("context_training", "context_word_max")
+
+
 def with_defaults(saved: dict) -> dict:
     """A checkpoint's configuration, each setting added since it was written at its default: what it trained with."""
     return configure([]) | saved
 
 
-def check_same_experiment(config: dict, saved: dict, source) -> None:
+def check_same_experiment(config: dict, saved: dict, source, may_differ: tuple[str, ...] = ()) -> None:
     saved = with_defaults(saved)
     differ = [
         f"--{key.replace('_', '-')} {saved[key]} (given {config[key]})"
         for key in EXPERIMENT_SETTINGS
-        if saved[key] != config[key]
+        if saved[key] != config[key] and key not in may_differ
     ]
     if differ:
         raise SystemExit(f"{source} was trained with " + ", ".join(differ) + "; pass the same settings")
@@ -880,12 +889,26 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     checkpoint_path = out / "checkpoint.pt"
-    source = config["evaluate"] or (checkpoint_path if config["resume"] and checkpoint_path.exists() else None)
+    if config["branch_from"] and config["evaluate"]:
+        raise SystemExit("--branch-from trains from a checkpoint; --evaluate evaluates one: give one of them")
+    if config["branch_from"] and not config["resume"] and checkpoint_path.exists():
+        raise SystemExit(f"--branch-from starts a run of its own, but {checkpoint_path} exists (--resume goes on)")
+    resuming = config["resume"] and checkpoint_path.exists()
+    source = config["evaluate"] or (checkpoint_path if resuming else None) or config["branch_from"] or None
     state = torch.load(source, weights_only=False, map_location="cpu") if source else None
+    branching = bool(state) and source == config["branch_from"]
     if state:
-        check_same_experiment(config, state["config"], source)
+        check_same_experiment(config, state["config"], source, BRANCH_SETTINGS if branching else ())
         if not config["evaluate"]:
             check_same_schedule(config, state["config"], state["step"], source)
+    # Where the weights left the run that trained their first steps, and how that run trained them.
+    if branching:
+        trained = with_defaults(state["config"])
+        config["branched_from"] = {"checkpoint": str(source), "step": state["step"]} | {
+            key: trained[key] for key in BRANCH_SETTINGS
+        }
+    else:
+        config["branched_from"] = with_defaults(state["config"]).get("branched_from") if state else None
     task, vocabulary_models = make_task(config, given_vocabularies(config, state, source))
     for path, vocabulary_model in zip(vocabulary_files(out, config), vocabulary_models, strict=True):
         path.write_bytes(vocabulary_model)
@@ -938,7 +961,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.load_state_dict(state["optimizer"])
         restore_torch_random_states(state)
         first_step, metrics = state["step"] + 1, state["metrics"]
-        print(f"{'evaluating' if config['evaluate'] else 'resumed from'} {source} after step {state['step']}")
+        doing = "evaluating" if config["evaluate"] else "branched from" if branching else "resumed from"
+        print(f"{doing} {source} after step {state['step']}")
 
     if not config["evaluate"]:
         train(config, model, optimizer, store, task, first_step, metrics, checkpoint_path, vocabulary_models)
