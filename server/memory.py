@@ -477,18 +477,26 @@ class KeysAtCommit:
 
     Copy on write: until the reader has passed a slot, a write or clear saves the slot's key as it was
     first (Memory._commit, _clear), and the reader takes the saved key instead of the live one. What it
-    holds beyond one chunk is the keys of the slots written meanwhile ahead of the reader."""
+    holds beyond one chunk is the keys of the slots written meanwhile ahead of the reader: at most the
+    memory's ``max_query_bytes`` (a server's working memory per call); a write that would make it more ends
+    the reader instead (its next chunk raises ResourceExhausted) and goes on. What a capture holds, these
+    keys and its copies of the other arrays, counts in the memory's footprint while it is read."""
 
-    def __init__(self, memory: Memory):
+    def __init__(self, memory: Memory, copies_bytes: int):
         self._memory = memory
         self.dtype = torch.float32
         self.shape = tuple(memory.keys.shape)
+        self._row_bytes = self.shape[1] * 4
         self._read_up_to = 0  # slots below this were read
         self._saved: dict[int, torch.Tensor] = {}  # slot -> key at the commit, for slots written since
         self._saved_order: list[int] = []  # the same slots, a heap
         self._frozen: torch.Tensor | None = None  # after a clear: every key from _frozen_from on, at the commit
         self._frozen_from = 0
-        self._finished = False  # read to the end or abandoned: nothing more to save
+        self._finished = False  # read to the end, abandoned or ended: nothing more to save
+        self._ended: ResourceExhausted | None = None  # why a write ended this reader, raised at its next chunk
+        self._copies_bytes = copies_bytes  # the capture's copies of the other arrays
+        self._saved_bytes = 0  # keys saved or frozen
+        memory._count_streamed(copies_bytes)
 
     def before_write(self, targets: np.ndarray | None) -> None:
         """Called under the memory's lock before the slots ``targets`` (None: every slot) change."""
@@ -496,19 +504,58 @@ class KeysAtCommit:
             return
         keys = self._memory.keys
         if targets is None:  # a clear: keep what is left to read, as it is now, in one block
+            if self._would_exceed((self.shape[0] - self._read_up_to) * self._row_bytes):
+                return
             block = keys[self._read_up_to :].to("cpu", copy=True)
             for slot, row in self._saved.items():
                 block[slot - self._read_up_to] = row
             self._frozen, self._frozen_from = block, self._read_up_to
             self._saved.clear()
             self._saved_order.clear()
+            self._set_saved_bytes(block.numel() * 4)
             return
         new = [int(slot) for slot in targets[targets >= self._read_up_to] if int(slot) not in self._saved]
-        if new:
+        if new and not self._would_exceed(self._saved_bytes + len(new) * self._row_bytes):
             rows = keys[torch.tensor(new, device=keys.device)].cpu()
             self._saved.update(zip(new, rows, strict=True))
             for slot in new:
                 heapq.heappush(self._saved_order, slot)
+            self._set_saved_bytes(self._saved_bytes + len(new) * self._row_bytes)
+
+    def _would_exceed(self, saved_bytes: int) -> bool:
+        """Whether keeping ``saved_bytes`` of keys is over the limit; if so, this reader is ended."""
+        limit = self._memory.max_query_bytes
+        if limit is None or saved_bytes <= limit:
+            return False
+        self._ended = ResourceExhausted(
+            f"name: the writes since commit {self._memory.commit_sequence} overwrote more keys this snapshot or "
+            f"export had not read yet than the server keeps for one call ({limit / MIB:.1f} MiB, lmem serve "
+            "--max-query-mb): it was ended, and the writes went on; try again, or while fewer writes go on"
+        )
+        self._finish()
+        self._memory._streamed_keys.discard(self)
+        return True
+
+    def _set_saved_bytes(self, saved_bytes: int) -> None:
+        with self._memory._streamed_bytes_lock:
+            if not self._finished:  # else _finish has uncounted them all
+                self._memory._count_streamed(saved_bytes - self._saved_bytes)
+                self._saved_bytes = saved_bytes
+
+    def __del__(self) -> None:  # a capture dropped unread
+        self._finish()
+
+    def _finish(self) -> None:
+        """Nothing more to save or to count; idempotent, and safe in any thread (the collector's too)."""
+        with self._memory._streamed_bytes_lock:
+            if self._finished:
+                return
+            self._finished = True
+            self._saved.clear()
+            self._saved_order.clear()
+            self._frozen = None
+            self._memory._count_streamed(-self._copies_bytes - self._saved_bytes)
+            self._saved_bytes = 0
 
     def chunks(self, rows: int) -> Iterator[torch.Tensor]:
         """The keys at the commit, ``rows`` slots at a time, on the CPU."""
@@ -517,20 +564,25 @@ class KeysAtCommit:
             for start in range(0, size, rows):
                 stop = min(size, start + rows)
                 with memory._locked():
+                    if self._ended is not None:
+                        raise self._ended
                     if self._frozen is not None:
                         block = self._frozen[start - self._frozen_from : stop - self._frozen_from]
                     else:
                         block = memory.keys[start:stop].to("cpu", copy=True)
+                        popped = 0
                         while self._saved_order and self._saved_order[0] < stop:
                             slot = heapq.heappop(self._saved_order)
                             block[slot - start] = self._saved.pop(slot)
+                            popped += 1
+                        if popped:
+                            self._set_saved_bytes(self._saved_bytes - popped * self._row_bytes)
                     self._read_up_to = stop
                 yield block
             with memory._lock:
                 memory._streamed_keys.discard(self)
         finally:  # or abandoned (an export whose client stopped reading): writes copy nothing more for it
-            self._finished = True  # without the memory's lock: the collector may close this in any thread
-            self._saved.clear()
+            self._finish()  # without the memory's lock: the collector may close this in any thread
 
 
 @dataclass
@@ -741,6 +793,10 @@ class Memory:
             self._slot_ids = np.arange(size)
             # Streamed captures still being read (capture(streamed=True)); one dropped unread goes with it.
             self._streamed_keys: weakref.WeakSet[KeysAtCommit] = weakref.WeakSet()
+            # Bytes the streamed captures hold (their copies and saved keys), counted in the footprint; a
+            # reentrant lock of its own, since the collector may finish a capture in a thread holding it.
+            self.streamed_bytes = 0
+            self._streamed_bytes_lock = threading.RLock()
             self.writers = torch.zeros(size, dtype=torch.int32)
             self.writer_names = [""]
             self._writer_ids = {"": 0}
@@ -951,15 +1007,10 @@ class Memory:
         (KeysAtCommit), while writes go on."""
         with self._locked():
             recent = torch.tensor(list(self.recent.items()), dtype=torch.int64).reshape(-1, 2)
-            if streamed:
-                keys = KeysAtCommit(self)
-                self._streamed_keys.add(keys)
-            else:
-                keys = self.keys.to("cpu", copy=True)
-            return MemoryState(
+            state = MemoryState(
                 config=self.config,
                 commit_sequence=self.commit_sequence,
-                keys=keys,
+                keys=None,
                 values=self.values.to("cpu", copy=True),
                 ages=self.ages,
                 generations=self.generations.to("cpu", copy=True),
@@ -972,10 +1023,26 @@ class Memory:
                 index_state=self.index.state(),
                 incarnation=self.incarnation,
             )
+            if streamed:
+                copies = [state.values, state.ages, state.generations, state.recent_labels, state.recent_slots]
+                copies += [state.writers, *state.index_state.values()]
+                state.keys = KeysAtCommit(self, sum(a.numel() * a.element_size() for a in copies))
+                self._streamed_keys.add(state.keys)
+            else:
+                state.keys = self.keys.to("cpu", copy=True)
+            return state
 
     def footprint(self) -> dict[str, int]:
-        """Bytes this memory holds at most per device, as a server's memory budget counts them."""
-        return self.config.footprint(self.max_batch)
+        """Bytes this memory holds at most per device, as a server's memory budget counts them: its own, and
+        what the snapshots and exports being read hold now (on the CPU)."""
+        footprint = self.config.footprint(self.max_batch)
+        if self.streamed_bytes:
+            footprint["cpu"] = footprint.get("cpu", 0) + self.streamed_bytes
+        return footprint
+
+    def _count_streamed(self, change: int) -> None:
+        with self._streamed_bytes_lock:
+            self.streamed_bytes += change
 
     def stats(self) -> dict[str, int]:
         with self._lock:

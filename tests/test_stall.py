@@ -391,3 +391,28 @@ def test_an_export_whose_client_stops_reading_is_ended_and_copies_nothing_more()
             assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "read nothing" in ended.value.details()
     finally:
         server.stop(grace=None)
+
+
+def test_an_export_that_writes_would_make_keep_more_than_max_query_bytes_is_ended_and_the_writes_go_on(tmp_path):
+    registry = MemoryRegistry(max_query_bytes=1 << 20)
+    server, port = build_server("127.0.0.1:0", registry, ServerLimits(), max_workers=WORKERS)
+    server.start()
+    try:
+        with connect(f"grpc://127.0.0.1:{port}") as store:
+            store.create_memory("exported", key_dim=128, memory_size=65536, choose_k=4)  # 32 MiB of keys
+            memory = registry.get("exported")
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                export = pb_grpc.MemoryServiceStub(channel).ExportMemory(pb.ExportMemoryRequest(name="exported"))
+                next(export)
+                cleared = memory.commit_sequence + 1
+                store.memory("exported").clear()  # the keys not read yet, kept for the export: more than 1 MiB
+                with pytest.raises(grpc.RpcError) as ended:
+                    for _ in export:
+                        pass
+            assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert ended.value.details().startswith("name: ") and "--max-query-mb" in ended.value.details()
+            assert memory.commit_sequence == cleared and not memory._streamed_keys
+            assert memory.footprint() == memory.config.footprint(memory.max_batch)
+            assert store.export_memory("exported", tmp_path / "exported.lmem") > 32 << 20  # with no writes meanwhile
+    finally:
+        server.stop(grace=None)
