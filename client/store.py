@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import random
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -655,7 +656,8 @@ class _GrpcStream:
     A query finding the call ended (the server closed it as idle, or it failed) opens a new one first:
     nothing was sent on the old call, so nothing is repeated. Replies are paired with requests by their
     order, so a query interrupted between its request and its reply (KeyboardInterrupt, a timeout signal)
-    ends the call: its reply, should it come, is never taken for the next query's."""
+    ends the call: its reply, should it come, is never taken for the next query's; and queries from several
+    threads take turns, each round trip whole (a MemoryModule shared by threads shares its stream)."""
 
     _CLOSE = object()
 
@@ -663,6 +665,7 @@ class _GrpcStream:
         self._stub = stub
         self._name = name
         self._writer = writer
+        self._turn = threading.Lock()
         self._open()
 
     def _open(self) -> None:
@@ -680,18 +683,19 @@ class _GrpcStream:
             _as_fields(fields),
             self._writer,
         )
-        if self._responses.done():
-            self._requests.put(self._CLOSE)  # ends the old call's request reader
-            self._open()
-        self._requests.put(request)
-        try:
-            reply = next(self._responses)
-        except grpc.RpcError as error:
-            self._requests.put(self._CLOSE)  # the call ended: so does the thread feeding it requests
-            _raise_from(error)
-        except BaseException:
-            self.close()
-            raise
+        with self._turn:
+            if self._responses.done():
+                self._requests.put(self._CLOSE)  # ends the old call's request reader
+                self._open()
+            self._requests.put(request)
+            try:
+                reply = next(self._responses)
+            except grpc.RpcError as error:
+                self._requests.put(self._CLOSE)  # the call ended: so does the thread feeding it requests
+                _raise_from(error)
+            except BaseException:
+                self.close()
+                raise
         return wire.result_from_proto(reply)
 
     def close(self):

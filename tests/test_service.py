@@ -126,6 +126,38 @@ class InterruptedOnce:
         return self.responses.cancel()
 
 
+@pytest.mark.parametrize("url", ["local", "server_url"])
+def test_threads_sharing_one_stream_each_get_the_reply_to_their_own_query(url, request):
+    """A MemoryModule shared by the threads of a data loader shares its stream: each round trip must be whole."""
+    with connect(request.getfixturevalue(url) if url == "server_url" else url) as store:
+        memory = store.create_memory("shared-stream", key_dim=16, memory_size=64, choose_k=4)
+        try:
+            memory.query(torch.eye(16), torch.arange(16), update=True)
+            wrong, failed = [], []
+
+            def ask(thread: int) -> None:
+                for i in range(150):
+                    row = (thread * 5 + i) % 16
+                    try:
+                        predicted = int(stream.query(torch.eye(16)[row : row + 1]).predictions[0])
+                    except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                        failed.append(repr(exc))
+                        continue
+                    if predicted != row:
+                        wrong.append((row, predicted))
+
+            with memory.stream() as stream:
+                threads = [threading.Thread(target=ask, args=(t,)) for t in range(4)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+            assert not any(t.is_alive() for t in threads)
+            assert not failed and not wrong, (len(failed), failed[:3], len(wrong), wrong[:3])
+        finally:
+            store.delete_memory("shared-stream")
+
+
 def test_a_stream_query_interrupted_before_its_reply_never_hands_that_reply_to_the_next(server_url):
     with connect(server_url) as store:
         memory = store.create_memory("interrupted", key_dim=8, memory_size=64, choose_k=4)
