@@ -8,17 +8,17 @@ projection and the backbone, wherever the memory runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 from torch import nn
 
 from lifelong_memory.client.store import MemoryClient, Store
-from lifelong_memory.server.errors import MemoryServiceError
+from lifelong_memory.server.errors import AlreadyExists, MemoryServiceError
 from lifelong_memory.server.memory import QueryResult, softmax_temperature
 
 
-@dataclass
+@dataclasses.dataclass
 class MemoryOutput:
     predictions: torch.Tensor  # int64 [B]: value of the nearest slot (-1 if empty), read before the update
     loss: torch.Tensor | None  # scalar memory loss (with labels), differentiable in the input
@@ -57,11 +57,7 @@ class MemoryModule(nn.Module):
         if isinstance(memory, Store):
             if name is None:
                 raise ValueError("give name= with a Store")
-            existing = {info.name for info in memory.list_memories()}
-            if name in existing:
-                memory = memory.memory(name, writer=writer)
-            else:
-                memory = memory.create_memory(name, writer=writer, key_dim=key_dim, **create)
+            memory = _memory_of(memory, name, writer, key_dim=key_dim, **create)
         elif create or name is not None or writer:
             raise ValueError("name=, writer= and memory config go with a Store; a MemoryClient has its own writer")
         if memory.config.key_dim != key_dim:
@@ -112,3 +108,24 @@ class MemoryModule(nn.Module):
             output.neighbor_values = result.neighbor_values.to(device)
             output.neighbor_weights = torch.softmax(similarities * temperature, dim=1)
         return output
+
+
+def _memory_of(store: Store, name: str, writer: str, **config) -> MemoryClient:
+    """Memory ``name``, created with ``config`` unless it exists (or another trainer creates it first); one that
+    exists must have the ``config`` given, but for ``seed``, which only seeds a new memory's age noise: a trainer
+    joining a shared memory with its own seed joins it as it is."""
+    try:
+        if name not in {info.name for info in store.list_memories()}:
+            return store.create_memory(name, writer=writer, **config)
+    except AlreadyExists:  # created since the list: the two trainers started together
+        pass
+    memory = store.memory(name, writer=writer)
+    given = dataclasses.replace(memory.config, **config).validated()  # as a create names them: cuda -> cuda:0
+    differ = [
+        f"{field} {getattr(memory.config, field)!r} (given {config[field]!r})"
+        for field in config
+        if field != "seed" and getattr(given, field) != getattr(memory.config, field)
+    ]
+    if differ:
+        raise ValueError(f"memory {name!r} exists with " + ", ".join(differ) + ": give its config, or another name")
+    return memory

@@ -146,3 +146,22 @@ def test_a_low_precision_model_trains_with_the_memory(store, dtype):
     torch.testing.assert_close(out.query.norm(dim=1), torch.ones(BATCH))
     assert module.query_proj.grad.dtype == dtype and backbone.weight.grad.dtype == dtype
     assert float(backbone.weight.grad.abs().sum()) > 0 and module.memory.info().stats["filled_slots"] > 0
+
+
+def test_a_memory_that_exists_is_joined_only_with_its_own_config(store):
+    first = MemoryModule(store, 8, name="joined", memory_size=64, choose_k=4, alpha=0.25, seed=1)
+    again = MemoryModule(store, 8, name="joined", memory_size=64, choose_k=4, alpha=0.25, seed=7, device="cpu")
+    assert again.memory.config == first.memory.config and again.alpha == 0.25, "a joining trainer's own seed is fine"
+    refused = r"'joined' exists with memory_size 64 \(given 4096\), alpha 0.25 \(given 0.5\)"
+    with pytest.raises(ValueError, match=refused):
+        MemoryModule(store, 8, name="joined", memory_size=4096, choose_k=4, alpha=0.5)
+    assert store.memory("joined").config == first.memory.config
+
+
+def test_trainers_starting_together_on_a_new_memory_all_join_it(store, monkeypatch):
+    """Each lists the memories, finds none, and creates it: all but the first find it created meanwhile."""
+    store.create_memory("raced", key_dim=8, memory_size=64, choose_k=4)  # by the other trainer, after our list
+    monkeypatch.setattr(type(store), "list_memories", lambda self: [])
+    assert MemoryModule(store, 8, name="raced", memory_size=64, choose_k=4).memory.name == "raced"
+    with pytest.raises(ValueError, match=r"exists with memory_size 64 \(given 128\)"):
+        MemoryModule(store, 8, name="raced", memory_size=128, choose_k=4)
