@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="run a memory server")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--port", type=tcp_port, default=50051, help="0: any free port (printed)")
     serve.add_argument(
         "--listen",
         type=unix_address,
@@ -71,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--devices", type=device_list, help="default devices of the shards, e.g. cuda:0,cuda:1")
     serve.add_argument("--backend", choices=BACKENDS, help="default search backend")
     serve.add_argument("--search-dtype", choices=sorted(SEARCH_DTYPES), help="default search dtype")
-    serve.add_argument("--max-batch", type=int, default=4096, help="most query rows per request")
-    serve.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, MiB")
-    serve.add_argument("--max-memories", type=int, default=64)
+    serve.add_argument("--max-batch", type=positive_int, default=4096, help="most query rows per request")
+    serve.add_argument(
+        "--max-message-mb", type=message_mb, default=64, help="largest gRPC message, MiB (1 to 2047, default 64)"
+    )
+    serve.add_argument("--max-memories", type=positive_int, default=64)
     serve.add_argument(
         "--max-query-mb",
         type=positive_int,
@@ -128,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     durable.add_argument("--snapshot-interval", type=float, default=600.0, help="seconds between snapshots")
     durable.add_argument("--snapshot-wal-mb", type=int, default=256, help="snapshot once a log grew this much")
     serve.add_argument(
-        "--memory-budget-gb", type=float, help="most memory all memories may take (default: 90%% of what is free)"
+        "--memory-budget-gb",
+        type=positive_gb,
+        help="most memory all memories may take (default: 90%% of what is free)",
     )
     cluster = serve.add_argument_group("cluster (needs lifelong-memory[cluster]; docs/scale-out.md)")
     cluster.add_argument(
@@ -277,6 +281,20 @@ def unix_address(text: str) -> str:
     return text
 
 
+def message_mb(text: str) -> int:
+    size = int(text)
+    if not 1 <= size <= 2047:  # gRPC's limits are int32 bytes
+        raise argparse.ArgumentTypeError(f"{size} is not in [1, 2047]")
+    return size
+
+
+def positive_gb(text: str) -> float:
+    size = float(text)
+    if not (size > 0 and math.isfinite(size)):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of GiB > 0")
+    return size
+
+
 def tcp_port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -343,7 +361,7 @@ def _serve(args, argv: list[str] | None) -> int:
             max_memories=args.max_memories,
             data_dir=args.data_dir,
             durability=durability,
-            memory_budget_bytes=int(args.memory_budget_gb * (1 << 30)) if args.memory_budget_gb else None,
+            memory_budget_bytes=None if args.memory_budget_gb is None else int(args.memory_budget_gb * (1 << 30)),
             max_batch=args.max_batch,
             max_query_bytes=args.max_query_mb << 20 if args.max_query_mb else None,
         )
@@ -508,7 +526,9 @@ def _add_inspection_commands(commands) -> None:
     for sub in (stats, watch):
         sub.add_argument("--age-bins", type=int, default=10, help="bins of the age histogram (default 10)")
         sub.add_argument("--top-labels", type=int, default=10, help="most frequent labels to list (default 10)")
-    watch.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    watch.add_argument(
+        "--interval", type=non_negative_seconds, default=2.0, help="seconds between refreshes (default 2)"
+    )
     watch.add_argument("--count", type=int, default=0, help="stop after this many refreshes (default 0: never)")
 
     slots = command("slots", "slots by id or range: value, age, generation, key norm, first key components")
@@ -547,8 +567,6 @@ def _stats(store: Store, args) -> int:
 
 
 def _watch(store: Store, args) -> int:
-    if args.interval < 0:
-        raise InvalidArgument("--interval", f"must be >= 0 seconds, got {args.interval}")
     if args.count < 0:
         raise InvalidArgument("--count", f"must be >= 0 (0: until Ctrl-C), got {args.count}")
     memory = store.memory(args.name)

@@ -255,7 +255,16 @@ def connect(
         raise ValueError(f"url must be 'local', 'grpc://host:port', 'grpcs://host:port' or 'unix:///path', got {url!r}")
     # gRPC reads a Unix socket's url as it is (unix:///absolute or unix:relative).
     target = url if url.startswith(UNIX_SCHEME) else url.split("://", 1)[1]
+    if not url.startswith(UNIX_SCHEME):
+        _check_port(target, url)
     return Store(GrpcTransport(target, credentials, token, max_message_bytes, retries, timeout))
+
+
+def _check_port(target: str, url: str) -> None:
+    """gRPC would dial port 99999 as 34463, and a token sent there would go to whoever listens."""
+    host, colon, port = target.rpartition(":")
+    if not (colon and host and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"url {url!r}: give host:port, the port in [1, 65535]")
 
 
 def _read(path: str | None) -> bytes | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ssl
 from pathlib import Path
 
 import grpc
@@ -39,8 +40,10 @@ class TokenAuth:
             parts = line.split()
             if len(parts) != 2 or parts[0] not in ROLES:
                 raise ValueError(f"{path}:{number}: expected 'ROLE TOKEN' with ROLE one of {ROLES}")
-            tokens[parts[1]] = parts[0]
-        return cls(tokens)
+            if parts[1] in tokens:  # which line would win is no way to change a token's role
+                raise ValueError(f"{path}:{number}: this token is on line {tokens[parts[1]][1]} already")
+            tokens[parts[1]] = parts[0], number
+        return cls({token: role for token, (role, _) in tokens.items()})
 
     def authorize(self, metadata, write: bool) -> str:
         """The caller's role; Unauthenticated without a known token, PermissionDenied for a write it may not do."""
@@ -69,6 +72,15 @@ class TokenAuth:
 def server_credentials(cert: str, key: str, client_ca: str | None = None) -> grpc.ServerCredentials:
     """TLS with this server's PEM certificate and key; with ``client_ca``, clients must present a
     certificate that CA signed (mutual TLS)."""
+    try:  # gRPC would only fail to bind the port, without saying why
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ValueError(f"--tls-cert {cert} and --tls-key {key}: not a PEM certificate and its key ({exc})") from None
+    if client_ca:
+        try:
+            ssl.create_default_context(cafile=client_ca)
+        except ssl.SSLError as exc:
+            raise ValueError(f"--tls-client-ca {client_ca}: no PEM certificate ({exc})") from None
     return grpc.ssl_server_credentials(
         [(Path(key).read_bytes(), Path(cert).read_bytes())],
         root_certificates=Path(client_ca).read_bytes() if client_ca else None,

@@ -228,3 +228,36 @@ def test_serve_on_a_unix_socket(tmp_path):
         assert process.wait(timeout=30) == 0
     refused = lmem("serve", "--listen", "127.0.0.1:50051")
     assert refused.returncode == 2 and "is not unix:///path" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--port", "-1", r"--port: -1 is not in \[0, 65535\]"),
+        ("--port", "70000", r"--port: 70000 is not in \[0, 65535\]"),
+        ("--max-batch", "0", "--max-batch: 0 is not >= 1"),
+        ("--max-message-mb", "0", r"--max-message-mb: 0 is not in \[1, 2047\]"),
+        ("--max-message-mb", "4096", r"--max-message-mb: 4096 is not in \[1, 2047\]"),
+        ("--max-memories", "0", "--max-memories: 0 is not >= 1"),
+        ("--memory-budget-gb", "0", "--memory-budget-gb: 0 is not a finite number of GiB > 0"),
+        ("--memory-budget-gb", "-1", "--memory-budget-gb: -1 is not a finite number of GiB > 0"),
+        ("--memory-budget-gb", "inf", "--memory-budget-gb: inf is not a finite number of GiB > 0"),
+    ],
+)
+def test_serve_refuses_limits_it_could_not_serve_with_naming_the_flag(flag, value, message):
+    """Before, each started a server that refused ordinary calls, crashed, or served on another port."""
+    done = lmem("serve", flag, value)
+    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
+
+
+def test_a_url_with_a_port_out_of_range_is_refused_not_wrapped():
+    done = lmem("ls", "--url", "grpc://127.0.0.1:99999")  # gRPC would dial 34463
+    assert done.returncode == 2 and r"give host:port, the port in [1, 65535]" in done.stderr, done.stderr
+    with pytest.raises(ValueError, match="the port in"):
+        connect("grpc://127.0.0.1:0")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_watch_refuses_an_interval_that_is_no_number_of_seconds(value):
+    done = lmem("watch", "any", "--interval", value)
+    assert done.returncode == 2 and "--interval" in done.stderr and "Traceback" not in done.stderr, done.stderr

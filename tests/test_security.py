@@ -100,6 +100,10 @@ def test_token_file_format(tmp_path):
     bad.write_text("admin xyz\n")
     with pytest.raises(ValueError, match=":1: expected 'ROLE TOKEN'"):
         TokenAuth.from_file(bad)
+    twice = tmp_path / "twice"  # a demotion appended below the old line: which one would win?
+    twice.write_text("read-write abc\nread-only def\nread-only abc\n")
+    with pytest.raises(ValueError, match="twice:3: this token is on line 1 already"):
+        TokenAuth.from_file(twice)
 
 
 def test_only_loopback_counts_as_private():
@@ -210,3 +214,15 @@ def test_cli_token_and_exit_codes(token_server):
     created = lmem("create", "cli-made", "--key-dim", "8", "--memory-size", "16", "--token", WRITER)
     assert created.returncode == 0, created.stderr
     assert WRITER not in created.stdout + created.stderr
+
+
+def test_a_certificate_or_key_that_is_no_pem_is_named_not_taken_for_a_busy_port(pki, tmp_path):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ValueError, match=f"--tls-cert {junk} and --tls-key {junk}: not a PEM certificate"):
+        server_credentials(str(junk), str(junk))
+    with pytest.raises(ValueError, match="--tls-cert .* and --tls-key .*: not a PEM certificate and its key"):
+        server_credentials(pki["server_cert"], pki["client_key"])  # another certificate's key
+    with pytest.raises(ValueError, match=f"--tls-client-ca {junk}: no PEM certificate"):
+        server_credentials(pki["server_cert"], pki["server_key"], str(junk))
+    assert server_credentials(pki["server_cert"], pki["server_key"], pki["ca_cert"]) is not None
