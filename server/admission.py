@@ -21,6 +21,9 @@ import grpc
 from lifelong_memory.server.auth import TokenAuth
 from lifelong_memory.server.errors import Unauthenticated
 
+PROBE_CALLS = 64  # health and reflection calls in progress at once (at most --max-calls)
+PROBE_CALLS_PER_PEER = 8  # from one client address (at most --max-calls-per-peer)
+
 
 def peer_address(peer: str) -> str:
     """The client's address without its port: ``ipv4:10.0.0.7:53122`` -> ``ipv4:10.0.0.7``, so the
@@ -49,43 +52,46 @@ class Admission(grpc.aio.ServerInterceptor):
         auth: TokenAuth | None,
         guarded_service: str,
     ):
-        self.max_calls = max_calls
-        self.max_calls_per_peer = max_calls_per_peer
         self.idle_timeout = idle_timeout
         self.auth = auth
         self._guarded_prefix = f"/{guarded_service}/"
-        self._calls = 0
-        self._calls_by_peer: collections.Counter[str] = collections.Counter()
+        self._memory_calls = _Pool(max_calls, max_calls_per_peer, "calls", " (--max-calls)", " (--max-calls-per-peer)")
+        # The health service and reflection need no token: a pool of their own, so that clients without one
+        # (a health Watch lasts as long as its client wants) cannot take the calls the token holders need.
+        self._probe_calls = _Pool(
+            min(PROBE_CALLS, max_calls), min(PROBE_CALLS_PER_PEER, max_calls_per_peer), "health or reflection calls"
+        )
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return None
-        if self.auth is not None and handler_call_details.method.startswith(self._guarded_prefix):
+        guarded = handler_call_details.method.startswith(self._guarded_prefix)
+        if self.auth is not None and guarded:
             try:
                 self.auth.authenticate(handler_call_details.invocation_metadata)
             except Unauthenticated as exc:
                 return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        return self._admitted(handler)
+        return self._admitted(handler, self._memory_calls if guarded else self._probe_calls)
 
-    def _admitted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _admitted(self, handler: grpc.RpcMethodHandler, pool: _Pool) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
 
         async def call(requests, context):
             peer = peer_address(context.peer())
-            if self._calls >= self.max_calls:
+            if pool.calls >= pool.limit:
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this server serves at most {self.max_calls} calls at once (--max-calls); retry later",
+                    f"this server serves at most {pool.limit} {pool.what} at once{pool.flag}; retry later",
                 )
-            if self._calls_by_peer[peer] >= self.max_calls_per_peer:
+            if pool.calls_by_peer[peer] >= pool.limit_per_peer:
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this server serves at most {self.max_calls_per_peer} calls at once from {peer} "
-                    "(--max-calls-per-peer); close idle streams or retry later",
+                    f"this server serves at most {pool.limit_per_peer} {pool.what} at once from {peer}"
+                    f"{pool.peer_flag}; close idle streams or retry later",
                 )
-            self._calls += 1
-            self._calls_by_peer[peer] += 1
+            pool.calls += 1
+            pool.calls_by_peer[peer] += 1
             try:
                 messages = _arriving_within(requests, context, self.idle_timeout)
                 if handler.request_streaming:
@@ -103,12 +109,25 @@ class Admission(grpc.aio.ServerInterceptor):
                 else:  # the handler writes its responses itself (the health service's Watch)
                     await result
             finally:
-                self._calls -= 1
-                self._calls_by_peer[peer] -= 1
-                if not self._calls_by_peer[peer]:
-                    del self._calls_by_peer[peer]
+                pool.calls -= 1
+                pool.calls_by_peer[peer] -= 1
+                if not pool.calls_by_peer[peer]:
+                    del pool.calls_by_peer[peer]
 
         return _reading_requests(handler, call)
+
+
+@dataclasses.dataclass
+class _Pool:
+    """Calls in progress of one kind, and how many there may be, in all and from one client address."""
+
+    limit: int
+    limit_per_peer: int
+    what: str
+    flag: str = ""  # the option that sets the limit, as " (--flag)"
+    peer_flag: str = ""
+    calls: int = 0
+    calls_by_peer: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
 def _reading_requests(handler: grpc.RpcMethodHandler, call) -> grpc.RpcMethodHandler:

@@ -18,9 +18,10 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lifelong_memory.client import PermissionDenied, Unauthenticated, Unavailable, connect
+from lifelong_memory.server.admission import PROBE_CALLS_PER_PEER
 from lifelong_memory.server.auth import TokenAuth, server_credentials
 from lifelong_memory.server.registry import MemoryRegistry
-from lifelong_memory.server.service import _is_loopback, build_server
+from lifelong_memory.server.service import ServerLimits, _is_loopback, build_server
 
 LMEM = [sys.executable, "-m", "lifelong_memory.client.cli"]
 WRITER, READER = "writer-token-5f1c", "reader-token-9a7e"
@@ -226,3 +227,29 @@ def test_a_certificate_or_key_that_is_no_pem_is_named_not_taken_for_a_busy_port(
     with pytest.raises(ValueError, match=f"--tls-client-ca {junk}: no PEM certificate"):
         server_credentials(pki["server_cert"], pki["server_key"], str(junk))
     assert server_credentials(pki["server_cert"], pki["server_key"], pki["ca_cert"]) is not None
+
+
+def test_health_watches_without_a_token_cannot_take_the_calls_token_holders_need():
+    """A health Watch lasts as long as its client wants and needs no token: in the MemoryService's pool, 16 of
+    them took every call of this server and refused the token holder."""
+    server, port = build_server(
+        "127.0.0.1:0", MemoryRegistry(), ServerLimits(max_calls=16), auth=TokenAuth({WRITER: "read-write"})
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(PROBE_CALLS_PER_PEER)]
+            for watch in watches:  # each serving, and held
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Check(health_pb2.HealthCheckRequest(service=""))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"at most {PROBE_CALLS_PER_PEER} health or reflection calls at once" in refused.value.details()
+            with connect(f"grpc://127.0.0.1:{port}", token=WRITER, retries=0) as store:
+                for _ in range(2 * 16):
+                    assert store.list_memories() == []
+            for watch in watches:
+                watch.cancel()
+    finally:
+        server.stop(grace=None)

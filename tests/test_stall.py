@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lifelong_memory.client import DeadlineExceeded, ResourceExhausted, connect
 from lifelong_memory.server import wire
+from lifelong_memory.server.admission import PROBE_CALLS_PER_PEER
 from lifelong_memory.server.auth import TokenAuth
 from lifelong_memory.server.registry import MemoryRegistry
 from lifelong_memory.server.service import ServerLimits, build_server
@@ -68,10 +69,12 @@ def assert_answered(port: int) -> None:
 
 @contextlib.contextmanager
 def idle_health_watches(port: int, count: int):
-    """``count`` Health.Watch streams, each past its first answer, then idle."""
+    """``count`` Health.Watch streams, each past its first answer, then idle; fewer than the PROBE_CALLS_PER_PEER
+    one client address may hold (test_security), leaving room for assert_answered's Check from this address."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=HOLD_DEADLINE) for _ in range(count)]
+        held = min(count, PROBE_CALLS_PER_PEER - 1)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=HOLD_DEADLINE) for _ in range(held)]
         for watch in watches:
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         yield
