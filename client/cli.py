@@ -526,9 +526,7 @@ def _add_inspection_commands(commands) -> None:
     for sub in (stats, watch):
         sub.add_argument("--age-bins", type=int, default=10, help="bins of the age histogram (default 10)")
         sub.add_argument("--top-labels", type=int, default=10, help="most frequent labels to list (default 10)")
-    watch.add_argument(
-        "--interval", type=non_negative_seconds, default=2.0, help="seconds between refreshes (default 2)"
-    )
+    watch.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     watch.add_argument("--count", type=int, default=0, help="stop after this many refreshes (default 0: never)")
 
     slots = command("slots", "slots by id or range: value, age, generation, key norm, first key components")
@@ -567,6 +565,8 @@ def _stats(store: Store, args) -> int:
 
 
 def _watch(store: Store, args) -> int:
+    if not (args.interval >= 0 and math.isfinite(args.interval)):
+        raise InvalidArgument("--interval", f"must be a finite number of seconds >= 0, got {args.interval}")
     if args.count < 0:
         raise InvalidArgument("--count", f"must be >= 0 (0: until Ctrl-C), got {args.count}")
     memory = store.memory(args.name)

@@ -21,11 +21,18 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
+import numpy as np
 import torch
 
 from lifelong_memory.server import wire
 from lifelong_memory.server.cluster import ShardHealth, shard_health
-from lifelong_memory.server.errors import ERRORS_BY_CODE, DeadlineExceeded, InvalidArgument, MemoryServiceError
+from lifelong_memory.server.errors import (
+    ERRORS_BY_CODE,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MemoryServiceError,
+)
 from lifelong_memory.server.memory import (
     ALL_FIELDS,
     LabelSlots,
@@ -162,9 +169,9 @@ class MemoryClient:
             self.name,
             _as_queries(queries),
             _as_labels(labels),
-            k or 0,
-            use_recent,
-            update,
+            _as_k(k),
+            _as_flag(use_recent, "use_recent"),
+            _as_flag(update, "update"),
             _as_fields(fields),
             self.writer,
         )
@@ -274,10 +281,29 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
+def _as_k(k) -> int:
+    """A query's k as the wire carries it (0: the memory's choose_k); the memory checks it against its size."""
+    if k is None:
+        return 0
+    if isinstance(k, bool) or not isinstance(k, Integral):
+        raise InvalidArgument("k", f"must be an integer, got {k!r}")
+    if not 0 <= k < 1 << 63:
+        raise InvalidArgument("k", f"must be in [0, 2^63), got {k}")
+    return int(k)
+
+
+def _as_flag(value, field: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):  # a string such as "no" would be true
+        raise InvalidArgument(field, f"must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _as_tensor(value, field: str) -> torch.Tensor:
     """A tensor of what the caller passed (a tensor, an array, nested lists), or InvalidArgument naming it."""
     if isinstance(value, torch.Tensor):
         return value.detach()
+    if isinstance(value, np.ndarray) and any(stride < 0 for stride in value.strides):
+        value = np.ascontiguousarray(value)  # np.flip, a[::-1]: torch takes no negative strides
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
@@ -327,6 +353,13 @@ def _info(name: str, memory) -> MemoryInfo:
 
 
 # --------------------------------------------------------------------- local
+
+
+class _Closed:
+    """What a closed store's transport calls: every use is FailedPrecondition, in process or remote alike."""
+
+    def __getattr__(self, name):
+        raise FailedPrecondition("store: closed (its with block ended, or close() was called); connect again")
 
 
 class LocalTransport:
@@ -390,7 +423,9 @@ class LocalTransport:
         return _info(name, self.registry.import_state(name, state, **overrides))
 
     def close(self):
-        self.registry.close()
+        if not isinstance(self.registry, _Closed):  # closing twice is closing once
+            self.registry.close()
+            self.registry = _Closed()
 
 
 class _LocalStream:
@@ -402,9 +437,9 @@ class _LocalStream:
             self._name,
             _as_queries(queries),
             _as_labels(labels),
-            k or 0,
-            use_recent,
-            update,
+            _as_k(k),
+            _as_flag(use_recent, "use_recent"),
+            _as_flag(update, "update"),
             _as_fields(fields),
             self._writer,
         )
@@ -559,7 +594,7 @@ class GrpcTransport:
         return wire.label_slots_from_proto(self._call(self.stub.FindLabel, request, idempotent=True))
 
     def stream(self, name, writer):
-        return _GrpcStream(self.stub, name, writer)
+        return _GrpcStream(self, name, writer)
 
     def snapshot(self, name):
         response = self._call(self.stub.SnapshotMemory, pb.SnapshotMemoryRequest(name=name), idempotent=False)
@@ -590,14 +625,13 @@ class GrpcTransport:
 
     def close(self):
         self.channel.close()
+        self.stub = _Closed()
 
 
 def query_request(name, queries, labels, k, use_recent, update, fields, writer) -> pb.QueryRequest:
     unknown = set(fields) - set(wire.RESULT_FIELD_IDS)
     if unknown:
         raise InvalidArgument("fields", f"unknown {sorted(unknown)}; known: {sorted(wire.RESULT_FIELD_IDS)}")
-    if not isinstance(k, Integral):
-        raise InvalidArgument("k", f"must be an integer, got {k!r}")
     request = pb.QueryRequest(
         memory=name,
         k=k,
@@ -670,8 +704,8 @@ class _GrpcStream:
 
     _CLOSE = object()
 
-    def __init__(self, stub, name: str, writer: str):
-        self._stub = stub
+    def __init__(self, transport: GrpcTransport, name: str, writer: str):
+        self._transport = transport
         self._name = name
         self._writer = writer
         self._turn = threading.Lock()
@@ -679,16 +713,16 @@ class _GrpcStream:
 
     def _open(self) -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._responses = self._stub.QueryStream(iter(self._requests.get, self._CLOSE))
+        self._responses = self._transport.stub.QueryStream(iter(self._requests.get, self._CLOSE))
 
     def query(self, queries, labels=None, *, k=None, use_recent=True, update=False, fields=ALL_FIELDS):
         request = query_request(
             self._name,
             _as_queries(queries),
             _as_labels(labels),
-            k or 0,
-            use_recent,
-            update,
+            _as_k(k),
+            _as_flag(use_recent, "use_recent"),
+            _as_flag(update, "update"),
             _as_fields(fields),
             self._writer,
         )

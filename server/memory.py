@@ -859,6 +859,9 @@ class Memory:
     ) -> QueryResult:
         """Search the memory; with ``update`` apply the memory update in the same step, tagging the slots it
         writes or merges with ``writer``."""
+        for flag, value in (("use_recent", use_recent), ("update", update)):
+            if not isinstance(value, (bool, np.bool_)):  # a string such as "no" would be true
+                raise InvalidArgument(flag, f"must be True or False, got {value!r}")
         q = self._check_queries(queries)
         batch = q.shape[0]  # not len(q): a tensor's __len__ is a Python call through torch's function hooks
         y = self._check_labels(labels, batch, required=update)
@@ -1195,7 +1198,7 @@ class Memory:
     def _check_k(self, k: int | None, field: str = "k") -> int:
         if k is None or (isinstance(k, numbers.Integral) and k == 0):
             return self.config.choose_k
-        if not isinstance(k, numbers.Integral):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
             raise InvalidArgument(field, f"must be an integer, got {k!r}")
         if not self.config.correct_in_top <= k <= self.config.memory_size:
             raise InvalidArgument(

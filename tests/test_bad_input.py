@@ -27,7 +27,14 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong_memory.client import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, connect
+from lifelong_memory.client import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    connect,
+)
 from lifelong_memory.client.store import LocalTransport, Store
 from lifelong_memory.server import wire
 from lifelong_memory.server.memory import UNIT_NORM_TOLERANCE, Memory, MemoryConfig
@@ -980,3 +987,46 @@ def test_client_stream_fails_at_the_bad_request_after_applying_the_good_ones(mem
             stream.query(*BAD_STEP, update=True)
     assert all(bool((r.written_slots >= 0).all()) for r in results)
     assert_same_state(snapshot(mem), expected_after_two_steps())
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        (dict(k=True), "k"),  # embedded took it for k = 1; protobuf's TypeError remotely
+        (dict(k=2**70), "k"),  # protobuf's ValueError remotely
+        (dict(k=-1), "k"),
+        (dict(update="no"), "update"),  # embedded took "no" as true and wrote
+        (dict(use_recent=1), "use_recent"),
+    ],
+)
+def test_query_options_of_the_wrong_type_are_refused_alike_over_both_transports(mem, options, field):
+    with unchanged(mem):
+        for query in (mem.query, mem.stream().query):
+            with raises_invalid(field):
+                query(Q, Y, **options)
+
+
+def test_a_numpy_array_with_negative_strides_is_taken_as_it_reads(mem):
+    """np.flip and a[::-1] (an argsort reversed) give negative strides, which torch.as_tensor refuses."""
+    flipped = mem.query(np.flip(Q, axis=0), Y[::-1].copy())
+    assert torch.equal(flipped.predictions, mem.query(Q[::-1].copy(), Y[::-1].copy()).predictions)
+    assert torch.equal(mem.query(Q, Y[::-1]).predictions, mem.query(Q, Y[::-1].copy()).predictions)
+
+
+@pytest.mark.parametrize("url", ["local", "grpc"])
+def test_a_closed_store_refuses_every_call_alike(url, server_url):
+    store = connect("local" if url == "local" else server_url)
+    memory = store.create_memory(new_name("closed"), **CONFIG)
+    stream = memory.stream()
+    stream.query(Q, Y, update=True)
+    name = memory.name
+    store.close()
+    closed = r"store: closed \(its with block ended, or close\(\) was called\); connect again"
+    for call in (store.list_memories, lambda: memory.query(Q), lambda: stream.query(Q, Y, update=True), memory.info):
+        with pytest.raises(FailedPrecondition, match=closed):
+            call()
+    store.close()  # twice is once
+    with connect("local" if url == "local" else server_url) as again:
+        if url == "grpc":
+            assert again.memory(name).info().stats["commit_sequence"] == 1, "the refused write was not sent"
+            again.delete_memory(name)
