@@ -7,7 +7,7 @@ streaming the keys block by block, and ``store.import_memory(name, path)`` (or `
 
     from lifelong_memory.client import connect, write_memory_file
     write_memory_file("seed.lmem", key_blocks, labels, memory_size=16_777_216, key_dim=128)
-    memory = connect("localhost:50051").import_memory("seeded", "seed.lmem")
+    memory = connect("grpc://localhost:50051").import_memory("seeded", "seed.lmem")
 
 Entry ``i`` goes into slot ``i``, as if the entries had been written in order, ``rows_per_commit`` per
 commit: its generation is that commit, its age the commits since, the recent-label table holds each label's

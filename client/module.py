@@ -8,6 +8,7 @@ projection and the backbone, wherever the memory runs.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -69,6 +70,16 @@ class MemoryModule(nn.Module):
         self.return_neighbors = return_neighbors
         self.query_proj = nn.Parameter(torch.empty(input_dim or key_dim, key_dim))
         nn.init.trunc_normal_(self.query_proj, std=0.01, a=-0.02, b=0.02)
+
+    def __deepcopy__(self, memo) -> MemoryModule:
+        """A copy for evaluation or an average of the weights (EMA): its own parameters, the same memory (the
+        memory is what the models share, not a weight) and a stream of its own, opened at its first call."""
+        copied = MemoryModule.__new__(MemoryModule)
+        memo[id(self)] = copied
+        state = {key: value for key, value in self.__dict__.items() if key not in ("memory", "_stream")}
+        copied.__dict__.update(copy.deepcopy(state, memo))
+        copied.__dict__.update(memory=self.memory, _stream=None)
+        return copied
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised query for ``x``, as sent to the memory: in float32 whatever the model's dtype

@@ -299,7 +299,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         reply = result_bytes(config.key_dim, len(queries), k, fields, config.correct_in_top)
         if reply > self.limits.max_message_bytes - 1024:
             raise ResourceExhausted(
-                f"fields: the reply to {len(queries)} rows with k = {k} and fields {sorted(request.fields)} would "
+                f"fields: the reply to {len(queries)} rows with k = {k} and fields {sorted(fields)} would "
                 f"hold {reply:,} bytes, over this server's message limit of {self.limits.max_message_bytes:,}; "
                 "ask for fewer rows, a smaller k or fewer fields"
             )

@@ -877,6 +877,15 @@ def test_message_above_the_server_limit_is_resource_exhausted():
                 mem.query(big, labels, update=True)
 
 
+def test_a_query_whose_reply_would_exceed_the_limit_names_the_fields_asked_for():
+    limits = ServerLimits(max_message_bytes=SMALL_MESSAGES)
+    named = r"and fields \['neighbor_keys', 'neighbors'\] would"  # not their enum numbers
+    with own_server(MemoryRegistry(), limits) as url, connect(url) as store:
+        mem = store.create_memory("wide-reply", **{**CONFIG, "memory_size": 4096})
+        with unchanged(mem), pytest.raises(ResourceExhausted, match=named):
+            mem.query(Q, k=4096, fields=["neighbors", "neighbor_keys"])
+
+
 def test_read_slots_selection_too_large_for_one_message_is_invalid_argument():
     limits = ServerLimits(max_message_bytes=SMALL_MESSAGES)
     size = 2048  # 2048 slots of 8 float32 and 4 more numbers each: about 120 KiB, twice the limit

@@ -254,3 +254,10 @@ def test_lmem_executable(url, name):
     assert json.loads(ok.stdout)["slots"] == [{"slot": 2, "age": 1}]
     refused = subprocess.run([*LMEM, "stats", name, "--url", url], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 7 and "UNAUTHENTICATED" in refused.stderr
+
+
+def test_a_failed_precondition_and_a_limit_reached_have_exit_codes_of_their_own(lmem, name):
+    code, _, err = lmem("snapshot", name)  # this server keeps no data directory
+    assert code == 9 and "FAILED_PRECONDITION" in err
+    code, _, err = lmem("create", "too-large", "--key-dim", "1024", "--memory-size", str(1 << 30))
+    assert code == 10 and "RESOURCE_EXHAUSTED: config.memory_size" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -165,3 +167,17 @@ def test_trainers_starting_together_on_a_new_memory_all_join_it(store, monkeypat
     assert MemoryModule(store, 8, name="raced", memory_size=64, choose_k=4).memory.name == "raced"
     with pytest.raises(ValueError, match=r"exists with memory_size 64 \(given 128\)"):
         MemoryModule(store, 8, name="raced", memory_size=128, choose_k=4)
+
+
+def test_a_deep_copy_has_its_own_weights_and_stream_and_the_same_memory(store):
+    module = MemoryModule(store, KEY_DIM, INPUT_DIM, name="copied", memory_size=64, choose_k=4)
+    model = nn.Sequential(nn.Linear(INPUT_DIM, INPUT_DIM), module)  # an EMA or evaluation copy of a whole model
+    fill(module, steps=2)
+    twin = copy.deepcopy(model)[1]
+    assert twin.memory is module.memory and twin._stream is None and module._stream is not None
+    assert torch.equal(twin.query_proj, module.query_proj) and twin.query_proj is not module.query_proj
+    x = torch.randn(BATCH, INPUT_DIM, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(twin(x).predictions, module(x).predictions), "the same weights read the same memory"
+    with torch.no_grad():
+        twin.query_proj.mul_(2)
+    assert not torch.equal(twin.query_proj, module.query_proj)
