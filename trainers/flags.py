@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from lifelong_memory.server.errors import MemoryServiceError
+
 
 def configure(defaults: dict, doc: str, argv: list[str] | None = None) -> dict:
     """Every lower-case int, float, str or bool in ``defaults`` (a trainer's globals()) as a --flag of the same
@@ -22,3 +26,25 @@ def configure(defaults: dict, doc: str, argv: list[str] | None = None) -> dict:
         else:
             parser.add_argument(flag, type=type(value), default=value)
     return vars(parser.parse_args(argv))
+
+
+def load_checkpoint(path, trainer: str, holds: tuple[str, ...], map_location="cpu") -> dict:
+    """The checkpoint at ``path`` of ``trainer``; a missing file, or another trainer's checkpoint (without the
+    entries ``holds``, in it or in its config), is one line naming the path, not a traceback from deep inside."""
+    try:
+        state = torch.load(path, weights_only=False, map_location=map_location)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such checkpoint") from None
+    found = set(state) | set(state.get("config", {})) if isinstance(state, dict) else set()
+    missing = [key for key in holds if key not in found]
+    if missing:
+        raise SystemExit(f"{path}: not a checkpoint of the {trainer} trainer (it holds no {', '.join(missing)})")
+    return state
+
+
+def run(main) -> None:
+    """A trainer's command line: a memory server that is down or went away is one line, not a traceback."""
+    try:
+        main()
+    except MemoryServiceError as exc:
+        raise SystemExit(f"the memory answered {exc.code}: {exc}") from None

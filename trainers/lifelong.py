@@ -45,11 +45,11 @@ from torch import nn
 from lifelong_memory.client import MemoryModule, connect
 from lifelong_memory.server.memory import EMPTY
 from lifelong_memory.trainers import flags, omniglot_data
-from lifelong_memory.trainers.omniglot import EXPERIMENT_SETTINGS
+from lifelong_memory.trainers.omniglot import EXPERIMENT_SETTINGS, OMNIGLOT_CHECKPOINT
 from lifelong_memory.trainers.omniglot import build_encoder as omniglot_encoder
 
 # -------------------------------------------------------------------- config
-data = os.environ.get("OMNIGLOT_DIR", "data/omniglot")
+data = os.environ.get("OMNIGLOT_DIR", "../shared/data/omniglot")
 memory = "local"  # "local" (embedded), or "grpc://host:port" to share the memory with other trainers
 data_dir = ""  # with memory "local": a folder that keeps the memory across runs ("" = in this process only)
 memory_name = "lifelong"
@@ -127,11 +127,16 @@ def build_encoder(config: dict) -> nn.Module:
     raise SystemExit(f"--encoder must be 'convnet', 'resnet' or 'mlp', got {config['encoder']!r}")
 
 
+# What a resumed run must share with its checkpoint: its weights' shapes, its memory and its writer tag.
+RESUME_SETTINGS = ("encoder", "input", "rep_dim", "dropout_keep", "memory", "memory_name", "writer", "memory_size",
+                   "choose_k", "age_noise")  # fmt: skip
+
+
 def initialise_from(encoder: nn.Module, module: MemoryModule, path: str, config: dict) -> None:
     """The encoder (convnet or resnet) and its query projection from an episodic checkpoint of trainers/omniglot.py.
     Its encoder saw every training-split class in episodes, so from here on the encoder is pre-trained, not learned
     in this run."""
-    state = torch.load(path, weights_only=False, map_location="cpu")
+    state = flags.load_checkpoint(path, "omniglot", OMNIGLOT_CHECKPOINT)
     saved = state["config"]
     differ = [
         f"--{key.replace('_', '-')} {saved.get(key, EXPERIMENT_SETTINGS[key])} (given {config[key]})"
@@ -513,6 +518,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(config["threads"])
     out = pathlib.Path(config["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    if config["resume"] and (out / "checkpoint.pt").exists() and config["memory"] == "local" and not config["data_dir"]:
+        raise SystemExit(
+            "--resume: an embedded memory without --data-dir ended with the run that trained it, and this run would "
+            "go on with an empty one; keep the memory with --data-dir, or share a server's with --memory grpc://..."
+        )
     split = omniglot_data.load_split(pathlib.Path(config["data"]), "reference", config["input"])
     classes = split.train[: config["classes"] or None]
     # Probe classes come from the evaluation split, with labels after every training class's: global and disjoint.
@@ -542,7 +552,14 @@ def main(argv: list[str] | None = None) -> None:
     aligned = None  # (keys, values) of their entries, read every align_refresh steps
     checkpoint_path = out / "checkpoint.pt"
     if config["resume"] and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
+        state = flags.load_checkpoint(checkpoint_path, "lifelong", ("encoder", "memory_module", "step", "seen"))
+        differ = [
+            f"--{key.replace('_', '-')} {state['config'][key]} (given {config[key]})"
+            for key in RESUME_SETTINGS
+            if state["config"].get(key, config[key]) != config[key]
+        ]
+        if differ:
+            raise SystemExit(f"{checkpoint_path} was trained with " + ", ".join(differ) + "; pass the same settings")
         encoder.load_state_dict(state["encoder"])
         module.load_state_dict(state["memory_module"])
         optimizer.load_state_dict(state["optimizer"])
@@ -650,4 +667,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main)

@@ -32,7 +32,7 @@ from lifelong_memory.trainers import flags, omniglot_data
 from lifelong_memory.trainers.random_states import restore_torch_random_states, torch_random_states
 
 # -------------------------------------------------------------------- config
-data = os.environ.get("OMNIGLOT_DIR", "data/omniglot")  # folder with images_*.zip and all_runs.zip
+data = os.environ.get("OMNIGLOT_DIR", "../shared/data/omniglot")  # folder with images_*.zip and all_runs.zip; read only
 download = False  # fetch missing archives from the upstream repository
 split = "reference"  # "reference" (authors' code) or "paper" (Table 1, 1,200 training characters)
 memory = "local"  # "local" (embedded) or "grpc://host:port"
@@ -426,6 +426,9 @@ def train(config, store, encoder, module, optimizer, eval_memory, split_data, rn
 
 
 # What a checkpoint's weights and metrics depend on, with the value a checkpoint from before the option meant.
+# What a checkpoint of this trainer holds (flags.load_checkpoint tells another trainer's apart by it).
+OMNIGLOT_CHECKPOINT = ("encoder", "memory_module", "episode_batch")
+
 EXPERIMENT_SETTINGS = {
     "split": "reference",
     "input": "ink",
@@ -502,7 +505,7 @@ def main() -> None:
     checkpoint_path = out / "checkpoint.pt"
     source = config["evaluate"] or (checkpoint_path if config["resume"] and checkpoint_path.exists() else None)
     if source:
-        state = torch.load(source, weights_only=False, map_location=config["device"])
+        state = flags.load_checkpoint(source, "omniglot", OMNIGLOT_CHECKPOINT, map_location=config["device"])
         check_same_experiment(config, state["config"], source)
         encoder.load_state_dict(state["encoder"])
         module.load_state_dict(state["memory_module"])
@@ -523,7 +526,7 @@ def main() -> None:
     results = final_evaluation(encoder, module, eval_memory, split_data, runs, config)
     (out / "evaluation.json").write_text(json.dumps(results, indent=2))
     print_evaluation(results)
-    if metrics:
+    if not config["evaluate"]:  # an evaluation writes only evaluation.json
         print(f"\nplot: {out / 'accuracy.png'}   metrics: {out / 'metrics.jsonl'}")
     store.delete_memory(config["memory_name"])
     store.delete_memory(config["memory_name"] + "-eval")
@@ -531,4 +534,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main)

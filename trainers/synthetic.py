@@ -521,7 +521,7 @@ def main() -> None:
 
     checkpoint_path = out / "checkpoint.pt"
     source = config["evaluate"] or (checkpoint_path if config["resume"] and checkpoint_path.exists() else None)
-    state = torch.load(source, weights_only=False) if source else None
+    state = flags.load_checkpoint(source, "synthetic", ("model", "step", "digits")) if source else None
     if state:
         check_same_experiment(config, state["config"], source)
 
@@ -559,7 +559,7 @@ def main() -> None:
     results = final_evaluation(model, task, config)
     (out / "evaluation.json").write_text(json.dumps(results, indent=2))
     print_evaluation(results)
-    if metrics:
+    if not config["evaluate"]:  # an evaluation writes only evaluation.json
         print(f"\nplot: {out / 'accuracy.png'}   metrics: {out / 'metrics.jsonl'}")
     if store is not None:
         store.delete_memory(config["memory_name"])
@@ -567,4 +567,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main)

@@ -895,7 +895,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--branch-from starts a run of its own, but {checkpoint_path} exists (--resume goes on)")
     resuming = config["resume"] and checkpoint_path.exists()
     source = config["evaluate"] or (checkpoint_path if resuming else None) or config["branch_from"] or None
-    state = torch.load(source, weights_only=False, map_location="cpu") if source else None
+    state = flags.load_checkpoint(source, "translation", ("model", "step", "vocabularies")) if source else None
     branching = bool(state) and source == config["branch_from"]
     if state:
         check_same_experiment(config, state["config"], source, BRANCH_SETTINGS if branching else ())
@@ -980,4 +980,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main)
