@@ -409,7 +409,7 @@ class LocalTransport:
         return Snapshot(*self.registry.snapshot(name))
 
     def retrain_index(self, name):
-        return self.registry.get(name).retrain_index()
+        return self.registry.retrain_index(name)
 
     def export(self, name):
         return snapshot_chunks(self.registry.get(name).capture(streamed=True))

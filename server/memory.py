@@ -145,7 +145,8 @@ class MemoryConfig:
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            check(isinstance(value, CONFIG_TYPES[f.type]), f.name, f"must be {f.type}, got {value!r}")
+            typed = isinstance(value, CONFIG_TYPES[f.type]) and not isinstance(value, bool)  # True is an Integral
+            check(typed, f.name, f"must be {f.type}, got {value!r}")
         check(1 <= self.key_dim <= 65536, "key_dim", f"must be in [1, 65536], got {self.key_dim}")
         check(1 <= self.memory_size <= 2**31, "memory_size", f"must be in [1, 2^31], got {self.memory_size}")
         check(self.choose_k >= 1, "choose_k", f"must be >= 1, got {self.choose_k}")
@@ -264,6 +265,16 @@ class MemoryConfig:
     @property
     def softmax_temperature(self) -> float:
         return softmax_temperature(self.choose_k, self.alpha)
+
+    def retrain_bytes(self) -> int:
+        """Host bytes a RetrainIndex of a faiss-ivf memory holds beside the live index: the new index, and the
+        training sample (at most FAISS's 256 points per list)."""
+        bounds = shard_bounds(self.memory_size, self.shards)
+        return sum(
+            ivf_bytes(stop - start, self.key_dim, self.ivf_lists, self.ivf_codes, self.ivf_quantizer)
+            + min(stop - start, 256 * self.ivf_lists) * self.key_dim * 4
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
+        )
 
     def footprint(self, max_batch: int) -> dict[str, int]:
         """Bytes a memory of this config holds at most, per device: its slots on ``device``; the
@@ -496,7 +507,7 @@ class KeysAtCommit:
         self._ended: ResourceExhausted | None = None  # why a write ended this reader, raised at its next chunk
         self._copies_bytes = copies_bytes  # the capture's copies of the other arrays
         self._saved_bytes = 0  # keys saved or frozen
-        memory._count_streamed(copies_bytes)
+        memory._count_held(copies_bytes)
 
     def before_write(self, targets: np.ndarray | None) -> None:
         """Called under the memory's lock before the slots ``targets`` (None: every slot) change."""
@@ -537,9 +548,9 @@ class KeysAtCommit:
         return True
 
     def _set_saved_bytes(self, saved_bytes: int) -> None:
-        with self._memory._streamed_bytes_lock:
+        with self._memory._held_bytes_lock:
             if not self._finished:  # else _finish has uncounted them all
-                self._memory._count_streamed(saved_bytes - self._saved_bytes)
+                self._memory._count_held(saved_bytes - self._saved_bytes)
                 self._saved_bytes = saved_bytes
 
     def __del__(self) -> None:  # a capture dropped unread
@@ -547,14 +558,14 @@ class KeysAtCommit:
 
     def _finish(self) -> None:
         """Nothing more to save or to count; idempotent, and safe in any thread (the collector's too)."""
-        with self._memory._streamed_bytes_lock:
+        with self._memory._held_bytes_lock:
             if self._finished:
                 return
             self._finished = True
             self._saved.clear()
             self._saved_order.clear()
             self._frozen = None
-            self._memory._count_streamed(-self._copies_bytes - self._saved_bytes)
+            self._memory._count_held(-self._copies_bytes - self._saved_bytes)
             self._saved_bytes = 0
 
     def chunks(self, rows: int) -> Iterator[torch.Tensor]:
@@ -793,10 +804,10 @@ class Memory:
             self._slot_ids = np.arange(size)
             # Streamed captures still being read (capture(streamed=True)); one dropped unread goes with it.
             self._streamed_keys: weakref.WeakSet[KeysAtCommit] = weakref.WeakSet()
-            # Bytes the streamed captures hold (their copies and saved keys), counted in the footprint; a
-            # reentrant lock of its own, since the collector may finish a capture in a thread holding it.
-            self.streamed_bytes = 0
-            self._streamed_bytes_lock = threading.RLock()
+            # Bytes the streamed captures (their copies and saved keys) and a retrain's second index hold, counted
+            # in the footprint; a reentrant lock of its own: the collector may finish a capture in a thread holding it.
+            self.held_bytes = 0
+            self._held_bytes_lock = threading.RLock()
             self.writers = torch.zeros(size, dtype=torch.int32)
             self.writer_names = [""]
             self._writer_ids = {"": 0}
@@ -987,19 +998,23 @@ class Memory:
             )
         with self._retraining:
             started = time.perf_counter()
-            with self._locked():
-                begun = self.commit_sequence
-                samples = self.index.training_samples()
-            state = self.index.retrained_state(samples)
-            # Keys a write changes meanwhile may be read half-written here; every such slot is re-added below.
-            index = build_index(self.keys, cfg, self.max_batch, state)
-            with self._locked():
-                changed = torch.from_numpy(np.flatnonzero(self._touched > begun))
-                if len(changed):
-                    index.update(changed, self.keys[changed.to(self.device)])
-                record = Retrain(state)
-                self._journaled(record, lambda: self._retrain(record, index))
-                sequence = self.commit_sequence
+            self._count_held(cfg.retrain_bytes())  # the second index, counted in the footprint while it is built
+            try:
+                with self._locked():
+                    begun = self.commit_sequence
+                    samples = self.index.training_samples()
+                state = self.index.retrained_state(samples)
+                # Keys a write changes meanwhile may be read half-written here; every such slot is re-added below.
+                index = build_index(self.keys, cfg, self.max_batch, state)
+                with self._locked():
+                    changed = torch.from_numpy(np.flatnonzero(self._touched > begun))
+                    if len(changed):
+                        index.update(changed, self.keys[changed.to(self.device)])
+                    record = Retrain(state)
+                    self._journaled(record, lambda: self._retrain(record, index))
+                    sequence = self.commit_sequence
+            finally:
+                self._count_held(-cfg.retrain_bytes())
         self._wait_durable(sequence)
         return RetrainResult(sequence, len(changed), time.perf_counter() - started)
 
@@ -1037,15 +1052,15 @@ class Memory:
 
     def footprint(self) -> dict[str, int]:
         """Bytes this memory holds at most per device, as a server's memory budget counts them: its own, and
-        what the snapshots and exports being read hold now (on the CPU)."""
+        what the snapshots and exports being read and an index being retrained hold now (on the CPU)."""
         footprint = self.config.footprint(self.max_batch)
-        if self.streamed_bytes:
-            footprint["cpu"] = footprint.get("cpu", 0) + self.streamed_bytes
+        if self.held_bytes:
+            footprint["cpu"] = footprint.get("cpu", 0) + self.held_bytes
         return footprint
 
-    def _count_streamed(self, change: int) -> None:
-        with self._streamed_bytes_lock:
-            self.streamed_bytes += change
+    def _count_held(self, change: int) -> None:
+        with self._held_bytes_lock:
+            self.held_bytes += change
 
     def stats(self) -> dict[str, int]:
         with self._lock:

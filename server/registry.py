@@ -163,6 +163,22 @@ class MemoryRegistry:
             self._memories[name] = memory
         return memory
 
+    def retrain_index(self, name: str):
+        """Retrain memory ``name``'s IVF quantizer, if the second index it builds fits the CPU budget."""
+        memory = self.get(name)
+        if memory.config.backend == "faiss-ivf" and memory.config.placement == "local":
+            with self._lock:
+                budget = self._device_budget("cpu")
+                used = sum(m.footprint().get("cpu", 0) for m in self._memories.values())
+                used += sum(c.footprint(self.max_batch).get("cpu", 0) for c in self._creating.values())
+                needed = memory.config.retrain_bytes()
+                if used + needed > budget:
+                    raise ResourceExhausted(
+                        f"name: retraining {name!r} builds a second index of {_mib(needed)} beside the live one; "
+                        f"{_mib(max(0, budget - used))} of this server's {_mib(budget)} memory budget are left"
+                    )
+        return memory.retrain_index()
+
     def _check_room(self, name: str, config: MemoryConfig) -> None:
         """Under the lock: a new memory ``name`` of ``config`` fits beside the others."""
         if name in self._memories or name in self._unrecovered or name in self._creating:

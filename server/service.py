@@ -217,7 +217,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @_rpc
     def RetrainIndex(self, request, context):
-        result = self.registry.get(request.name).retrain_index()
+        result = self.registry.retrain_index(request.name)
         log.info(
             "memory %r: index retrained at %d in %.1f s (%d slots written meanwhile)",
             request.name,

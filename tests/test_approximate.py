@@ -17,7 +17,7 @@ import torch
 
 from lifelong_memory.client.memory_file import entries_state
 from lifelong_memory.server import ann, persistence
-from lifelong_memory.server.errors import ResourceExhausted
+from lifelong_memory.server.errors import InvalidArgument, ResourceExhausted
 from lifelong_memory.server.index import build_index
 from lifelong_memory.server.memory import EMPTY, Memory, MemoryConfig
 from lifelong_memory.server.registry import MemoryRegistry
@@ -387,3 +387,13 @@ def test_bench_ann_probes_for_95_is_the_fewest_probes_that_keep_95_percent_of_ex
         )
         same = (got.positive_slots == sides[0]) & (got.negative_slots == sides[1])
         assert (float(same.float().mean()) >= 0.95) == enough, probes
+
+
+@pytest.mark.parametrize("field", ["lsh_tables", "lsh_bits", "ivf_lists", "ivf_probes", "shards", "alpha"])
+def test_a_bool_is_no_number_in_a_config(field):
+    """True is an Integral (and a Real): lsh_tables=True raised a TypeError in the index, ivf_lists=True was kept."""
+    backend = "lsh" if field.startswith("lsh") else "faiss-ivf" if field.startswith("ivf") else "torch"
+    registry = MemoryRegistry()
+    with pytest.raises(InvalidArgument, match=f"config.{field}: must be .*, got True"):
+        registry.create("flagged", key_dim=8, memory_size=64, choose_k=4, backend=backend, **{field: True})
+    assert registry.list() == []

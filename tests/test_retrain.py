@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_approximate import clustered, write_stream
 
-from lifelong_memory.client import FailedPrecondition
+from lifelong_memory.client import FailedPrecondition, ResourceExhausted
 from lifelong_memory.server import memory as memory_module
 from lifelong_memory.server.index import build_index
 from lifelong_memory.server.memory import Memory, MemoryConfig
@@ -143,3 +143,30 @@ def test_retrain_over_grpc_and_embedded(store):
     result = memory.retrain_index()
     assert result.commit_sequence == sequence + 1 == memory.info().stats["commit_sequence"]
     assert result.rewritten_slots == 0
+
+
+def test_the_second_index_a_retrain_builds_counts_in_the_footprint_and_against_the_budget(monkeypatch):
+    config = MemoryConfig(**CONFIG)
+    footprint = config.footprint(4096)["cpu"]
+    assert config.retrain_bytes() > 2048 * D * 4, "the new lists hold every key again"
+    during = []
+
+    def built(*args):  # what describe shows while the new index is built
+        during.append(registry.get("ivf").footprint()["cpu"])
+        return build_index(*args)
+
+    registry = MemoryRegistry(memory_budget_bytes=footprint + config.retrain_bytes())
+    write_stream(registry.create("ivf", **CONFIG), 20, seed=3)
+    monkeypatch.setattr(memory_module, "build_index", built)
+    registry.retrain_index("ivf")
+    monkeypatch.undo()
+    assert during == [footprint + config.retrain_bytes()]
+    assert registry.get("ivf").footprint()["cpu"] == footprint, "and no longer once it is swapped in"
+
+    tight = MemoryRegistry(memory_budget_bytes=footprint + config.retrain_bytes() - 1)
+    memory = tight.create("ivf", **CONFIG)
+    write_stream(memory, 20, seed=3)
+    before = memory.commit_sequence
+    with pytest.raises(ResourceExhausted, match=r"name: retraining 'ivf' builds a second index of .* budget are left"):
+        tight.retrain_index("ivf")
+    assert memory.commit_sequence == before and len(during) == 1
