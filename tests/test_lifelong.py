@@ -296,3 +296,9 @@ def test_cross_model_one_shot_asks_every_model_s_entries_with_every_model(tmp_pa
     nearest = (b.queries[:, 1:] @ a.queries[:, 0].T).argmax(dim=-1)  # [class, drawer]: the nearest written class
     expected = (nearest == torch.arange(30)[:, None]).float().mean()
     assert results["fresh"]["a->b"]["accuracy"] == pytest.approx(expected.item())
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path):
+    run(tmp_path / "run", tmp_path / "memory", "--steps", "3")
+    with pytest.raises(SystemExit, match=r"was trained with --encoder convnet \(given mlp\), --writer convnet"):
+        run(tmp_path / "run", tmp_path / "memory", "--steps", "6", "--resume", "--encoder", "mlp", "--writer", "mlp")

@@ -127,9 +127,10 @@ def build_encoder(config: dict) -> nn.Module:
     raise SystemExit(f"--encoder must be 'convnet', 'resnet' or 'mlp', got {config['encoder']!r}")
 
 
-# What a resumed run must share with its checkpoint: its weights' shapes, its memory and its writer tag.
-RESUME_SETTINGS = ("encoder", "input", "rep_dim", "dropout_keep", "memory", "memory_name", "writer", "memory_size",
-                   "choose_k", "age_noise")  # fmt: skip
+# What a resumed run must share with its checkpoint: its weights' shapes, its memory's name and config, its writer
+# tag (the server's address may change: a server restarted elsewhere keeps the memory).
+RESUME_SETTINGS = ("encoder", "input", "rep_dim", "dropout_keep", "memory_name", "writer", "memory_size", "choose_k",
+                   "age_noise")  # fmt: skip
 
 
 def initialise_from(encoder: nn.Module, module: MemoryModule, path: str, config: dict) -> None:
