@@ -168,9 +168,7 @@ class MemoryRegistry:
         memory = self.get(name)
         if memory.config.backend == "faiss-ivf" and memory.config.placement == "local":
             with self._lock:
-                budget = self._device_budget("cpu")
-                used = sum(m.footprint().get("cpu", 0) for m in self._memories.values())
-                used += sum(c.footprint(self.max_batch).get("cpu", 0) for c in self._creating.values())
+                budget, used = self._budget_and_use("cpu")
                 needed = memory.config.retrain_bytes()
                 if used + needed > budget:
                     raise ResourceExhausted(
@@ -185,17 +183,20 @@ class MemoryRegistry:
             raise AlreadyExists(f"memory {name!r} already exists")
         if len(self._memories) + len(self._creating) >= self.max_memories:
             raise ResourceExhausted(f"this server holds at most {self.max_memories} memories")
-        footprints = [m.footprint() for m in self._memories.values()]
-        footprints += [c.footprint(self.max_batch) for c in self._creating.values()]
         for device, bytes_needed in sorted(config.footprint(self.max_batch).items()):
-            budget = self._device_budget(device)
-            used = sum(f.get(device, 0) for f in footprints)
+            budget, used = self._budget_and_use(device)
             if used + bytes_needed > budget:
                 raise ResourceExhausted(
                     f"config.memory_size: {config.memory_size} slots of dimension {config.key_dim} need "
                     f"{_mib(bytes_needed)} on {device}; {_mib(max(0, budget - used))} of this server's "
                     f"{_mib(budget)} memory budget there are left"
                 )
+
+    def _budget_and_use(self, device: str) -> tuple[int, int]:
+        """Under the lock: ``device``'s budget, and what the memories and those being created count there."""
+        used = sum(m.footprint().get(device, 0) for m in self._memories.values())
+        used += sum(c.footprint(self.max_batch).get(device, 0) for c in self._creating.values())
+        return self._device_budget(device), used
 
     def index_builder(self, name: str, config: MemoryConfig):
         """How memory ``name`` builds its index: None (in this process) unless its shards go to the cluster."""

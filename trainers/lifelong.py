@@ -133,19 +133,22 @@ RESUME_SETTINGS = ("encoder", "input", "rep_dim", "dropout_keep", "memory_name",
                    "age_noise")  # fmt: skip
 
 
+def check_trained_with(config: dict, trained: dict, keys, source) -> None:
+    """SystemExit naming each of ``keys`` whose value in ``trained`` (a checkpoint's settings) is not ``config``'s."""
+    differ = [
+        f"--{key.replace('_', '-')} {trained[key]} (given {config[key]})" for key in keys if trained[key] != config[key]
+    ]
+    if differ:
+        raise SystemExit(f"{source} was trained with " + ", ".join(differ) + "; pass the same settings")
+
+
 def initialise_from(encoder: nn.Module, module: MemoryModule, path: str, config: dict) -> None:
     """The encoder (convnet or resnet) and its query projection from an episodic checkpoint of trainers/omniglot.py.
     Its encoder saw every training-split class in episodes, so from here on the encoder is pre-trained, not learned
     in this run."""
     state = flags.load_checkpoint(path, "omniglot", OMNIGLOT_CHECKPOINT)
     saved = state["config"]
-    differ = [
-        f"--{key.replace('_', '-')} {saved.get(key, EXPERIMENT_SETTINGS[key])} (given {config[key]})"
-        for key in ("encoder", "input", "rep_dim")
-        if saved.get(key, EXPERIMENT_SETTINGS[key]) != config[key]
-    ]
-    if differ:
-        raise SystemExit(f"--init-from {path} was trained with " + ", ".join(differ) + "; pass the same settings")
+    check_trained_with(config, EXPERIMENT_SETTINGS | saved, ("encoder", "input", "rep_dim"), f"--init-from {path}")
     encoder.load_state_dict(state["encoder"])
     module.load_state_dict(state["memory_module"])
     print(
@@ -554,13 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_path = out / "checkpoint.pt"
     if config["resume"] and checkpoint_path.exists():
         state = flags.load_checkpoint(checkpoint_path, "lifelong", ("encoder", "memory_module", "step", "seen"))
-        differ = [
-            f"--{key.replace('_', '-')} {state['config'][key]} (given {config[key]})"
-            for key in RESUME_SETTINGS
-            if state["config"].get(key, config[key]) != config[key]
-        ]
-        if differ:
-            raise SystemExit(f"{checkpoint_path} was trained with " + ", ".join(differ) + "; pass the same settings")
+        check_trained_with(config, config | state["config"], RESUME_SETTINGS, checkpoint_path)
         encoder.load_state_dict(state["encoder"])
         module.load_state_dict(state["memory_module"])
         optimizer.load_state_dict(state["optimizer"])
